@@ -1,0 +1,48 @@
+"""Small graph-editing helpers shared by the rewrite and freeze passes."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from .find import LinearSite
+
+
+def as_node(gm: fx.GraphModule, ref: fx.Node | str | None) -> fx.Node | None:
+    """A node for ``ref``: the node itself, or a new ``get_attr`` (inserted before the current point)."""
+    if ref is None or isinstance(ref, fx.Node):
+        return ref
+    return gm.graph.get_attr(ref)
+
+
+def unique_module_name(gm: fx.GraphModule, layer_name: str, prefix: str) -> str:
+    """An unused attribute name ``{prefix}_{layer_name with dots as underscores}`` on ``gm``."""
+    base = f"{prefix}_" + re.sub(r"\W", "_", layer_name)
+    name, suffix = base, 1
+    while hasattr(gm, name):
+        suffix += 1
+        name = f"{base}_{suffix}"
+    return name
+
+
+def replace_site(gm: fx.GraphModule, site: LinearSite, new_node: fx.Node) -> None:
+    """Point every user of the site's output at ``new_node``, erase the old node and dead code."""
+    new_node.meta.update({k: v for k, v in site.node.meta.items() if k in ("example_value", "val", "stack_trace")})
+    site.node.replace_all_uses_with(new_node)
+    gm.graph.erase_node(site.node)
+
+
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove dead nodes (never placeholders: they are the calling convention), lint and recompile."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "placeholder" or node.is_impure())
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def oriented_weight(weight: torch.Tensor, site: LinearSite) -> torch.Tensor:
+    """The site's weight as ``[N, K]`` (GPT-2 ``Conv1D`` and ``x @ W`` store it ``[K, N]``)."""
+    return weight.T if site.layout == "in_out" else weight

@@ -1,0 +1,10 @@
+"""rabit-compiler: RaBiT residual-binary 2-bit weights for PyTorch LLMs, as FX passes and a
+``torch.compile`` backend (``backend="rabit"``)."""
+
+from rabit_compiler import kernels as kernels  # registers the rabit:: torch.library ops
+from rabit_compiler.backend import rabit_backend, register
+from rabit_compiler.config import RaBiTConfig
+
+register()
+
+__all__ = ["RaBiTConfig", "rabit_backend"]

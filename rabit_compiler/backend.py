@@ -1,0 +1,126 @@
+"""The ``torch.compile`` backend ``"rabit"``.
+
+Dynamo hands over an FX graph whose parameters are placeholders and whose ``example_inputs`` are the
+real tensors. The backend:
+
+1. *find*s every linear (:mod:`rabit_compiler.passes.find`);
+2. *freeze & pack*s each one whose weight is a parameter: a data-free iterative residual SVID fit,
+   packed into sign planes + scales held by the graph module (a model already packed by
+   :func:`rabit_compiler.quantize_` has no fp linears left and passes through unchanged);
+3. hands the graph to Inductor (``options={"inductor": False}`` runs it eagerly instead).
+
+The returned callable checks, on every call, that the weight tensors it receives are the ones that
+were packed (same tensor object, same version counter). If not (another module instance, an in-place
+update), it re-packs into the same buffers and logs it, so it never serves stale weights.
+
+Options (``torch.compile(..., options={...})``): every :class:`RaBiTConfig` field (``paths``, ``skip``,
+``rounds``, ``scale_dtype``, ...) and ``inductor`` (bool, default True).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.passes import PackedSite, freeze_and_pack
+from rabit_compiler.quantizer import PACK_CACHE, DataFreePackCache
+
+logger = logging.getLogger("rabit_compiler")
+
+_INDUCTOR_MODES = {None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"}
+
+
+class PackedWeightGuard:
+    """Wraps a compiled graph; before each call, re-packs any layer whose runtime weight is not the tensor
+    (or the version) it was packed from."""
+
+    def __init__(
+        self,
+        compiled: Callable[..., Any],
+        gm: fx.GraphModule,
+        sites: Sequence[PackedSite],
+        config: RaBiTConfig,
+        cache: DataFreePackCache,
+    ):
+        self.compiled = compiled
+        self.gm = gm
+        self.config = config
+        self.cache = cache
+        self.repacks = 0
+        self._checks = [
+            (site, site.weight_input_index, weakref.ref(site.weight), site.weight._version)
+            for site in sites
+            if site.weight_input_index is not None
+        ]
+
+    def __call__(self, *args: Any) -> Any:
+        for position, (site, index, ref, version) in enumerate(self._checks):
+            weight = args[index]
+            if ref() is not weight or weight._version != version:
+                self._repack(position, site, weight)
+        return self.compiled(*args)
+
+    def _repack(self, position: int, site: PackedSite, weight: torch.Tensor) -> None:
+        holder = self.gm.get_submodule(site.module_name)
+        if tuple(weight.shape) != tuple(site.weight.shape):
+            raise RuntimeError(
+                f"rabit: layer {site.name} was packed for a weight of shape {tuple(site.weight.shape)} but "
+                f"received {tuple(weight.shape)}; recompile"
+            )
+        oriented = weight.detach().T if site.layout == "in_out" else weight.detach()
+        packed = self.cache.get(weight, oriented, self.config)
+        with torch.no_grad():
+            holder.packed_signs.copy_(packed.packed_signs)
+            holder.row_scale.copy_(packed.row_scale)
+            holder.col_scale.copy_(packed.col_scale)
+        logger.info("rabit: re-packed %s (its weight tensor changed since compilation)", site.name)
+        self.repacks += 1
+        self._checks[position] = (site, site.weight_input_index, weakref.ref(weight), weight._version)
+
+
+def rabit_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """``torch.compile(model, backend="rabit", mode=..., options=...)``; see the module docstring."""
+    options = dict(options or {})
+    use_inductor = bool(options.pop("inductor", True))
+    config = RaBiTConfig.from_options(options)
+    if mode not in _INDUCTOR_MODES:
+        raise ValueError(f"rabit backend: unknown mode {mode!r}; expected one of {sorted(m for m in _INDUCTOR_MODES if m)}")
+
+    def quantize(name: str, weight: torch.Tensor, oriented: torch.Tensor) -> Any:
+        return PACK_CACHE.get(weight, oriented, config)
+
+    packed_sites, skipped = freeze_and_pack(gm, quantize, example_inputs, skip=config.skips)
+    for site in skipped:
+        logger.info("rabit: left in full precision: %s (%s)", site.node.name, site.reason)
+    logger.info("rabit: packed %d linear layers into %d-path residual binary", len(packed_sites), config.paths)
+    compiled: Callable[..., Any] = gm
+    if use_inductor:
+        compiled = _inductor(gm, example_inputs, mode)
+    return PackedWeightGuard(compiled, gm, packed_sites, config, PACK_CACHE)
+
+
+def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode) if mode not in (None, "default") else {}
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+def register() -> None:
+    """Register ``"rabit"`` with Dynamo (the package also declares a ``torch_dynamo_backends`` entry point)."""
+    from torch._dynamo import list_backends, register_backend
+
+    if "rabit" not in list_backends(exclude_tags=()):
+        register_backend(name="rabit")(rabit_backend)

@@ -1,0 +1,84 @@
+"""``RaBiTConfig``: what to binarize and how to initialise it."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+DEFAULT_SKIP = ("lm_head", "*.lm_head", "*embed*", "*wte", "*wpe")
+STATISTICS = ("rms", "mean_abs")
+
+
+@dataclass
+class RaBiTConfig:
+    """Configuration of the residual-binary quantization.
+
+    - ``paths``: k binary paths per weight (k = 2 is 2 bits per weight); an int >= 1.
+    - ``skip``: glob patterns over dotted layer names (``model.layers.0.mlp.up_proj``) left in full
+      precision; by default the embeddings and the LM head.
+    - ``rounds``: Gauss-Seidel rounds of iterative residual SVID after the greedy pass (0: greedy only).
+    - ``alpha_in`` / ``alpha_out``: exponents of the input-activation and output-gradient channel
+      importance used to precondition the fit (only with calibration data).
+    - ``statistic``: ``"rms"`` or ``"mean_abs"``, how channel magnitudes are summarised.
+    - ``scale_dtype``: dtype of the stored row/column scales (fp16: 2.01 bits/weight at k=2, 4096^2).
+    - ``anchor_margin``: where in its feasible interval the re-anchored latent sits, in (0, 1).
+    """
+
+    paths: int = 2
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    rounds: int = 5
+    alpha_in: float = 1.0
+    alpha_out: float = 0.5
+    statistic: str = "rms"
+    scale_dtype: torch.dtype = torch.float16
+    anchor_margin: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip, str):
+            self.skip = (self.skip,)
+        self.skip = tuple(self.skip)
+        if isinstance(self.scale_dtype, str):
+            self.scale_dtype = getattr(torch, self.scale_dtype)
+        if isinstance(self.paths, bool) or not isinstance(self.paths, int) or self.paths < 1:
+            raise ValueError(f"RaBiTConfig.paths must be an integer >= 1, got {self.paths!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"RaBiTConfig.rounds must be an integer >= 0, got {self.rounds!r}")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"RaBiTConfig.statistic must be one of {STATISTICS}, got {self.statistic!r}")
+        if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"RaBiTConfig.scale_dtype must be fp16, bf16 or fp32, got {self.scale_dtype}")
+        if not 0.0 < self.anchor_margin < 1.0:
+            raise ValueError(f"RaBiTConfig.anchor_margin must lie in (0, 1), got {self.anchor_margin}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | RaBiTConfig | None) -> RaBiTConfig:
+        """Build from ``torch.compile(..., options={...})``; unknown keys raise with the valid ones."""
+        if isinstance(options, RaBiTConfig):
+            return options
+        options = dict(options or {})
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - valid - BACKEND_ONLY_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown rabit options {unknown}; valid: {sorted(valid | BACKEND_ONLY_OPTIONS)}")
+        return cls(**{k: v for k, v in options.items() if k in valid})
+
+    def skips(self, layer_name: str) -> bool:
+        """Whether ``layer_name`` matches one of the ``skip`` patterns."""
+        return any(fnmatch.fnmatchcase(layer_name, pattern) for pattern in self.skip)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skip"] = list(self.skip)
+        data["scale_dtype"] = str(self.scale_dtype).removeprefix("torch.")
+        return data
+
+    def fit_key(self) -> tuple:
+        """What a data-free fit of one weight depends on (cache key)."""
+        return (self.paths, self.rounds, self.scale_dtype)
+
+
+BACKEND_ONLY_OPTIONS = {"inductor"}

@@ -1,0 +1,275 @@
+"""The RaBiT math, written once and used by the eager/QAT path and by the compiler passes.
+
+Shapes: a linear layer computes ``y = x @ W.T (+ b)`` with ``W`` of shape ``[N, K]`` (N outputs,
+K inputs). A *binary path* is ``W_i = g_i[:, None] * B_i * h_i[None, :]`` with ``B_i`` in {-1, +1}^{N x K},
+row scale ``g_i`` of shape ``[N]`` and column scale ``h_i`` of shape ``[K]``. ``sign(0) = +1`` always.
+
+Coupled residual hierarchy (RaBiT), derived from one shared latent ``W_FP`` on every forward::
+
+    R_0 = W_FP,   B_i = sign(R_{i-1}),   W_i = g_i * B_i * h_i,   R_i = R_{i-1} - W_i,   W_hat = sum_i W_i
+
+Straight-through gradient: ``dL/dW_FP = dL/dW_hat`` (identity through every sign).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def hard_sign(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)`` with ``sign(0) = +1``, in ``x.dtype``. No gradient (a constant of x)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def ste_sign(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)`` (``sign(0) = +1``) with a straight-through (identity) gradient.
+
+    Written as ``sign(x) + (x - x.detach())``: the forward value is *exactly* ``sign(x)`` (``x - x``
+    is exactly zero for finite x, unlike ``x + (sign(x) - x).detach()`` which can be off by an ulp),
+    the gradient is the identity, and it stays plain tensor ops that FX, Dynamo and AOTAutograd trace.
+    """
+    return hard_sign(x).detach() + (x - x.detach())
+
+
+def binary_path(signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+    """``g[:, None] * B * h[None, :]``: signs ``[N, K]``, row_scale ``[N]``, col_scale ``[K]`` -> ``[N, K]``."""
+    return row_scale[:, None] * signs * col_scale[None, :]
+
+
+def coupled_residual_paths(
+    latent: torch.Tensor, row_scales: Sequence[torch.Tensor], col_scales: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The coupled residual derivation: every path re-derived from the one shared latent.
+
+    latent ``[N, K]`` (W_FP); row_scales: k tensors ``[N]`` (a ``[k, N]`` tensor works too), col_scales:
+    k tensors ``[K]`` -> k paths ``[N, K]``: path i is ``g_i * ste_sign(R_{i-1}) * h_i``, ``R_i = R_{i-1} -
+    path_i``, ``R_0 = latent``. The loop over k is plain Python, so calling this on FX proxies (the
+    rewrite pass does) unrolls it into explicit sign / scale / subtract nodes.
+    """
+    if len(row_scales) != len(col_scales):
+        raise ValueError(f"{len(row_scales)} row scales but {len(col_scales)} column scales")
+    residual = latent
+    paths = []
+    for row_scale, col_scale in zip(row_scales, col_scales, strict=True):
+        path = binary_path(ste_sign(residual), row_scale, col_scale)
+        paths.append(path)
+        residual = residual - path
+    return paths
+
+
+def coupled_residual_weight(
+    latent: torch.Tensor, row_scales: Sequence[torch.Tensor], col_scales: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """``W_hat = sum_i path_i`` of :func:`coupled_residual_paths` -> ``[N, K]``."""
+    paths = coupled_residual_paths(latent, row_scales, col_scales)
+    weight = paths[0]
+    for path in paths[1:]:
+        weight = weight + path
+    return weight
+
+
+@dataclass
+class ResidualBinaryPaths:
+    """k binary paths of one weight: ``signs [k, N, K]`` (+-1, float), ``row_scales [k, N]``,
+    ``col_scales [k, K]``; ``dequantize() = sum_i g_i * B_i * h_i``."""
+
+    signs: torch.Tensor
+    row_scales: torch.Tensor
+    col_scales: torch.Tensor
+
+    @property
+    def num_paths(self) -> int:
+        return self.signs.shape[0]
+
+    def path(self, index: int) -> torch.Tensor:
+        return binary_path(self.signs[index], self.row_scales[index], self.col_scales[index])
+
+    def dequantize(self) -> torch.Tensor:
+        return sum(self.path(i) for i in range(self.num_paths))
+
+
+def leading_singular_pair(
+    matrix: torch.Tensor, max_iters: int = 100, tol: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading singular triple of a non-negative matrix ``[N, K]`` by power iteration (fp32).
+
+    Returns ``(u [N], v [K], sigma)`` with ``u, v >= 0`` (Perron vectors of a non-negative matrix) and
+    ``matrix ~ sigma * u v^T`` the best rank-1 approximation. Only this pair is needed by SVID, and power
+    iteration costs O(N K) per step instead of a full SVD's O(N K min(N, K)).
+    """
+    a = matrix.float()
+    v = a.mean(dim=0)
+    if not torch.any(v > 0):
+        return a.new_zeros(a.shape[0]), a.new_zeros(a.shape[1]), a.new_zeros(())
+    v = v / v.norm()
+    sigma = a.new_zeros(())
+    for _ in range(max_iters):
+        u = a @ v
+        sigma_u = u.norm()
+        u = u / sigma_u
+        v_next = a.T @ u
+        new_sigma = v_next.norm()
+        v_next = v_next / new_sigma
+        converged = (v_next - v).abs().max() <= tol
+        v, sigma = v_next, new_sigma
+        if converged:
+            break
+    u = a @ v
+    u = u / u.norm()
+    return u.clamp_min(0), v.clamp_min(0), sigma
+
+
+def svid(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sign-value-independent decomposition of ``target [N, K]``.
+
+    ``B = sign(target)``; rank-1 ``|target| ~ sigma u v^T``; ``g = sqrt(sigma) u``, ``h = sqrt(sigma) v``.
+    Minimises ``||target - g * B * h||_F`` over g, h for these signs (because ``B * target = |target|``).
+    Returns ``(signs [N, K], row_scale [N], col_scale [K])`` in fp32.
+    """
+    target = target.float()
+    u, v, sigma = leading_singular_pair(target.abs())
+    root = sigma.sqrt()
+    return hard_sign(target), root * u, root * v
+
+
+def _stack(paths: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> ResidualBinaryPaths:
+    return ResidualBinaryPaths(
+        signs=torch.stack([p[0] for p in paths]),
+        row_scales=torch.stack([p[1] for p in paths]),
+        col_scales=torch.stack([p[2] for p in paths]),
+    )
+
+
+def greedy_residual_svid(target: torch.Tensor, num_paths: int) -> ResidualBinaryPaths:
+    """Greedy residual SVID: path i is the SVID of the residual left by paths < i."""
+    _check_paths(num_paths)
+    residual = target.float()
+    paths = []
+    for _ in range(num_paths):
+        signs, row_scale, col_scale = svid(residual)
+        paths.append((signs, row_scale, col_scale))
+        residual = residual - binary_path(signs, row_scale, col_scale)
+    return _stack(paths)
+
+
+def iterative_residual_svid(target: torch.Tensor, num_paths: int, rounds: int) -> ResidualBinaryPaths:
+    """Greedy residual SVID, then ``rounds`` Gauss-Seidel sweeps refitting path i by SVID to
+    ``target - sum_{j != i} path_j``. Each refit is the best scales for its new signs, so the error
+    can only shrink or stay: the sweep keeps the old path if the refit is not better."""
+    fit = greedy_residual_svid(target, num_paths)
+    target = target.float()
+    paths = [fit.path(i) for i in range(num_paths)]
+    total = sum(paths)
+    for _ in range(rounds):
+        for i in range(num_paths):
+            others = total - paths[i]
+            signs, row_scale, col_scale = svid(target - others)
+            candidate = binary_path(signs, row_scale, col_scale)
+            if (target - others - candidate).norm() <= (target - total).norm():
+                fit.signs[i], fit.row_scales[i], fit.col_scales[i] = signs, row_scale, col_scale
+                paths[i] = candidate
+                total = others + candidate
+    return fit
+
+
+def precondition_scales(
+    input_stat: torch.Tensor | None,
+    output_stat: torch.Tensor | None,
+    alpha_in: float,
+    alpha_out: float,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Channel-importance weights ``a = s_out^alpha_out [N]`` and ``b = s_in^alpha_in [K]``.
+
+    Each is normalised to mean 1 (only relative importance matters) and floored at ``eps`` so dead
+    channels do not divide by zero when mapping the paths back.
+    """
+
+    def weights(stat: torch.Tensor | None, alpha: float) -> torch.Tensor | None:
+        if stat is None or alpha == 0:
+            return None
+        w = stat.float().clamp_min(eps).pow(alpha)
+        return (w / w.mean()).clamp_min(eps)
+
+    return weights(input_stat, alpha_in), weights(output_stat, alpha_out)
+
+
+def fit_residual_binary(
+    weight: torch.Tensor,
+    num_paths: int,
+    rounds: int,
+    input_importance: torch.Tensor | None = None,
+    output_importance: torch.Tensor | None = None,
+) -> ResidualBinaryPaths:
+    """Initialise k paths for ``weight [N, K]``: iterative residual SVID (``rounds = 0``: greedy) of the
+    preconditioned ``W' = diag(a) W diag(b)``, then map back ``g_i /= a``, ``h_i /= b`` (signs unchanged).
+    ``a = output_importance [N]``, ``b = input_importance [K]`` (see :func:`precondition_scales`).
+    """
+    _check_weight(weight)
+    target = weight.float()
+    if output_importance is not None:
+        target = target * output_importance[:, None]
+    if input_importance is not None:
+        target = target * input_importance[None, :]
+    fit = iterative_residual_svid(target, num_paths, rounds) if rounds > 0 else greedy_residual_svid(
+        target, num_paths
+    )
+    if output_importance is not None:
+        fit.row_scales = fit.row_scales / output_importance[None, :]
+    if input_importance is not None:
+        fit.col_scales = fit.col_scales / input_importance[None, :]
+    return fit
+
+
+def reanchor_latent(fit: ResidualBinaryPaths, margin: float = 0.5) -> tuple[torch.Tensor, int]:
+    """A latent ``W_FP [N, K]`` whose coupled derivation reproduces ``fit``'s signs (hence its paths).
+
+    Per element, with partial sums ``S_i = sum_{j<=i} path_j`` (S_0 = 0), the coupled forward needs
+    ``sign(W_FP - S_{i-1}) = B_i`` for every i, i.e. ``W_FP >= S_{i-1}`` where ``B_i = +1`` and
+    ``W_FP < S_{i-1}`` where ``B_i = -1``: an interval [lower, upper). We take its midpoint (``margin``
+    sets the position, 0 < margin < 1); a half-open side is extended by ``margin * max_i |path_i|``.
+    For k = 2 the interval is never empty (this gives ``W_1 + c * B_2 * |W_1|``); for k >= 3 it can be,
+    and those elements are counted and returned so the caller can report them.
+    Returns ``(latent, number_of_infeasible_elements)``.
+    """
+    if not 0.0 < margin < 1.0:
+        raise ValueError(f"margin must lie in (0, 1), got {margin}")
+    paths = [fit.path(i).double() for i in range(fit.num_paths)]
+    shape = paths[0].shape
+    lower = torch.full(shape, -torch.inf, dtype=torch.float64)
+    upper = torch.full(shape, torch.inf, dtype=torch.float64)
+    partial = torch.zeros(shape, dtype=torch.float64)
+    for i, path in enumerate(paths):
+        positive = fit.signs[i] > 0
+        lower = torch.where(positive, torch.maximum(lower, partial), lower)
+        upper = torch.where(positive, upper, torch.minimum(upper, partial))
+        partial = partial + path
+    magnitude = torch.stack([p.abs() for p in paths]).amax(dim=0)
+    floor = magnitude.mean().clamp_min(torch.finfo(torch.float32).tiny) * 1e-3
+    step = margin * magnitude.clamp_min(floor)
+    both = torch.isfinite(lower) & torch.isfinite(upper)
+    latent = torch.where(
+        both,
+        lower + margin * (upper - lower),
+        torch.where(torch.isfinite(lower), lower + step, upper - step),
+    )
+    infeasible = int((both & (lower >= upper)).sum())
+    return latent.float(), infeasible
+
+
+def _check_paths(num_paths: int) -> None:
+    if not isinstance(num_paths, int) or num_paths < 1:
+        raise ValueError(f"the number of binary paths must be an integer >= 1, got {num_paths!r}")
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    if weight.numel() == 0:
+        raise ValueError(f"cannot binarize an empty weight of shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has {bad} NaN/Inf values; refusing to binarize")
