@@ -4,7 +4,8 @@
 from rabit_compiler import kernels as kernels  # registers the rabit:: torch.library ops
 from rabit_compiler.backend import rabit_backend, register
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.quantize import QuantizeReport, RaBiTLinear, quantize_
 
 register()
 
-__all__ = ["RaBiTConfig", "rabit_backend"]
+__all__ = ["QuantizeReport", "RaBiTConfig", "RaBiTLinear", "quantize_", "rabit_backend"]

@@ -95,7 +95,8 @@ def rabit_backend(
     use_inductor = bool(options.pop("inductor", True))
     config = RaBiTConfig.from_options(options)
     if mode not in _INDUCTOR_MODES:
-        raise ValueError(f"rabit backend: unknown mode {mode!r}; expected one of {sorted(m for m in _INDUCTOR_MODES if m)}")
+        valid = sorted(m for m in _INDUCTOR_MODES if m)
+        raise ValueError(f"rabit backend: unknown mode {mode!r}; expected one of {valid}")
 
     def quantize(name: str, weight: torch.Tensor, oriented: torch.Tensor) -> Any:
         return PACK_CACHE.get(weight, oriented, config)

@@ -1,0 +1,198 @@
+"""Find every linear of a model through its Dynamo graph, and collect channel statistics on calibration data.
+
+The model is captured once with ``torch.compile`` and a capturing backend: the *find* pass maps each
+linear node to the ``nn.Parameter`` feeding it (by identity), so this works for any architecture Dynamo
+can trace (``nn.Linear``, GPT-2 ``Conv1D``, a raw parameter used through ``F.linear``). The captured graph
+then runs through an :class:`fx.Interpreter` that records, per linear:
+
+- ``input_stat [K]``: per-input-channel magnitude of the activations ``x`` (RMS or mean ``|x|``);
+- ``output_stat [N]``: per-output-channel magnitude of ``dL/dy`` (next-token loss) when the model returns
+  logits, else of ``y`` itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from rabit_compiler.passes import GraphWeights, LinearSite, find_linears
+
+logger = logging.getLogger("rabit_compiler")
+
+
+@dataclass
+class ChannelStat:
+    """Running per-channel ``sum(|v|)`` and ``sum(v^2)`` over rows."""
+
+    abs_sum: torch.Tensor | None = None
+    square_sum: torch.Tensor | None = None
+    rows: int = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        rows = values.detach().reshape(-1, values.shape[-1]).float()
+        abs_sum, square_sum = rows.abs().sum(0), rows.square().sum(0)
+        if self.abs_sum is None:
+            self.abs_sum, self.square_sum = abs_sum, square_sum
+        else:
+            self.abs_sum += abs_sum
+            self.square_sum += square_sum
+        self.rows += rows.shape[0]
+
+    def summary(self, statistic: str) -> torch.Tensor | None:
+        if self.rows == 0:
+            return None
+        if statistic == "rms":
+            return (self.square_sum / self.rows).sqrt()
+        return self.abs_sum / self.rows
+
+
+@dataclass
+class CapturedLinear:
+    """One linear layer of the model: its weight parameter (as stored), bias, layout and statistics."""
+
+    name: str
+    weight: torch.nn.Parameter
+    bias: torch.Tensor | None
+    layout: str
+    input_stat: ChannelStat = field(default_factory=ChannelStat)
+    output_stat: ChannelStat = field(default_factory=ChannelStat)
+    other_uses: bool = False
+
+
+class _StatsInterpreter(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, sites: dict[fx.Node, CapturedLinear], output_gradients: bool):
+        super().__init__(gm)
+        self.sites = sites
+        self.output_gradients = output_gradients
+
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        captured = self.sites.get(node)
+        if captured is None:
+            return result
+        x = self.env[node.args[0]] if node.op == "call_module" else self.env[_site_input(node)]
+        captured.input_stat.update(x)
+        if self.output_gradients and torch.is_grad_enabled():
+            if not result.requires_grad:
+                result = result.detach().requires_grad_(True)
+            result.register_hook(lambda grad, captured=captured: captured.output_stat.update(grad))
+        else:
+            captured.output_stat.update(result)
+        return result
+
+
+def _site_input(node: fx.Node) -> fx.Node:
+    """The activation input of a linear node: ``x`` is the first argument except for addmm (second)."""
+    name = getattr(node.target, "__name__", str(node.target))
+    return node.args[1] if "addmm" in name else node.args[0]
+
+
+class LinearCapture:
+    """Captures a model's linears (see the module docstring); ``self.linears`` maps id(weight) to them."""
+
+    def __init__(self, model: torch.nn.Module, output_gradients: bool):
+        self.model = model
+        self.output_gradients = output_gradients
+        self.linears: dict[int, CapturedLinear] = {}
+        self.skipped: list[str] = []
+        self._names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        self._compiled = torch.compile(model, backend=self._backend, dynamic=False)
+
+    def _backend(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        sites, skipped = find_linears(gm, example_inputs)
+        self.skipped.extend(f"{s.node.name}: {s.reason}" for s in skipped)
+        weights = GraphWeights(gm, example_inputs)
+        by_node: dict[fx.Node, CapturedLinear] = {}
+        site_nodes = {site.node for site in sites}
+        for site in sites:
+            by_node[site.node] = self._record(site, weights, site_nodes)
+        interpreter = _StatsInterpreter(gm, by_node, self.output_gradients)
+        return lambda *args: interpreter.run(*args)
+
+    def _record(self, site: LinearSite, weights: GraphWeights, site_nodes: set[fx.Node]) -> CapturedLinear:
+        weight = weights.value(site.weight)
+        bias = weights.value(site.bias) if site.bias is not None else None
+        name = self._names.get(id(weight), weights.name(site.weight))
+        captured = self.linears.get(id(weight))
+        if captured is None:
+            captured = CapturedLinear(name=name.removesuffix(".weight"), weight=weight, bias=bias, layout=site.layout)
+            self.linears[id(weight)] = captured
+        if isinstance(site.weight, fx.Node):
+            for user in site.weight.users:
+                if user not in site_nodes and not all(u in site_nodes for u in user.users):
+                    captured.other_uses = True
+        return captured
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._compiled(*args, **kwargs)
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [B, T, V]`` predicting ``input_ids [B, T]`` shifted by one."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1)
+    )
+
+
+def _batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"calibration tokens must be an integer tensor [num_windows, seq_len], got "
+                             f"{calibration.dtype} {tuple(calibration.shape)}")
+        if calibration.shape[0] == 0:
+            raise ValueError("calibration has no windows")
+        return list(calibration.split(batch_size))
+    batches = [torch.as_tensor(b) for b in calibration]
+    if not batches:
+        raise ValueError("calibration is empty")
+    return batches
+
+
+def capture_linears(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> LinearCapture:
+    """Trace ``model(example_input)`` once to find its linears; with ``calibration`` (token windows
+    ``[num, T]`` or an iterable of ``[B, T]`` batches) also collect their channel statistics, with gradients
+    of the next-token loss when the model returns logits."""
+    device = next(model.parameters()).device
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        logits_model = _returns_logits(model, example_input.to(device))
+        capture = LinearCapture(model, output_gradients=logits_model)
+        if calibration is None:
+            with torch.no_grad():
+                capture(example_input.to(device))
+            return capture
+        for batch in tqdm(_batches(calibration, batch_size), desc="rabit: calibration", disable=not progress):
+            batch = batch.to(device)
+            if logits_model:
+                with torch.enable_grad():
+                    next_token_loss(capture(batch).logits, batch).backward()
+            else:
+                with torch.no_grad():
+                    capture(batch)
+        return capture
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+
+
+def _returns_logits(model: torch.nn.Module, example_input: torch.Tensor) -> bool:
+    """Whether the model maps token ids to an output with ``.logits`` (a language model)."""
+    if example_input.is_floating_point():
+        return False
+    with torch.no_grad():
+        output = model(example_input[:1, :2] if example_input.dim() == 2 else example_input)
+    return isinstance(getattr(output, "logits", None), torch.Tensor)

@@ -1,0 +1,212 @@
+"""``quantize_``: replace a model's linear weights by packed residual-binary weights, in place.
+
+1. Find every linear through the model's Dynamo graph and, with calibration data, collect channel
+   statistics (:mod:`rabit_compiler.calibration`).
+2. Fit k binary paths per weight (iterative residual SVID, preconditioned by the statistics) and pack.
+3. Swap the owner: an ``nn.Linear`` or GPT-2 ``Conv1D`` becomes a :class:`RaBiTLinear`; any other module
+   that uses a raw parameter through ``F.linear``/``matmul`` is symbolically traced and its graph frozen by
+   the same *freeze & pack* pass the backend uses. A layer that cannot be swapped stays in full precision
+   with a logged reason.
+
+The full-precision weights are dropped: the model's memory falls to about k/16 of the linear weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from rabit_compiler.calibration import CapturedLinear, capture_linears
+from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.kernels import PackedResidualBinary
+from rabit_compiler.passes import PackedLinearWeights, freeze_and_pack
+from rabit_compiler.quantizer import fit_weight, pack_fit
+
+logger = logging.getLogger("rabit_compiler")
+
+
+class RaBiTLinear(PackedLinearWeights):
+    """A packed residual-binary linear layer: ``y = sum_i g_i * (B_i @ (h_i * x)) + b``.
+
+    Buffers ``packed_signs`` int32 ``[k, N, ceil(K/32)]``, ``row_scale [k, N]``, ``col_scale [k, K]``;
+    ``bias [N]`` (a parameter, as it was) or None.
+    """
+
+    def __init__(self, packed: PackedResidualBinary, bias: torch.Tensor | None = None):
+        super().__init__(packed)
+        self.out_features = packed.out_features
+        self.num_paths = packed.num_paths
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rabit.residual_binary_linear(
+            x, self.packed_signs, self.row_scale, self.col_scale, self.bias, self.in_features
+        )
+
+    def packed(self) -> PackedResidualBinary:
+        return PackedResidualBinary(self.packed_signs, self.row_scale, self.col_scale, self.bias, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W_hat [N, K]``."""
+        return self.packed().dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, paths={self.num_paths}, "
+                f"bias={self.bias is not None}")
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize_` did: layers packed, layers left in full precision (with reasons), and the
+    bytes of the model's parameters and buffers before and after."""
+
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all distinct parameters and buffers of ``model``."""
+    seen: dict[int, int] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def quantize_(
+    model: torch.nn.Module,
+    config: RaBiTConfig | None = None,
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    example_input: torch.Tensor | None = None,
+    progress: bool = True,
+) -> QuantizeReport:
+    """Quantize ``model``'s linear layers in place to ``config.paths``-path residual binary.
+
+    ``calibration``: token windows ``[num, T]`` (or an iterable of batches) used for the channel-importance
+    preconditioning; without it the fit is data-free. ``example_input`` is what the model is traced with
+    (default: the first calibration batch, else 8 token ids). Resets ``torch.compiler`` caches when done
+    (the capture compiled the model once). Returns a :class:`QuantizeReport`.
+    """
+    config = config or RaBiTConfig()
+    report = QuantizeReport(bytes_before=model_bytes(model))
+    if example_input is None:
+        example_input = _default_example(model, calibration)
+    capture = capture_linears(model, example_input, calibration, progress=progress)
+    for reason in capture.skipped:
+        logger.info("rabit: not a quantizable linear: %s", reason)
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    by_owner: dict[str, list[tuple[str, CapturedLinear]]] = {}
+    for linear in capture.linears.values():
+        reason = _skip_reason(linear, config, names)
+        if reason is not None:
+            report.skipped[linear.name] = reason
+            continue
+        owner_name, _, attr = names[id(linear.weight)].rpartition(".")
+        by_owner.setdefault(owner_name, []).append((attr, linear))
+    for owner_name, uses in tqdm(by_owner.items(), desc="rabit: fit + pack", disable=not progress):
+        reason = _swap(model, owner_name, uses, config)
+        for _, linear in uses:
+            if reason is None:
+                report.quantized.append(linear.name)
+            else:
+                report.skipped[linear.name] = reason
+    for name, reason in report.skipped.items():
+        logger.info("rabit: left in full precision: %s (%s)", name, reason)
+    capture.linears.clear()
+    torch.compiler.reset()
+    report.bytes_after = model_bytes(model)
+    logger.info("rabit: quantized %d linears; parameters+buffers %.1f MB -> %.1f MB", len(report.quantized),
+                report.bytes_before / 1e6, report.bytes_after / 1e6)
+    return report
+
+
+def _default_example(model: torch.nn.Module, calibration: object) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        return calibration[:1]
+    if calibration is not None:
+        raise ValueError("pass example_input when calibration is not a tensor of token windows")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError("pass example_input: the model has no config.vocab_size to make token ids from")
+    return torch.arange(8).remainder(vocab).unsqueeze(0)
+
+
+def _skip_reason(linear: CapturedLinear, config: RaBiTConfig, names: dict[int, str]) -> str | None:
+    if config.skips(linear.name):
+        return "matches a skip pattern"
+    if id(linear.weight) not in names:
+        return "weight is not a parameter of the model"
+    if linear.other_uses:
+        return "weight is also used outside linear layers (e.g. tied to an embedding)"
+    weight = linear.weight
+    if weight.dim() != 2 or weight.numel() == 0:
+        return f"weight of shape {tuple(weight.shape)} is empty or not 2-D"
+    if not weight.is_floating_point() or not torch.isfinite(weight).all():
+        return "weight is not floating point or has NaN/Inf values"
+    return None
+
+
+def _fit_and_pack(linear: CapturedLinear, config: RaBiTConfig) -> PackedResidualBinary:
+    oriented = linear.weight.detach().T if linear.layout == "in_out" else linear.weight.detach()
+    fit = fit_weight(
+        oriented, config, linear.input_stat.summary(config.statistic), linear.output_stat.summary(config.statistic)
+    )
+    return pack_fit(fit, config, device=oriented.device)
+
+
+def _swap(model: torch.nn.Module, owner_name: str, uses: list[tuple[str, CapturedLinear]],
+          config: RaBiTConfig) -> str | None:
+    """Replace the module ``owner_name`` whose parameters ``uses`` feed linears; a reason if it could not."""
+    if not owner_name:
+        return "the weight belongs to the root module, which cannot be replaced in place"
+    owner = model.get_submodule(owner_name)
+    (attr, linear), many = uses[0], len(uses) > 1
+    is_conv1d = type(owner).__name__ == "Conv1D" and linear.layout == "in_out"
+    if not many and attr == "weight" and (isinstance(owner, torch.nn.Linear) or is_conv1d):
+        _set_submodule(model, owner_name, RaBiTLinear(_fit_and_pack(linear, config), owner.bias))
+        return None
+    return _freeze_owner(model, owner_name, owner, dict(uses), config)
+
+
+def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces only the owner's own forward: every child module is a leaf."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _freeze_owner(model: torch.nn.Module, owner_name: str, owner: torch.nn.Module,
+                  uses: dict[str, CapturedLinear], config: RaBiTConfig) -> str | None:
+    """Symbolically trace a module that uses raw parameters in linears, and freeze those uses."""
+    kind = type(owner).__name__
+    try:
+        graph = _LeafTracer().trace(owner)
+    except Exception as error:  # symbolic tracing fails on data-dependent Python control flow
+        return f"its module {kind} cannot be symbolically traced ({type(error).__name__}: {error})"
+    gm = fx.GraphModule(owner, graph, class_name=kind + "RaBiT")
+
+    def quantize(name: str, weight: torch.Tensor, oriented: torch.Tensor) -> PackedResidualBinary:
+        return _fit_and_pack(uses[name], config)
+
+    packed, _ = freeze_and_pack(gm, quantize, skip=lambda name: name not in uses)
+    missing = set(uses) - {site.name for site in packed}
+    if missing:
+        return f"{kind} uses {sorted(missing)} in ways other than a linear layer"
+    for attr in uses:
+        if any(n.op == "get_attr" and n.target == attr for n in gm.graph.nodes):
+            return f"{kind} also uses {attr} outside a linear"
+        delattr(gm, attr)
+    _set_submodule(model, owner_name, gm)
+    return None
