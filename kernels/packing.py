@@ -8,7 +8,7 @@ Format version 1, for a linear ``y = x @ W_hat.T + b`` with ``W_hat [N, K] = sum
 - ``row_scale``: ``[k, N]`` (g), ``col_scale``: ``[k, K]`` (h), in the scale dtype (fp16 by default).
 - ``bias``: ``[N]`` or None, kept as it was.
 
-Storage: k bits per weight + 16 k (N + K) bits of scales, e.g. 2.0078 bits/weight for k=2 at 4096 x 4096.
+Storage: k bits per weight + 16 k (N + K) bits of scales, e.g. 2.016 bits/weight for k=2 at 4096 x 4096.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     y = sum_i g_i * ( B_i @ (h_i * x) ) + b        x [..., K], B_i [N, K], g_i [N], h_i [K] -> y [..., N]
 
-Accumulates in fp32 and returns ``x.dtype``.
+Accumulates in fp32 (fp64 for fp64 inputs) and returns ``x.dtype``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 
 from .packing import unpack_signs
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types and fp32, fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def residual_binary_linear_reference(
@@ -22,14 +27,15 @@ def residual_binary_linear_reference(
 ) -> torch.Tensor:
     """The packed linear by unpacking each sign plane to +-1 (fp32) and one matmul per path."""
     out_features = packed_signs.shape[1]
-    rows = x.reshape(-1, in_features).float()
-    signs = unpack_signs(packed_signs, in_features, torch.float32)
+    accumulate = accumulation_dtype(x.dtype)
+    rows = x.reshape(-1, in_features).to(accumulate)
+    signs = unpack_signs(packed_signs, in_features, accumulate)
     out = rows.new_zeros(rows.shape[0], out_features)
     for path in range(packed_signs.shape[0]):
-        scaled = rows * col_scale[path].float()
-        out += (scaled @ signs[path].T) * row_scale[path].float()
+        scaled = rows * col_scale[path].to(accumulate)
+        out += (scaled @ signs[path].T) * row_scale[path].to(accumulate)
     if bias is not None:
-        out += bias.float()
+        out += bias.to(accumulate)
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -42,9 +48,10 @@ def residual_binary_linear_input_grad(
 ) -> torch.Tensor:
     """``dL/dx = sum_i h_i * ( B_i^T @ (g_i * dL/dy) )``: grad_out ``[..., N]`` -> ``[..., K]`` (fp32 accumulate)."""
     out_features = packed_signs.shape[1]
-    rows = grad_out.reshape(-1, out_features).float()
-    signs = unpack_signs(packed_signs, in_features, torch.float32)
+    accumulate = accumulation_dtype(grad_out.dtype)
+    rows = grad_out.reshape(-1, out_features).to(accumulate)
+    signs = unpack_signs(packed_signs, in_features, accumulate)
     grad_in = rows.new_zeros(rows.shape[0], in_features)
     for path in range(packed_signs.shape[0]):
-        grad_in += ((rows * row_scale[path].float()) @ signs[path]) * col_scale[path].float()
+        grad_in += ((rows * row_scale[path].to(accumulate)) @ signs[path]) * col_scale[path].to(accumulate)
     return grad_in.to(grad_out.dtype).reshape(*grad_out.shape[:-1], in_features)

@@ -24,7 +24,7 @@ class RaBiTConfig:
     - ``alpha_in`` / ``alpha_out``: exponents of the input-activation and output-gradient channel
       importance used to precondition the fit (only with calibration data).
     - ``statistic``: ``"rms"`` or ``"mean_abs"``, how channel magnitudes are summarised.
-    - ``scale_dtype``: dtype of the stored row/column scales (fp16: 2.01 bits/weight at k=2, 4096^2).
+    - ``scale_dtype``: dtype of the stored row/column scales (fp16: 2.016 bits/weight at k=2, 4096^2).
     - ``anchor_margin``: where in its feasible interval the re-anchored latent sits, in (0, 1).
     """
 

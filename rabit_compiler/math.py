@@ -8,7 +8,8 @@ Coupled residual hierarchy (RaBiT), derived from one shared latent ``W_FP`` on e
 
     R_0 = W_FP,   B_i = sign(R_{i-1}),   W_i = g_i * B_i * h_i,   R_i = R_{i-1} - W_i,   W_hat = sum_i W_i
 
-Straight-through gradient: ``dL/dW_FP = dL/dW_hat`` (identity through every sign).
+Straight-through gradient: ``dL/dW_FP = dL/dW_hat`` (identity through every sign); ``g_i``, ``h_i`` get
+ordinary gradients with ``B_i`` held constant.
 """
 
 from __future__ import annotations
@@ -20,18 +21,8 @@ import torch
 
 
 def hard_sign(x: torch.Tensor) -> torch.Tensor:
-    """``sign(x)`` with ``sign(0) = +1``, in ``x.dtype``. No gradient (a constant of x)."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-
-def ste_sign(x: torch.Tensor) -> torch.Tensor:
-    """``sign(x)`` (``sign(0) = +1``) with a straight-through (identity) gradient.
-
-    Written as ``sign(x) + (x - x.detach())``: the forward value is *exactly* ``sign(x)`` (``x - x``
-    is exactly zero for finite x, unlike ``x + (sign(x) - x).detach()`` which can be off by an ulp),
-    the gradient is the identity, and it stays plain tensor ops that FX, Dynamo and AOTAutograd trace.
-    """
-    return hard_sign(x).detach() + (x - x.detach())
+    """``sign(x)`` with ``sign(0) = +1``, in ``x.dtype``, as a constant (no gradient)."""
+    return torch.where(x.detach() >= 0, 1.0, -1.0).to(x.dtype)
 
 
 def binary_path(signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
@@ -45,30 +36,36 @@ def coupled_residual_paths(
     """The coupled residual derivation: every path re-derived from the one shared latent.
 
     latent ``[N, K]`` (W_FP); row_scales: k tensors ``[N]`` (a ``[k, N]`` tensor works too), col_scales:
-    k tensors ``[K]`` -> k paths ``[N, K]``: path i is ``g_i * ste_sign(R_{i-1}) * h_i``, ``R_i = R_{i-1} -
-    path_i``, ``R_0 = latent``. The loop over k is plain Python, so calling this on FX proxies (the
-    rewrite pass does) unrolls it into explicit sign / scale / subtract nodes.
+    k tensors ``[K]`` -> k paths ``[N, K]``: path i is ``g_i * sign(R_{i-1}) * h_i``, ``R_i = R_{i-1} -
+    path_i``, ``R_0 = latent``. The signs are constants (gradients reach g_i, h_i with B_i held fixed, and
+    the latent through :func:`coupled_residual_weight`'s straight-through term). The loop over k is plain
+    Python, so calling this on FX proxies (the rewrite pass does) unrolls it into explicit
+    sign / scale / subtract nodes.
     """
     if len(row_scales) != len(col_scales):
         raise ValueError(f"{len(row_scales)} row scales but {len(col_scales)} column scales")
-    residual = latent
+    residual = latent.detach()
     paths = []
     for row_scale, col_scale in zip(row_scales, col_scales, strict=True):
-        path = binary_path(ste_sign(residual), row_scale, col_scale)
+        path = binary_path(hard_sign(residual), row_scale, col_scale)
         paths.append(path)
-        residual = residual - path
+        residual = residual - path.detach()
     return paths
 
 
 def coupled_residual_weight(
     latent: torch.Tensor, row_scales: Sequence[torch.Tensor], col_scales: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """``W_hat = sum_i path_i`` of :func:`coupled_residual_paths` -> ``[N, K]``."""
+    """``W_hat = sum_i path_i + (W_FP - W_FP.detach())`` -> ``[N, K]``.
+
+    The added term is exactly zero in the forward (the value is the sum of the paths, bit for bit) and
+    carries the straight-through estimator: ``dL/dW_FP = dL/dW_hat``, identity through every sign.
+    """
     paths = coupled_residual_paths(latent, row_scales, col_scales)
     weight = paths[0]
     for path in paths[1:]:
         weight = weight + path
-    return weight
+    return weight + (latent - latent.detach())
 
 
 @dataclass
@@ -231,9 +228,10 @@ def reanchor_latent(fit: ResidualBinaryPaths, margin: float = 0.5) -> tuple[torc
     ``sign(W_FP - S_{i-1}) = B_i`` for every i, i.e. ``W_FP >= S_{i-1}`` where ``B_i = +1`` and
     ``W_FP < S_{i-1}`` where ``B_i = -1``: an interval [lower, upper). We take its midpoint (``margin``
     sets the position, 0 < margin < 1); a half-open side is extended by ``margin * max_i |path_i|``.
-    For k = 2 the interval is never empty (this gives ``W_1 + c * B_2 * |W_1|``); for k >= 3 it can be,
-    and those elements are counted and returned so the caller can report them.
-    Returns ``(latent, number_of_infeasible_elements)``.
+    For k = 2 the interval is never empty (this gives ``W_1 + c * B_2 * |W_1|``); for k >= 3 it can be, or
+    be narrower than one fp32 ulp. Returns ``(latent fp32, elements)``: ``elements`` is the number of
+    entries at which the coupled forward from this latent (computed in fp32, as training will) does *not*
+    reproduce ``fit``'s signs, so the caller can report them; 0 means an exact re-anchor.
     """
     if not 0.0 < margin < 1.0:
         raise ValueError(f"margin must lie in (0, 1), got {margin}")
@@ -255,9 +253,13 @@ def reanchor_latent(fit: ResidualBinaryPaths, margin: float = 0.5) -> tuple[torc
         both,
         lower + margin * (upper - lower),
         torch.where(torch.isfinite(lower), lower + step, upper - step),
-    )
-    infeasible = int((both & (lower >= upper)).sum())
-    return latent.float(), infeasible
+    ).float()
+    residual = latent
+    mismatched = torch.zeros(shape, dtype=torch.bool)
+    for i in range(fit.num_paths):
+        mismatched |= hard_sign(residual) != fit.signs[i]
+        residual = residual - fit.path(i)
+    return latent, int(mismatched.sum())
 
 
 def _check_paths(num_paths: int) -> None:
