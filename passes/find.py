@@ -46,12 +46,20 @@ class LinearSite:
     """
 
     node: fx.Node
-    x: fx.Node
     weight: fx.Node | str
     bias: fx.Node | str | None
     layout: WeightLayout
     form: str
     name: str
+
+    @property
+    def x(self) -> fx.Node:
+        """The activation input, read from the node now (earlier rewrites may have replaced its producer)."""
+        if self.form == "linear":
+            return _call_args(self.node, ("input",))[0]
+        if self.form == "addmm":
+            return _call_args(self.node, ("input", "mat1"))[1]
+        return self.node.args[0]
 
 
 @dataclass
@@ -104,8 +112,7 @@ class GraphWeights:
             return ref
         if ref.op == "get_attr":
             return ref.target
-        grapharg = ref.meta.get("grapharg")
-        source = getattr(grapharg, "source", None)
+        source = getattr(ref, "_dynamo_source", None) or getattr(ref.meta.get("grapharg"), "source", None)
         if source is not None:
             return source_to_dotted_name(source.name if isinstance(source.name, str) else source.name())
         return ref.name
@@ -164,7 +171,6 @@ def _linear_module_site(node: fx.Node, gm: fx.GraphModule) -> LinearSite | Skipp
         return SkippedSite(node, "linear module called with more than one input")
     return LinearSite(
         node=node,
-        x=node.args[0],
         weight=f"{node.target}.weight",
         bias=f"{node.target}.bias" if has_bias else None,
         layout=layout,
@@ -190,22 +196,21 @@ def classify(node: fx.Node, weights: GraphWeights) -> LinearSite | SkippedSite |
     is_fn = node.op == "call_function"
     is_method = node.op == "call_method"
     if is_fn and node.target in LINEAR_FUNCTIONS:
-        x, weight, bias = _call_args(node, ("input", "weight", "bias"))
+        _, weight, bias = _call_args(node, ("input", "weight", "bias"))
         if not weights.is_weight(weight):
             return SkippedSite(node, "linear whose weight is not a parameter (computed at run time)")
-        return LinearSite(node, x, weight, bias, "out_in", "linear", _layer_name(weights, weight))
+        return LinearSite(node, weight, bias, "out_in", "linear", _layer_name(weights, weight))
     if is_fn and node.target in MM_FUNCTIONS or is_method and node.target in MM_METHODS:
-        x, rhs = node.args[0], node.args[1]
-        return _matmul_site(node, x, rhs, None, "mm", weights)
+        return _matmul_site(node, node.args[1], None, "mm", weights)
     if is_fn and node.target in ADDMM_FUNCTIONS or is_method and node.target == "addmm":
-        bias, x, rhs, beta, alpha = _call_args(node, ("input", "mat1", "mat2", "beta", "alpha"))
+        bias, _, rhs, beta, alpha = _call_args(node, ("input", "mat1", "mat2", "beta", "alpha"))
         if beta not in (None, 1) or alpha not in (None, 1):
             return SkippedSite(node, f"addmm with beta={beta}, alpha={alpha}")
-        return _matmul_site(node, x, rhs, bias, "addmm", weights)
+        return _matmul_site(node, rhs, bias, "addmm", weights)
     return None
 
 
-def _matmul_site(node, x, rhs, bias, form, weights) -> LinearSite | SkippedSite | None:
+def _matmul_site(node, rhs, bias, form, weights) -> LinearSite | SkippedSite | None:
     transposed = _is_transpose_of_weight(rhs, weights)
     if transposed is not None:
         weight, layout = transposed, "out_in"
@@ -217,7 +222,7 @@ def _matmul_site(node, x, rhs, bias, form, weights) -> LinearSite | SkippedSite 
         return SkippedSite(node, "matmul with a weight that is not 2-D")
     if bias is not None and not weights.is_weight(bias):
         return SkippedSite(node, "addmm whose bias is not a parameter")
-    return LinearSite(node, x, weight, bias, layout, form, _layer_name(weights, weight))
+    return LinearSite(node, weight, bias, layout, form, _layer_name(weights, weight))
 
 
 def _layer_name(weights: GraphWeights, weight: fx.Node) -> str:

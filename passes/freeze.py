@@ -49,7 +49,7 @@ class PackedSite:
 QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], PackedResidualBinary]
 
 
-def _skip_reason(site: LinearSite, weight: torch.Tensor, site_nodes: set[fx.Node]) -> str | None:
+def _skip_reason(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, site_nodes: set[fx.Node]) -> str | None:
     if weight.dim() != 2 or 0 in weight.shape:
         return f"weight of shape {tuple(weight.shape)} is empty or not 2-D"
     if not weight.is_floating_point():
@@ -59,11 +59,26 @@ def _skip_reason(site: LinearSite, weight: torch.Tensor, site_nodes: set[fx.Node
     example = site.x.meta.get("example_value", site.x.meta.get("val")) if isinstance(site.x, fx.Node) else None
     if isinstance(example, torch.Tensor) and example.dtype != weight.dtype:
         return f"input dtype {example.dtype} differs from weight dtype {weight.dtype} (the original op raises)"
+    if _used_elsewhere(gm, site, site_nodes):
+        return "weight is also used outside this linear (e.g. tied to an embedding)"
+    return None
+
+
+def _used_elsewhere(gm: fx.GraphModule, site: LinearSite, site_nodes: set[fx.Node]) -> bool:
+    """Whether the site's weight also feeds something other than linear sites: another node using it, or
+    (in a symbolic trace) a ``call_module`` of a module that owns it, such as a tied ``nn.Embedding``."""
     if isinstance(site.weight, fx.Node):
         for user in site.weight.users:
             if user not in site_nodes and not all(u in site_nodes for u in user.users):
-                return "weight is also used outside this linear (e.g. tied to an embedding)"
-    return None
+                return True
+    target = site.weight if isinstance(site.weight, str) else site.weight.target
+    if isinstance(site.weight, str) or site.weight.op == "get_attr":
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node not in site_nodes and target.startswith(f"{node.target}."):
+                return True
+            if node.op == "get_attr" and node.target == target and isinstance(site.weight, str):
+                return True
+    return False
 
 
 def freeze_and_pack(
@@ -87,7 +102,7 @@ def freeze_and_pack(
             skipped.append(SkippedSite(site.node, f"{site.name}: matches a skip pattern"))
             continue
         weight = weights.value(site.weight)
-        reason = _skip_reason(site, weight, site_nodes)
+        reason = _skip_reason(gm, site, weight, site_nodes)
         if reason is not None:
             skipped.append(SkippedSite(site.node, f"{site.name}: {reason}"))
             continue

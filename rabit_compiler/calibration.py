@@ -66,18 +66,18 @@ class CapturedLinear:
 
 
 class _StatsInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, sites: dict[fx.Node, CapturedLinear], output_gradients: bool):
+    def __init__(self, gm: fx.GraphModule, sites: dict[fx.Node, tuple[LinearSite, CapturedLinear]],
+                 output_gradients: bool):
         super().__init__(gm)
         self.sites = sites
         self.output_gradients = output_gradients
 
     def run_node(self, node: fx.Node) -> Any:
         result = super().run_node(node)
-        captured = self.sites.get(node)
-        if captured is None:
+        if node not in self.sites:
             return result
-        x = self.env[node.args[0]] if node.op == "call_module" else self.env[_site_input(node)]
-        captured.input_stat.update(x)
+        site, captured = self.sites[node]
+        captured.input_stat.update(self.env[site.x])
         if self.output_gradients and torch.is_grad_enabled():
             if not result.requires_grad:
                 result = result.detach().requires_grad_(True)
@@ -85,12 +85,6 @@ class _StatsInterpreter(fx.Interpreter):
         else:
             captured.output_stat.update(result)
         return result
-
-
-def _site_input(node: fx.Node) -> fx.Node:
-    """The activation input of a linear node: ``x`` is the first argument except for addmm (second)."""
-    name = getattr(node.target, "__name__", str(node.target))
-    return node.args[1] if "addmm" in name else node.args[0]
 
 
 class LinearCapture:
@@ -108,10 +102,8 @@ class LinearCapture:
         sites, skipped = find_linears(gm, example_inputs)
         self.skipped.extend(f"{s.node.name}: {s.reason}" for s in skipped)
         weights = GraphWeights(gm, example_inputs)
-        by_node: dict[fx.Node, CapturedLinear] = {}
         site_nodes = {site.node for site in sites}
-        for site in sites:
-            by_node[site.node] = self._record(site, weights, site_nodes)
+        by_node = {site.node: (site, self._record(site, weights, site_nodes)) for site in sites}
         interpreter = _StatsInterpreter(gm, by_node, self.output_gradients)
         return lambda *args: interpreter.run(*args)
 
