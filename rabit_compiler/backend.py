@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.kernels import PackedResidualBinary
 from rabit_compiler.passes import PackedSite, freeze_and_pack
 from rabit_compiler.quantizer import PACK_CACHE, DataFreePackCache
 
@@ -98,8 +99,11 @@ def rabit_backend(
         valid = sorted(m for m in _INDUCTOR_MODES if m)
         raise ValueError(f"rabit backend: unknown mode {mode!r}; expected one of {valid}")
 
-    def quantize(name: str, weight: torch.Tensor, oriented: torch.Tensor) -> Any:
-        return PACK_CACHE.get(weight, oriented, config)
+    def quantize(name: str, weight: torch.Tensor, oriented: torch.Tensor) -> PackedResidualBinary:
+        # a copy: the graph's buffers are re-packed in place, the cache's entry must not change with them
+        cached = PACK_CACHE.get(weight, oriented, config)
+        return PackedResidualBinary(cached.packed_signs.clone(), cached.row_scale.clone(),
+                                    cached.col_scale.clone(), None, cached.in_features)
 
     packed_sites, skipped = freeze_and_pack(gm, quantize, example_inputs, skip=config.skips)
     for site in skipped:
