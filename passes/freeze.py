@@ -106,7 +106,11 @@ def freeze_and_pack(
         if reason is not None:
             skipped.append(SkippedSite(site.node, f"{site.name}: {reason}"))
             continue
-        packed = quantize(site.name, weight, oriented_weight(weight.detach(), site))
+        try:
+            packed = quantize(site.name, weight, oriented_weight(weight.detach(), site))
+        except (ValueError, OverflowError) as error:
+            skipped.append(SkippedSite(site.node, f"{site.name}: cannot be packed: {error}"))
+            continue
         module_name = unique_module_name(gm, site.name, "rabit_packed")
         gm.add_submodule(module_name, PackedLinearWeights(packed))
         _declare_buffers_to_dynamo(gm, module_name)

@@ -111,7 +111,11 @@ def rabit_backend(
     logger.info("rabit: packed %d linear layers into %d-path residual binary", len(packed_sites), config.paths)
     compiled: Callable[..., Any] = gm
     if use_inductor:
-        compiled = _inductor(gm, example_inputs, mode)
+        try:
+            compiled = _inductor(gm, example_inputs, mode)
+        except Exception as error:  # Inductor cannot compile this graph: run the packed graph eagerly
+            logger.warning("rabit: Inductor failed on this graph, running it eagerly (%s: %s)",
+                           type(error).__name__, error)
     return PackedWeightGuard(compiled, gm, packed_sites, config, PACK_CACHE)
 
 

@@ -144,3 +144,23 @@ def test_bad_calibration_input_is_refused():
     with pytest.raises(ValueError, match="no windows"):
         rabit.quantize_(tiny_llama(), calibration=torch.zeros(0, 8, dtype=torch.long),
                         example_input=torch.zeros(1, 4, dtype=torch.long), progress=False)
+
+
+def test_generate_on_the_compiled_quantized_model_matches_eager_and_does_not_recompile_per_token():
+    from rabit_compiler.backend import rabit_backend
+
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return rabit_backend(gm, example_inputs, options={"inductor": False})
+
+    model = tiny_llama(6)
+    rabit.quantize_(model, progress=False)
+    prompt = torch.randint(0, 101, (1, 5))
+    expected = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    model.compile(backend=counting)
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, expected)
+    # prefill, the first decode step, then one dynamic-length graph for every later step
+    assert len(compiles) <= 3, f"{len(compiles)} compiles for 10 tokens"
