@@ -32,8 +32,8 @@ class RaBiTConfig:
     skip: tuple[str, ...] = DEFAULT_SKIP
     rounds: int = 5
     alpha_in: float = 1.0
-    alpha_out: float = 0.5
-    statistic: str = "rms"
+    alpha_out: float = 1.0
+    statistic: str = "mean_abs"
     scale_dtype: torch.dtype = torch.float16
     anchor_margin: float = 0.5
 

@@ -1,0 +1,58 @@
+"""Held-out perplexity of SmolLM2-135M after RaBiT *initialisation only* (no QAT), per init setting.
+
+    python benchmarks/init_ppl.py                      # every setting below
+    python benchmarks/init_ppl.py --only "greedy data-free" "iterative+precondition (default)"
+
+Calibration: the first 16 x 512-token windows of lee_background.cor; evaluation: lee.cor, 9 x 512 tokens.
+Prints one line per setting (held-out PPL, quantize_ wall time, bytes of parameters+buffers before/after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import rabit_compiler as rabit
+from rabit_compiler.data import lee_corpus, token_windows
+from rabit_compiler.evaluate import perplexity
+from rabit_compiler.models import load_smollm2
+
+SETTINGS = {
+    "greedy data-free": (dict(rounds=0), False),
+    "iterative data-free": (dict(rounds=5), False),
+    "greedy+precondition": (dict(rounds=0), True),
+    "iterative (2 rounds)+precondition": (dict(rounds=2), True),
+    "iterative+precondition rms a_in=1 a_out=1": (dict(statistic="rms"), True),
+    "iterative+precondition rms a_in=1 a_out=0.5": (dict(statistic="rms", alpha_out=0.5), True),
+    "iterative+precondition rms a_in=0.5 a_out=0.5": (dict(statistic="rms", alpha_in=0.5, alpha_out=0.5), True),
+    "iterative+precondition (default: 5 rounds, mean_abs, a_in=1 a_out=1)": ({}, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(SETTINGS), help="run only these settings")
+    parser.add_argument("--calibration-windows", type=int, default=16)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    train_text, heldout_text = lee_corpus()
+    heldout = token_windows(tokenizer, heldout_text, 512)
+    calibration = token_windows(tokenizer, train_text, 512, max_windows=args.calibration_windows)
+    print(f"fp32: held-out PPL {perplexity(model, heldout, progress=False):.2f}", flush=True)
+    for name in args.only or SETTINGS:
+        overrides, use_calibration = SETTINGS[name]
+        model, _ = load_smollm2()
+        started = time.perf_counter()
+        report = rabit.quantize_(model, rabit.RaBiTConfig(**overrides),
+                                 calibration=calibration if use_calibration else None, progress=False)
+        seconds = time.perf_counter() - started
+        ppl = perplexity(model, heldout, progress=False)
+        print(f"{name}: held-out PPL {ppl:.4g}; quantize_ {seconds:.1f} s; {len(report.quantized)} linears; "
+              f"params+buffers {report.bytes_before / 1e6:.1f} -> {report.bytes_after / 1e6:.1f} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
