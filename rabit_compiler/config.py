@@ -30,7 +30,7 @@ class RaBiTConfig:
 
     paths: int = 2
     skip: tuple[str, ...] = DEFAULT_SKIP
-    rounds: int = 5
+    rounds: int = 10
     alpha_in: float = 1.0
     alpha_out: float = 1.0
     statistic: str = "mean_abs"
