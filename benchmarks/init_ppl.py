@@ -26,7 +26,8 @@ SETTINGS = {
     "iterative (2 rounds)+precondition": (dict(rounds=2), True),
     "iterative (5 rounds)+precondition rms a_in=1 a_out=1": (dict(rounds=5, statistic="rms"), True),
     "iterative (5 rounds)+precondition rms a_in=1 a_out=0.5": (dict(rounds=5, statistic="rms", alpha_out=0.5), True),
-    "iterative (5 rounds)+precondition rms a_in=0.5 a_out=0.5": (dict(rounds=5, statistic="rms", alpha_in=0.5, alpha_out=0.5), True),
+    "iterative (5 rounds)+precondition rms a_in=0.5 a_out=0.5": (
+        dict(rounds=5, statistic="rms", alpha_in=0.5, alpha_out=0.5), True),
     "iterative (5 rounds)+precondition": (dict(rounds=5), True),
     "iterative+precondition (default: 10 rounds, mean_abs, a_in=1 a_out=1)": ({}, True),
     "iterative (20 rounds)+precondition": (dict(rounds=20), True),
