@@ -121,10 +121,8 @@ class GraphWeights:
 def source_to_dotted_name(source_name: str) -> str:
     """``L['self']._modules['lm_head']._parameters['weight']`` -> ``lm_head.weight``."""
     parts = re.findall(r"\['([^']+)'\]|\.(\w+)", source_name)
-    names = [quoted or attr for quoted, attr in parts]
-    names = [n for n in names if n not in {"self", "_modules", "_parameters", "_buffers"}]
-    if names and names[0].startswith("L"):
-        names = names[1:]
+    names = [quoted or attr for quoted, attr in parts][1:]  # the first is the local variable (``self``)
+    names = [n for n in names if n not in {"_modules", "_parameters", "_buffers"}]
     return ".".join(names) if names else source_name
 
 
