@@ -1,0 +1,388 @@
+"""Triton kernels for the packed residual-binary linear ``y = sum_i g_i * (B_i @ (h_i * x)) + b``.
+
+Format: see :mod:`.packing` (int32 sign words ``[k, N, ceil(K/32)]``, bit set = -1). Two algorithms, one source
+each, every size and option a ``tl.constexpr``:
+
+* :func:`_rbl_gemv_kernel` -- decode / small batch (CUDA cores, no multiplies by a weight). A program owns
+  ``BLOCK_N`` output rows and walks K in blocks of ``BLOCK_KW`` words (``32 * BLOCK_KW`` columns). Per block it
+  loads the sign words of all paths once (contiguous int32 along K: 16-byte vector loads when a row is 16-byte
+  aligned), reads x once per row, forms ``h_i * x`` per path in fp32, and for every bit picks ``+xh`` or ``-xh``
+  with a select (``tl.where``) before an fp32 add. Partial sums stay per (path, row, word column) in registers
+  (the bit axis is reduced inside a thread, no shuffles in the loop); the epilogue reduces them, applies
+  ``g_i`` and the bias, and stores in x's dtype. ``BLOCK_M`` rows of x share one load of the sign words.
+* :func:`_rbl_gemm_kernel` -- prefill / larger batch (tensor cores). Per K block and path it unpacks the sign
+  tile to ``+-h_i`` (exact when the scales are already in x's dtype), and accumulates ``x @ tile`` with
+  ``tl.dot`` into one fp32 accumulator per path; ``g_i`` and the bias are applied in the epilogue.
+
+Padding: columns ``>= K`` read x and h as 0 and words past the row as 0, so neither the padded bits of the last
+word nor anything beyond the tensors changes a result; rows ``>= N`` and ``>= M`` are masked on load and store.
+
+On CPU tensors the launcher runs the same kernels through Triton's interpreter (``TRITON_INTERPRET=1``
+semantics, whether or not the variable was set when this module was imported), which is how the tests prove
+them without a GPU. Only Triton APIs present in 3.6 and later are used.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .packing import BITS_PER_WORD, validate_packed
+
+#: dtypes the kernels accept for x (the output has x's dtype).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: largest number of sign planes (paths) the GEMM kernel keeps accumulators for.
+MAX_PATHS = 4
+#: batches of at most this many rows go to the GEMV kernel, larger ones to the GEMM kernel. From static SASS
+#: instruction counts (GEMV ~3.3 instructions per sign bit per path per row, GEMM ~5 per bit per path for a
+#: whole 16-row tile), not yet from GPU timings.
+GEMV_MAX_ROWS = 2
+_INT32_LIMIT = 2**31
+# tl.sum, tl.zeros and tl.cdiv are themselves @triton.jit functions, which Triton's interpreter can only call
+# when TRITON_INTERPRET=1 was set before triton was first imported. The kernels use the builtins underneath
+# instead (tl.reduce with the standard sum combiner, which the interpreter maps to numpy; tl.full; //), so the
+# launcher can interpret them on CPU tensors whenever this module and triton were imported.
+_SUM = tl.standard._sum_combine
+
+
+@triton.jit
+def _rbl_gemv_kernel(
+    x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr,
+    M, N, K, W, stride_xm, stride_ym,
+    NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """y[m, n] for m in a block of BLOCK_M rows and n in a block of BLOCK_N outputs (grid: N blocks x M blocks).
+
+    Tensors are laid out bit-major (``[32, paths, rows, words]``) so that the 32 bits of a word are handled by
+    one thread: the shifts are compile-time constants and the sum over bits needs no cross-lane reduction.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    # W is a multiple of WORD_ALIGN (checked by the launcher); saying so lets the compiler prove each row
+    # start 4 * WORD_ALIGN-byte aligned and emit vector loads of the sign words even when W % 16 != 0.
+    W = (W // WORD_ALIGN) * WORD_ALIGN
+    offs_p = tl.arange(0, PATHS_P2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_KW)
+    offs_m = tl.arange(0, BLOCK_M)
+    bit = tl.arange(0, 32)
+    p_mask = offs_p < NUM_PATHS
+    pn_mask = p_mask[:, None] & (offs_n < N)[None, :]
+    row_start = (offs_p[:, None] * N + offs_n[None, :]) * W  # [P, BN]: word offset of row n in plane p
+
+    acc = tl.full([BLOCK_M, PATHS_P2, BLOCK_N, BLOCK_KW], 0.0, tl.float32)
+    for kb in range(0, (W + BLOCK_KW - 1) // BLOCK_KW):
+        w_idx = kb * BLOCK_KW + offs_w
+        words = tl.load(signs_ptr + row_start[:, :, None] + w_idx[None, None, :],
+                        mask=pn_mask[:, :, None] & (w_idx < W)[None, None, :], other=0)  # [P, BN, BKW] int32
+        negative = ((words[None, :, :, :] >> bit[:, None, None, None]) & 1) != 0  # [32, P, BN, BKW]
+        k_idx = bit[:, None] + w_idx[None, :] * 32  # [32, BKW]: column of bit j of word w
+        k_mask = k_idx < K
+        h = tl.load(col_scale_ptr + offs_p[None, :, None] * K + k_idx[:, None, :],
+                    mask=p_mask[None, :, None] & k_mask[:, None, :], other=0.0).to(tl.float32)  # [32, P, BKW]
+        for m in tl.static_range(BLOCK_M):
+            # rows past M read row M - 1 (their results are never stored): no row mask on the load
+            row = tl.minimum(pid_m * BLOCK_M + m, M - 1)
+            x = tl.load(x_ptr + row * stride_xm + k_idx, mask=k_mask, other=0.0).to(tl.float32)
+            xh = x[:, None, :] * h  # [32, P, BKW]
+            signed = tl.where(negative, -xh[:, :, None, :], xh[:, :, None, :])  # [32, P, BN, BKW]
+            part = tl.reduce(signed, 0, _SUM)  # [P, BN, BKW], reduced inside each thread
+            if BLOCK_M == 1:
+                acc += part[None]
+            else:
+                acc += tl.where((offs_m == m)[:, None, None, None], part[None], 0.0)
+
+    g = tl.load(row_scale_ptr + offs_p[:, None] * N + offs_n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
+    paths = tl.reduce(acc, 3, _SUM)  # [BM, P, BN]
+    out = tl.reduce(paths * g[None, :, :], 1, _SUM)  # [BM, BN]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    rows = pid_m * BLOCK_M + offs_m
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _rbl_gemm_kernel(
+    x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr,
+    M, N, K, W, stride_xm, stride_ym,
+    NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """y[BLOCK_M rows, BLOCK_N outputs] with tl.dot on dequantized tiles (grid: N blocks x M blocks).
+
+    Per K block the sign words of all paths are loaded at once as ``[paths, BLOCK_N, 4]`` (16 bytes per row
+    and path), then split into the 4 word columns; each column is unpacked to a 32 x BLOCK_N tile
+    ``sum_i g_i * (+-h_i)`` in fp32, rounded once to x's dtype and multiplied with the matching 32 columns of x
+    by ``tl.dot`` (fp32 accumulation). Working one word column at a time keeps the unpacked tile small.
+    """
+    tl.static_assert(BLOCK_KW == 4, "the GEMM kernel unpacks one 16-byte group of 4 words per K block")
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    W = (W // WORD_ALIGN) * WORD_ALIGN  # see _rbl_gemv_kernel
+    offs_p = tl.arange(0, PATHS_P2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_KW)
+    bit = tl.arange(0, 32)
+    p_mask = offs_p < NUM_PATHS
+    m_mask = offs_m < M
+    pn_mask = p_mask[:, None] & (offs_n < N)[None, :]
+    dtype = x_ptr.dtype.element_ty
+    row_start = (offs_p[:, None] * N + offs_n[None, :]) * W  # [P, BN]
+    g = tl.load(row_scale_ptr + offs_p[:, None] * N + offs_n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
+
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    for kb in range(0, (W + BLOCK_KW - 1) // BLOCK_KW):
+        w_idx = kb * BLOCK_KW + offs_w
+        words = tl.load(signs_ptr + row_start[:, :, None] + w_idx[None, None, :],
+                        mask=pn_mask[:, :, None] & (w_idx < W)[None, None, :], other=0)  # [P, BN, 4]
+        even, odd = tl.split(tl.reshape(words, [PATHS_P2, BLOCK_N, 2, 2]))  # words 0, 2 and 1, 3
+        word0, word2 = tl.split(even)
+        word1, word3 = tl.split(odd)
+        for c in tl.static_range(4):
+            if c == 0:
+                column = word0
+            elif c == 1:
+                column = word1
+            elif c == 2:
+                column = word2
+            else:
+                column = word3  # [P, BN]: word kb * 4 + c of every row and path
+            k_idx = (kb * BLOCK_KW + c) * 32 + bit  # [32]
+            k_mask = k_idx < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, 32]
+            h = tl.load(col_scale_ptr + offs_p[:, None] * K + k_idx[None, :],
+                        mask=p_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [P, 32]
+            negative = ((column[:, None, :] >> bit[None, :, None]) & 1) != 0  # [P, 32, BN]
+            signed = tl.where(negative, -h[:, :, None], h[:, :, None]) * g[:, None, :]
+            tile = tl.reduce(signed, 0, _SUM)  # [32, BN] = (sum_i g_i B_i h_i)^T, fp32
+            if UPCAST_DOT:  # same products (exact in fp32), for Triton's interpreter (see the launcher)
+                acc = tl.dot(x.to(tl.float32), tile.to(dtype).to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tile.to(dtype), acc)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration: which kernel and its constexpr tile sizes (the other constexprs follow from
+    the tensors: NUM_PATHS, PATHS_P2, WORD_ALIGN, HAS_BIAS)."""
+
+    kernel: str  # "gemv" or "gemm"
+    block_m: int
+    block_n: int
+    block_kw: int
+    num_warps: int
+    num_stages: int = 2
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def word_align(num_words: int) -> int:
+    """Largest of 4, 2, 1 dividing the words per row: the sign rows are ``4 * word_align`` bytes aligned."""
+    for align in (4, 2):
+        if num_words % align == 0:
+            return align
+    return 1
+
+
+def gemv_config(rows: int, num_paths: int) -> KernelConfig:
+    """GEMV tiles (any x dtype): a ``[paths, BLOCK_N, 4]`` word tile holds 4 words (one 16-byte load) per thread;
+    BLOCK_M = 2 shares each sign bit between two rows. Larger BLOCK_M spill registers (measured with ptxas for
+    sm_89 / sm_90), so more rows take more programs along the grid's second axis."""
+    paths_p2 = _next_pow2(num_paths)
+    if rows <= 1:
+        return KernelConfig("gemv", block_m=1, block_n=128 // paths_p2, block_kw=4, num_warps=4)
+    return KernelConfig("gemv", block_m=2, block_n=64 // paths_p2, block_kw=4, num_warps=2)
+
+
+def gemm_config(rows: int, num_paths: int, arch: int = 90) -> KernelConfig:
+    """GEMM tiles (fp16 / bf16 x): BLOCK_M 16 for small batches, 64 for prefill; BLOCK_N 128 for up to two
+    paths, 64 for three or four; 4 words (16 bytes) per row and path per K block. On sm_8x the 16-row tile is
+    not software-pipelined (num_stages=1): with two stages ptxas 12.9/13.0 settles on 80 registers and spills."""
+    block_m = 16 if rows <= 16 else 64
+    num_stages = 1 if arch < 90 and block_m == 16 else 2
+    return KernelConfig("gemm", block_m=block_m, block_n=128 if num_paths <= 2 else 64, block_kw=4, num_warps=4,
+                        num_stages=num_stages)
+
+
+def choose_config(rows: int, num_paths: int, dtype: torch.dtype, kernel: str | None = None,
+                  arch: int = 90) -> KernelConfig:
+    """The configuration the launcher uses for ``rows`` rows of x on compute capability ``arch`` (e.g. 89, 90;
+    ``kernel`` forces "gemv" or "gemm").
+
+    fp32 always takes the GEMV kernel: an IEEE fp32 ``tl.dot`` runs on the FMA units anyway and needs so many
+    registers that the GEMM tiles spill.
+    """
+    if kernel is None:
+        kernel = "gemv" if rows <= GEMV_MAX_ROWS or dtype == torch.float32 else "gemm"
+    if kernel == "gemv":
+        return gemv_config(rows, num_paths)
+    if kernel == "gemm":
+        if dtype == torch.float32:
+            raise ValueError("the GEMM kernel takes fp16 / bf16 inputs; fp32 uses the GEMV kernel")
+        return gemm_config(rows, num_paths, arch)
+    raise ValueError(f"kernel must be 'gemv', 'gemm' or None, got {kernel!r}")
+
+
+def launch_configs(arch: int = 90) -> list[dict]:
+    """Every compiled variant the launcher can pick on compute capability ``arch``: one dict per
+    (kernel, x dtype, paths, tile config) with ``kernel`` (the JIT function's name), ``dtype`` (torch dtype of
+    x), ``constexprs`` and ``num_warps`` / ``num_stages``. HAS_BIAS is True and WORD_ALIGN 4 (the case the
+    loads are specialised for); the remaining constexprs only remove code. For ahead-of-time compile checks
+    (tests/test_kernel_aot.py)."""
+    out = []
+    for dtype in SUPPORTED_DTYPES:
+        for num_paths in range(1, MAX_PATHS + 1):
+            kernels = ["gemv"] if dtype == torch.float32 else ["gemv", "gemm"]
+            seen = set()
+            for kernel in kernels:
+                for rows in (1, 2, 16, 17):
+                    cfg = choose_config(rows, num_paths, dtype, kernel, arch)
+                    if cfg in seen:
+                        continue
+                    seen.add(cfg)
+                    constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
+                                      BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=4, HAS_BIAS=True)
+                    if kernel == "gemm":
+                        constexprs["UPCAST_DOT"] = False
+                    out.append(dict(kernel=f"_rbl_{kernel}_kernel", dtype=dtype, constexprs=constexprs,
+                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=cfg))
+    return out
+
+
+@functools.cache
+def _interpreted(jit_fn):
+    """The same kernel run by Triton's interpreter (for CPU tensors), whatever TRITON_INTERPRET was at import."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(jit_fn, InterpretedFunction):
+        return jit_fn
+    return InterpretedFunction(jit_fn.fn)
+
+
+def _check(x, packed_signs, row_scale, col_scale, bias, in_features):
+    if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, layer expects {in_features}")
+    validate_packed(packed_signs, row_scale, col_scale, bias, in_features)
+    num_paths = packed_signs.shape[0]
+    if not 1 <= num_paths <= MAX_PATHS:
+        raise ValueError(f"the kernels support 1..{MAX_PATHS} paths, got {num_paths}")
+    tensors = {"x": x, "packed_signs": packed_signs, "row_scale": row_scale, "col_scale": col_scale}
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        tensors["bias"] = bias
+    for name, tensor in tensors.items():
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device}, x on {x.device}")
+    out_numel = x.numel() // max(in_features, 1) * packed_signs.shape[1]
+    if max(x.numel(), packed_signs.numel(), out_numel) >= _INT32_LIMIT:
+        raise ValueError("tensors of 2**31 or more elements need 64-bit offsets, which these kernels do not use")
+
+
+def residual_binary_linear_triton(
+    x: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    *,
+    out: torch.Tensor | None = None,
+    kernel: str | None = None,
+    config: KernelConfig | None = None,
+    wrap=None,
+) -> torch.Tensor:
+    """``y [..., N] = sum_i g_i * (B_i @ (h_i * x)) + b`` with the Triton kernels, in x's dtype.
+
+    Same arguments and result as :func:`.reference.residual_binary_linear_reference` (x in fp16 / bf16 / fp32;
+    scales and bias in any float dtype; 1 to 4 paths).
+
+    * ``out``: a contiguous ``[..., N]`` tensor of x's dtype to write into (returned).
+    * ``kernel``: force "gemv" or "gemm" (default: GEMV for up to :data:`GEMV_MAX_ROWS` rows and for fp32,
+      GEMM otherwise); ``config``: force a whole :class:`KernelConfig`.
+    * ``wrap``: applied to the ``@triton.jit`` kernel before the launch, e.g. ``torch.library.wrap_triton``
+      inside a ``torch.library.triton_op``.
+
+    CUDA tensors run the compiled kernels; CPU tensors run the same kernels in Triton's interpreter (slow; that
+    is how the tests check them without a GPU).
+    """
+    _check(x, packed_signs, row_scale, col_scale, bias, in_features)
+    num_paths, out_features, num_words = packed_signs.shape
+    batch_shape = tuple(x.shape[:-1])
+    num_rows = 1
+    for size in batch_shape:
+        num_rows *= size
+    if out is None:
+        out = torch.empty(*batch_shape, out_features, dtype=x.dtype, device=x.device)
+    elif (tuple(out.shape) != (*batch_shape, out_features) or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*batch_shape, out_features)} on "
+                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if num_rows == 0 or out_features == 0:
+        return out
+    if in_features == 0:  # empty sums: y = b
+        out.copy_(bias.expand_as(out) if bias is not None else torch.zeros_like(out))
+        return out
+    rows = x.reshape(num_rows, in_features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out_rows = out.view(num_rows, out_features)
+    arch = 90
+    if x.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(x.device)
+        arch = 10 * major + minor
+    cfg = config or choose_config(num_rows, num_paths, x.dtype, kernel, arch)
+    grid = (triton.cdiv(out_features, cfg.block_n), triton.cdiv(num_rows, cfg.block_m))
+    args = (rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale.contiguous(),
+            bias.contiguous() if bias is not None else out_rows,  # never read when HAS_BIAS is False
+            out_rows, num_rows, out_features, in_features, num_words, rows.stride(0), out_rows.stride(0))
+    constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=word_align(num_words),
+                      HAS_BIAS=bias is not None)
+    if cfg.kernel == "gemv":
+        fn = _rbl_gemv_kernel
+    elif cfg.kernel == "gemm":
+        if x.dtype == torch.float32:
+            raise ValueError("the GEMM kernel takes fp16 / bf16 inputs; fp32 uses the GEMV kernel")
+        fn = _rbl_gemm_kernel
+        # Triton's interpreter (3.9) multiplies bfloat16 dot operands as their uint16 bit patterns, so on CPU
+        # the bf16 dot runs in fp32: the same exact products, accumulated in fp32 as tensor cores do.
+        constexprs["UPCAST_DOT"] = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    else:
+        raise ValueError(f"unknown kernel {cfg.kernel!r}")
+    if x.device.type == "cpu":
+        fn = _interpreted(fn)
+    elif wrap is not None:
+        fn = wrap(fn)
+    fn[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+__all__ = [
+    "BITS_PER_WORD",
+    "GEMV_MAX_ROWS",
+    "KernelConfig",
+    "choose_config",
+    "launch_configs",
+    "gemm_config",
+    "gemv_config",
+    "residual_binary_linear_triton",
+    "word_align",
+]
