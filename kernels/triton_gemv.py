@@ -10,16 +10,24 @@ each, every size and option a ``tl.constexpr``:
   with a select (``tl.where``) before an fp32 add. Partial sums stay per (path, row, word column) in registers
   (the bit axis is reduced inside a thread, no shuffles in the loop); the epilogue reduces them, applies
   ``g_i`` and the bias, and stores in x's dtype. ``BLOCK_M`` rows of x share one load of the sign words.
-* :func:`_rbl_gemm_kernel` -- prefill / larger batch (tensor cores). Per K block and path it unpacks the sign
-  tile to ``+-h_i`` (exact when the scales are already in x's dtype), and accumulates ``x @ tile`` with
-  ``tl.dot`` into one fp32 accumulator per path; ``g_i`` and the bias are applied in the epilogue.
+* :func:`_rbl_gemm_kernel` -- small batches beyond :data:`GEMV_MAX_ROWS` rows and prefill (tensor cores, fp16 /
+  bf16 x). Per K block it loads the sign words of all paths as ``[paths, BLOCK_N, 4]`` (16 bytes per row and
+  path), splits them into word columns, and unpacks each column to a ``32 x BLOCK_N`` tile of the dequantized
+  weight ``sum_i g_i * (+-h_i)`` (fp32, rounded once to x's dtype), multiplied with the matching 32 columns of x
+  by ``tl.dot`` with fp32 accumulation. One accumulator whatever the number of paths; bias in the epilogue.
 
 Padding: columns ``>= K`` read x and h as 0 and words past the row as 0, so neither the padded bits of the last
 word nor anything beyond the tensors changes a result; rows ``>= N`` and ``>= M`` are masked on load and store.
 
 On CPU tensors the launcher runs the same kernels through Triton's interpreter (``TRITON_INTERPRET=1``
 semantics, whether or not the variable was set when this module was imported), which is how the tests prove
-them without a GPU. Only Triton APIs present in 3.6 and later are used.
+them without a GPU; ``INTERPRET_BF16`` works around two bf16 bugs of the 3.9 interpreter (see the launcher).
+Only Triton APIs present in 3.6 and later are used. Offsets are int32: tensors stay below 2**31 elements.
+
+Static cost (SASS of the K loop, ptxas 12.9 / 13.x): the GEMV spends about 3.5 instructions per sign bit per
+path per row of x (one LOP3, one FSEL, one FADD per bit, the rest is loads and the shared-memory relayout of x),
+2.9 with two rows per program; the GEMM about 6.7 per bit per path for a whole 16-row tile. Those counts set
+:data:`GEMV_MAX_ROWS`; GPU timings should refine it.
 """
 
 from __future__ import annotations
@@ -35,11 +43,10 @@ from .packing import BITS_PER_WORD, validate_packed
 
 #: dtypes the kernels accept for x (the output has x's dtype).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: largest number of sign planes (paths) the GEMM kernel keeps accumulators for.
+#: largest number of sign planes (paths) the kernels take (tiles pad the path axis to a power of two).
 MAX_PATHS = 4
-#: batches of at most this many rows go to the GEMV kernel, larger ones to the GEMM kernel. From static SASS
-#: instruction counts (GEMV ~3.3 instructions per sign bit per path per row, GEMM ~5 per bit per path for a
-#: whole 16-row tile), not yet from GPU timings.
+#: fp16 / bf16 batches of at most this many rows go to the GEMV kernel, larger ones to the GEMM kernel (from the
+#: static instruction counts in the module docstring, not yet from GPU timings). fp32 always takes the GEMV.
 GEMV_MAX_ROWS = 2
 _INT32_LIMIT = 2**31
 # tl.sum, tl.zeros and tl.cdiv are themselves @triton.jit functions, which Triton's interpreter can only call
@@ -54,7 +61,7 @@ def _rbl_gemv_kernel(
     x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr,
     M, N, K, W, stride_xm, stride_ym,
     NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
     """y[m, n] for m in a block of BLOCK_M rows and n in a block of BLOCK_N outputs (grid: N blocks x M blocks).
 
@@ -103,6 +110,9 @@ def _rbl_gemv_kernel(
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     rows = pid_m * BLOCK_M + offs_m
+    if INTERPRET_BF16:  # round to nearest even by hand (see the launcher); then the cast below is exact
+        out = ((out.to(tl.int32, bitcast=True) + 0x7FFF + ((out.to(tl.int32, bitcast=True) >> 16) & 1))
+               & -65536).to(tl.float32, bitcast=True)
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & (offs_n < N)[None, :])
 
@@ -112,7 +122,7 @@ def _rbl_gemm_kernel(
     x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr,
     M, N, K, W, stride_xm, stride_ym,
     NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
     """y[BLOCK_M rows, BLOCK_N outputs] with tl.dot on dequantized tiles (grid: N blocks x M blocks).
 
@@ -163,13 +173,18 @@ def _rbl_gemm_kernel(
             negative = ((column[:, None, :] >> bit[None, :, None]) & 1) != 0  # [P, 32, BN]
             signed = tl.where(negative, -h[:, :, None], h[:, :, None]) * g[:, None, :]
             tile = tl.reduce(signed, 0, _SUM)  # [32, BN] = (sum_i g_i B_i h_i)^T, fp32
-            if UPCAST_DOT:  # same products (exact in fp32), for Triton's interpreter (see the launcher)
-                acc = tl.dot(x.to(tl.float32), tile.to(dtype).to(tl.float32), acc, input_precision="ieee")
+            if INTERPRET_BF16:  # the same bf16 tile and exact products, in fp32 (see the launcher)
+                bits = tile.to(tl.int32, bitcast=True)
+                tile = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                acc = tl.dot(x.to(tl.float32), tile, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, tile.to(dtype), acc)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if INTERPRET_BF16:
+        acc = ((acc.to(tl.int32, bitcast=True) + 0x7FFF + ((acc.to(tl.int32, bitcast=True) >> 16) & 1))
+               & -65536).to(tl.float32, bitcast=True)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & (offs_n < N)[None, :])
 
@@ -256,9 +271,8 @@ def launch_configs(arch: int = 90) -> list[dict]:
                         continue
                     seen.add(cfg)
                     constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
-                                      BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=4, HAS_BIAS=True)
-                    if kernel == "gemm":
-                        constexprs["UPCAST_DOT"] = False
+                                      BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=4, HAS_BIAS=True,
+                                      INTERPRET_BF16=False)
                     out.append(dict(kernel=f"_rbl_{kernel}_kernel", dtype=dtype, constexprs=constexprs,
                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=cfg))
     return out
@@ -355,16 +369,17 @@ def residual_binary_linear_triton(
             out_rows, num_rows, out_features, in_features, num_words, rows.stride(0), out_rows.stride(0))
     constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=word_align(num_words),
-                      HAS_BIAS=bias is not None)
+                      HAS_BIAS=bias is not None,
+                      # Triton's interpreter (3.9) multiplies bf16 dot operands as their uint16 bit patterns and
+                      # truncates fp32 -> bf16 casts; on CPU the kernels then round to nearest even by integer
+                      # ops and run the (exact) bf16 products as an fp32 dot: the values the GPU computes.
+                      INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16)
     if cfg.kernel == "gemv":
         fn = _rbl_gemv_kernel
     elif cfg.kernel == "gemm":
         if x.dtype == torch.float32:
             raise ValueError("the GEMM kernel takes fp16 / bf16 inputs; fp32 uses the GEMV kernel")
         fn = _rbl_gemm_kernel
-        # Triton's interpreter (3.9) multiplies bfloat16 dot operands as their uint16 bit patterns, so on CPU
-        # the bf16 dot runs in fp32: the same exact products, accumulated in fp32 as tensor cores do.
-        constexprs["UPCAST_DOT"] = x.device.type == "cpu" and x.dtype == torch.bfloat16
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r}")
     if x.device.type == "cpu":

@@ -1,50 +1,221 @@
-"""The Triton kernels, run by Triton's interpreter on CPU tensors, against a float64 reference.
+"""The Triton kernels (``kernels/triton_gemv.py``) run by Triton's interpreter on CPU, against a float64 reference.
 
-Outputs are poisoned: every ``torch.empty`` during a launch is filled with NaN first, so an output element a
-kernel never writes fails the comparison.
+TRITON_INTERPRET=1 is set before anything below imports triton; Triton reads it when ``@triton.jit`` decorates a
+function (``triton.knobs.runtime.interpret``), and its own library functions are decorated when ``triton`` is
+first imported. The launcher does not depend on it: for CPU tensors it wraps the kernels in the interpreter
+itself, and the kernels call only Triton builtins, so these tests hold whichever module imported triton first.
+
+Tolerance (``_assert_within_bound``), per output element, from a forward error bound of the computation:
+
+    |y - y64| <= u_out * |y64| + (u_tile + (K + 8) * 2^-24) * S + tiny(dtype)
+
+* ``y64``: the float64 result from the unpacked signs; ``S = sum_i |g_i| * (|h_i| . |x|) + |b|``, the sum of the
+  magnitudes of all terms (so cancellation can neither make the bound vacuous nor impossible);
+* ``u_out``: unit roundoff of the output dtype (one rounding of the fp32 result: 2^-24 fp32, 2^-11 fp16,
+  2^-8 bf16);
+* ``(K + 8) * 2^-24``: fp32 products and the fp32 sum of K terms, then the per-path scales and the bias
+  (the worst case of recursive summation, gamma_n ~ n * 2^-24);
+* ``u_tile``: the GEMM kernel rounds the dequantized weight ``sum_i g_i * (+-h_i)`` to x's dtype before the
+  tensor-core product (0 for the GEMV kernel, which never rounds below fp32);
+* ``tiny``: half the smallest subnormal of the output dtype (results that underflow).
+
+Every output is filled with NaN before the launch, so an element a kernel never writes fails.
 """
 
 from __future__ import annotations
 
-from unittest import mock
+import os
 
-import torch
-from hypothesis import given
-from hypothesis import strategies as st
-from rabit_compiler.kernels import pack_paths
-from rabit_compiler.kernels.triton_gemv import residual_binary_linear_triton
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .reference import assert_close_scaled, packed_linear_float64
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from rabit_compiler.kernels.packing import pack_signs, unpack_signs, words_per_row  # noqa: E402
 
-_real_empty = torch.empty
-
-
-def _poisoned_empty(*args, **kwargs):
-    tensor = _real_empty(*args, **kwargs)
-    return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
-
-
-@given(
-    rows=st.integers(1, 16), n=st.integers(1, 70), k=st.integers(1, 150), paths=st.integers(1, 4),
-    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), bias=st.booleans(),
-    kernel=st.sampled_from(["gemv", "gemm", None]), seed=st.integers(0, 2**31),
+triton = pytest.importorskip("triton")
+from rabit_compiler.kernels import triton_gemv  # noqa: E402
+from rabit_compiler.kernels.triton_gemv import (  # noqa: E402
+    KernelConfig,
+    choose_config,
+    residual_binary_linear_triton,
+    word_align,
 )
-def test_kernels_match_float64_reference(rows, n, k, paths, dtype, bias, kernel, seed):
-    if kernel == "gemm" and dtype == torch.float32:
-        kernel = "gemv"  # the GEMM kernel takes fp16/bf16 (tensor-core operands)
-    generator = torch.Generator().manual_seed(seed)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+HALF_SMALLEST_SUBNORMAL = {torch.float32: 2.0**-150, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
+
+
+def _packed(paths, n, k, bias, dtype, scale_dtype, generator):
     signs = torch.where(torch.rand(paths, n, k, generator=generator) < 0.5, -1.0, 1.0)
-    packed = pack_paths(signs, torch.rand(paths, n, generator=generator) + 0.1,
-                        torch.rand(paths, k, generator=generator) + 0.1,
-                        torch.randn(n, generator=generator).to(dtype) if bias else None)
+    row = (torch.rand(paths, n, generator=generator) + 0.1).to(scale_dtype)
+    col = (torch.rand(paths, k, generator=generator) + 0.1).to(scale_dtype)
+    b = torch.randn(n, generator=generator).to(dtype) if bias else None
+    return pack_signs(signs), row, col, b
+
+
+def _reference64(x, packed_signs, row_scale, col_scale, bias, k):
+    """(y64, S): the float64 result from the unpacked signs and the magnitude of its terms."""
+    signs = unpack_signs(packed_signs, k, torch.float64)
+    g, h, xs = row_scale.double(), col_scale.double(), x.double().reshape(-1, k)
+    y = torch.zeros(xs.shape[0], packed_signs.shape[1], dtype=torch.float64)
+    scale = torch.zeros_like(y)
+    for i in range(packed_signs.shape[0]):
+        y += ((xs * h[i]) @ signs[i].T) * g[i]
+        scale += ((xs.abs() * h[i].abs()).sum(-1, keepdim=True)) * g[i].abs()
+    if bias is not None:
+        y += bias.double()
+        scale += bias.double().abs()
+    shape = (*x.shape[:-1], packed_signs.shape[1])
+    return y.reshape(shape), scale.reshape(shape)
+
+
+def _assert_within_bound(out, x, packed_signs, row_scale, col_scale, bias, k, used_gemm):
+    dtype = x.dtype
+    assert out.dtype == dtype and out.shape == (*x.shape[:-1], packed_signs.shape[1])
+    assert not torch.isnan(out).any(), "NaN in the output: an element was never written"
+    y64, scale = _reference64(x, packed_signs, row_scale, col_scale, bias, k)
+    u_tile = UNIT_ROUNDOFF[dtype] if used_gemm else 0.0
+    bound = (UNIT_ROUNDOFF[dtype] * y64.abs() + (u_tile + (k + 8) * 2.0**-24) * scale) * (1 + UNIT_ROUNDOFF[dtype])
+    bound = bound + HALF_SMALLEST_SUBNORMAL[dtype]
+    error = (out.double() - y64).abs()
+    worst = (error / bound).max().item() if error.numel() else 0.0
+    assert worst <= 1.0, f"error {error.max().item():.3g} exceeds the bound (worst ratio {worst:.3g})"
+
+
+def _run(x, packed_signs, row_scale, col_scale, bias, k, kernel=None, config=None):
+    out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype)
+    result = residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, bias, k, out=out, kernel=kernel,
+                                           config=config)
+    assert result is out
+    return out
+
+
+@settings(deadline=None)
+@given(
+    paths=st.integers(1, 4), n=st.integers(1, 70), k=st.integers(1, 300), rows=st.integers(1, 16),
+    dtype=st.sampled_from(DTYPES), scale_dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+    kernel=st.sampled_from([None, "gemv", "gemm"]), seed=st.integers(0, 2**31),
+)
+def test_kernels_match_float64_reference(paths, n, k, rows, dtype, scale_dtype, bias, kernel, seed):
+    if kernel == "gemm" and dtype == torch.float32:
+        kernel = "gemv"  # the GEMM kernel is fp16 / bf16 only (asserted in test_fp32_has_no_gemm_path)
+    generator = torch.Generator().manual_seed(seed)
+    packed_signs, row_scale, col_scale, b = _packed(paths, n, k, bias, dtype, scale_dtype, generator)
     x = torch.randn(rows, k, generator=generator).to(dtype)
-    args = (packed.packed_signs, packed.row_scale, packed.col_scale, packed.bias, k)
-    with mock.patch.object(torch, "empty", _poisoned_empty):
-        out = residual_binary_linear_triton(x, *args, kernel=kernel)
-    assert out.shape == (rows, n) and out.dtype == dtype
-    expected = packed_linear_float64(x, *args)
-    zero_signs = torch.zeros_like(packed.packed_signs)  # all +1: sum of |terms|
-    scale = packed_linear_float64(x.abs(), zero_signs, packed.row_scale, packed.col_scale, None, k)
-    if packed.bias is not None:
-        scale = scale + packed.bias.double().abs()
-    assert_close_scaled(out, expected, scale, dtype)
+    out = _run(x, packed_signs, row_scale, col_scale, b, k, kernel=kernel)
+    used = choose_config(rows, paths, dtype, kernel).kernel
+    _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, k, used == "gemm")
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dtype", "paths", "rows", "n", "k"),
+    [
+        ("gemv", torch.float32, 1, 1, 300, 260),  # 3 blocks of 128 outputs, 3 K blocks (W = 9, WORD_ALIGN 1)
+        ("gemv", torch.float16, 3, 5, 40, 200),  # 3 row blocks of 2, padded path (3 -> 4), W = 7
+        ("gemm", torch.float16, 2, 20, 130, 384),  # the 64-row prefill tile, 2 N blocks, W = 12 (aligned)
+        ("gemm", torch.bfloat16, 4, 70, 65, 100),  # 2 M blocks of 64, 2 N blocks of 64, W = 4
+    ],
+)
+def test_multi_block_shapes(kernel, dtype, paths, rows, n, k):
+    generator = torch.Generator().manual_seed(rows * n + k)
+    packed_signs, row_scale, col_scale, b = _packed(paths, n, k, True, dtype, torch.float16, generator)
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    out = _run(x, packed_signs, row_scale, col_scale, b, k, kernel=kernel)
+    _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, k, kernel == "gemm")
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_padding_bits_never_change_the_result(kernel):
+    """Set every bit past K in the last word of each row (the format stores 0 there): same output."""
+    k = 70  # 3 words, 26 padding bits
+    generator = torch.Generator().manual_seed(3)
+    packed_signs, row_scale, col_scale, b = _packed(2, 33, k, True, torch.float16, torch.float16, generator)
+    x = torch.randn(3, k, generator=generator).to(torch.float16)
+    dirty = packed_signs.clone()
+    dirty[..., -1] |= torch.tensor(-(1 << (k % 32)), dtype=torch.int32)  # bits k % 32 .. 31 of the last word
+    assert not torch.equal(dirty, packed_signs)
+    assert torch.equal(unpack_signs(dirty, k), unpack_signs(packed_signs, k))
+    clean_out = _run(x, packed_signs, row_scale, col_scale, b, k, kernel=kernel)
+    dirty_out = _run(x, dirty, row_scale, col_scale, b, k, kernel=kernel)
+    assert torch.equal(clean_out, dirty_out)
+
+
+def test_batch_shapes_and_non_contiguous_input():
+    generator = torch.Generator().manual_seed(5)
+    k, n = 96, 24
+    packed_signs, row_scale, col_scale, b = _packed(2, n, k, False, torch.float32, torch.float16, generator)
+    x = torch.randn(k, 3, 2, generator=generator).permute(1, 2, 0)  # [3, 2, K], last dim strided
+    assert not x.is_contiguous()
+    out = _run(x, packed_signs, row_scale, col_scale, None, k)
+    assert out.shape == (3, 2, n)
+    _assert_within_bound(out, x, packed_signs, row_scale, col_scale, None, k, False)
+
+
+def test_empty_inputs():
+    packed_signs, row_scale, col_scale, b = _packed(1, 8, 40, True, torch.float32, torch.float16,
+                                                    torch.Generator().manual_seed(0))
+    out = residual_binary_linear_triton(torch.randn(0, 40), packed_signs, row_scale, col_scale, b, 40)
+    assert out.shape == (0, 8)
+    empty = torch.zeros(1, 0, 0, dtype=torch.int32)
+    out = residual_binary_linear_triton(torch.randn(2, 0), empty, torch.ones(1, 0), torch.ones(1, 0), None, 0)
+    assert out.shape == (2, 0)
+    none = torch.zeros(1, 3, 0, dtype=torch.int32)
+    bias = torch.randn(3)
+    out = residual_binary_linear_triton(torch.randn(2, 0), none, torch.ones(1, 3), torch.ones(1, 0), bias, 0)
+    assert torch.equal(out, bias.expand(2, 3))
+
+
+def test_bad_inputs_raise_clear_errors():
+    packed_signs, row_scale, col_scale, _ = _packed(2, 8, 40, False, torch.float32, torch.float16,
+                                                    torch.Generator().manual_seed(0))
+    args = (packed_signs, row_scale, col_scale, None, 40)
+    with pytest.raises(ValueError, match="40"):
+        residual_binary_linear_triton(torch.randn(2, 39), *args)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        residual_binary_linear_triton(torch.randn(2, 40, dtype=torch.float64), *args)
+    with pytest.raises(ValueError, match="int32"):
+        residual_binary_linear_triton(torch.randn(2, 40), packed_signs.float(), *args[1:])
+    with pytest.raises(ValueError, match="col_scale"):
+        residual_binary_linear_triton(torch.randn(2, 40), packed_signs, row_scale, col_scale[:, :39], None, 40)
+    with pytest.raises(ValueError, match="1..4 paths"):
+        residual_binary_linear_triton(torch.randn(2, 40), packed_signs.repeat(3, 1, 1), row_scale.repeat(3, 1),
+                                      col_scale.repeat(3, 1), None, 40)
+    with pytest.raises(ValueError, match="out must be"):
+        residual_binary_linear_triton(torch.randn(2, 40), *args, out=torch.empty(2, 9))
+    with pytest.raises(ValueError, match="kernel must be"):
+        residual_binary_linear_triton(torch.randn(2, 40), *args, kernel="conv")
+
+
+def test_fp32_has_no_gemm_path():
+    packed_signs, row_scale, col_scale, _ = _packed(2, 8, 40, False, torch.float32, torch.float16,
+                                                    torch.Generator().manual_seed(0))
+    assert choose_config(64, 2, torch.float32).kernel == "gemv"
+    with pytest.raises(ValueError, match="fp16 / bf16"):
+        residual_binary_linear_triton(torch.randn(2, 40), packed_signs, row_scale, col_scale, None, 40,
+                                      kernel="gemm")
+
+
+def test_config_choice():
+    assert choose_config(1, 2, torch.float16).kernel == "gemv"
+    assert choose_config(2, 2, torch.float16) == KernelConfig("gemv", 2, 32, 4, 2)
+    assert choose_config(3, 2, torch.float16).kernel == "gemm"
+    assert choose_config(16, 2, torch.float16, arch=89).num_stages == 1
+    assert choose_config(17, 2, torch.bfloat16).block_m == 64
+    assert [word_align(w) for w in (1, 2, 3, 4, 6, 8, 344)] == [1, 2, 1, 4, 2, 4, 4]
+    assert words_per_row(11008) == 344  # an LLM K whose W is not a multiple of 16, but of 4
+
+
+def test_every_launch_config_runs():
+    """Each variant listed for the AOT checks, launched once (tiny shapes, so the interpreter stays fast)."""
+    for arch in (89, 90):
+        for variant in triton_gemv.launch_configs(arch):
+            cfg, dtype = variant["config"], variant["dtype"]
+            paths = variant["constexprs"]["NUM_PATHS"]
+            generator = torch.Generator().manual_seed(paths)
+            packed_signs, row_scale, col_scale, b = _packed(paths, 5, 130, True, dtype, torch.float16, generator)
+            x = torch.randn(3, 130, generator=generator).to(dtype)
+            out = _run(x, packed_signs, row_scale, col_scale, b, 130, config=cfg)
+            _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, 130, cfg.kernel == "gemm")
