@@ -75,7 +75,7 @@ class PackedWeightGuard:
                 f"received {tuple(weight.shape)}; recompile"
             )
         oriented = weight.detach().T if site.layout == "in_out" else weight.detach()
-        packed = self.cache.get(weight, oriented, self.config)
+        packed = self.cache.get(weight, oriented, self.config.for_layer(site.name))
         with torch.no_grad():
             holder.packed_signs.copy_(packed.packed_signs)
             holder.row_scale.copy_(packed.row_scale)
@@ -101,7 +101,7 @@ def rabit_backend(
 
     def quantize(name: str, weight: torch.Tensor, oriented: torch.Tensor) -> PackedResidualBinary:
         # a copy: the graph's buffers are re-packed in place, the cache's entry must not change with them
-        cached = PACK_CACHE.get(weight, oriented, config)
+        cached = PACK_CACHE.get(weight, oriented, config.for_layer(name))
         return PackedResidualBinary(cached.packed_signs.clone(), cached.row_scale.clone(),
                                     cached.col_scale.clone(), None, cached.in_features)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,8 @@ class RaBiTConfig:
     """Configuration of the residual-binary quantization.
 
     - ``paths``: k binary paths per weight (k = 2 is 2 bits per weight); an int >= 1.
+    - ``layer_paths``: per-layer k by glob pattern over dotted layer names, e.g. ``{"*.down_proj": 3}``;
+      the first matching pattern (in insertion order) wins, other layers get ``paths``.
     - ``skip``: glob patterns over dotted layer names (``model.layers.0.mlp.up_proj``) left in full
       precision; by default the embeddings and the LM head.
     - ``rounds``: Gauss-Seidel rounds of iterative residual SVID after the greedy pass (0: greedy only).
@@ -29,6 +31,7 @@ class RaBiTConfig:
     """
 
     paths: int = 2
+    layer_paths: Mapping[str, int] = field(default_factory=dict)
     skip: tuple[str, ...] = DEFAULT_SKIP
     rounds: int = 10
     alpha_in: float = 1.0
@@ -45,6 +48,11 @@ class RaBiTConfig:
             self.scale_dtype = getattr(torch, self.scale_dtype)
         if isinstance(self.paths, bool) or not isinstance(self.paths, int) or self.paths < 1:
             raise ValueError(f"RaBiTConfig.paths must be an integer >= 1, got {self.paths!r}")
+        self.layer_paths = dict(self.layer_paths)
+        for pattern, paths in self.layer_paths.items():
+            if not isinstance(pattern, str) or isinstance(paths, bool) or not isinstance(paths, int) or paths < 1:
+                raise ValueError(f"RaBiTConfig.layer_paths maps name patterns to integers >= 1, got "
+                                 f"{pattern!r}: {paths!r}")
         if not isinstance(self.rounds, int) or self.rounds < 0:
             raise ValueError(f"RaBiTConfig.rounds must be an integer >= 0, got {self.rounds!r}")
         if self.statistic not in STATISTICS:
@@ -69,6 +77,17 @@ class RaBiTConfig:
     def skips(self, layer_name: str) -> bool:
         """Whether ``layer_name`` matches one of the ``skip`` patterns."""
         return any(fnmatch.fnmatchcase(layer_name, pattern) for pattern in self.skip)
+
+    def paths_for(self, layer_name: str) -> int:
+        """k for ``layer_name``: the value of the first ``layer_paths`` pattern it matches, else ``paths``."""
+        for pattern, paths in self.layer_paths.items():
+            if fnmatch.fnmatchcase(layer_name, pattern):
+                return paths
+        return self.paths
+
+    def for_layer(self, layer_name: str) -> RaBiTConfig:
+        """This config with ``paths = paths_for(layer_name)`` and no per-layer patterns: what fits that layer."""
+        return replace(self, paths=self.paths_for(layer_name), layer_paths={})
 
     def to_json_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -119,6 +119,7 @@ def quantize_(
     for name, reason in report.skipped.items():
         logger.info("rabit: left in full precision: %s (%s)", name, reason)
     capture.linears.clear()
+    model.rabit_config = config  # what rabit_compiler.save records
     torch.compiler.reset()
     report.bytes_after = model_bytes(model)
     logger.info("rabit: quantized %d linears; parameters+buffers %.1f MB -> %.1f MB", len(report.quantized),
@@ -153,6 +154,7 @@ def _skip_reason(linear: CapturedLinear, config: RaBiTConfig, names: dict[int, s
 
 
 def _fit_and_pack(linear: CapturedLinear, config: RaBiTConfig) -> PackedResidualBinary:
+    config = config.for_layer(linear.name)
     oriented = linear.weight.detach().T if linear.layout == "in_out" else linear.weight.detach()
     fit = fit_weight(
         oriented, config, linear.input_stat.summary(config.statistic), linear.output_stat.summary(config.statistic)
