@@ -242,3 +242,20 @@ def find_linears(
         elif isinstance(found, SkippedSite):
             skipped.append(found)
     return sites, skipped
+
+
+def weight_used_elsewhere(gm: fx.GraphModule, site: LinearSite, site_nodes: set[fx.Node]) -> bool:
+    """Whether the site's weight also feeds something other than linear sites: another node using it, or
+    (in a symbolic trace) a ``call_module`` of a module that owns it, such as a tied ``nn.Embedding``."""
+    if isinstance(site.weight, fx.Node):
+        for user in site.weight.users:
+            if user not in site_nodes and not all(u in site_nodes for u in user.users):
+                return True
+    target = site.weight if isinstance(site.weight, str) else site.weight.target
+    if isinstance(site.weight, str) or site.weight.op == "get_attr":
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node not in site_nodes and target.startswith(f"{node.target}."):
+                return True
+            if node.op == "get_attr" and node.target == target and isinstance(site.weight, str):
+                return True
+    return False

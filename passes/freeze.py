@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from rabit_compiler.kernels import PackedResidualBinary
 
-from .find import GraphWeights, LinearSite, SkippedSite, find_linears
+from .find import GraphWeights, LinearSite, SkippedSite, find_linears, weight_used_elsewhere
 from .graph_edit import as_node, finish, oriented_weight, replace_site, unique_module_name
 
 
@@ -59,26 +59,9 @@ def _skip_reason(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, sit
     example = site.x.meta.get("example_value", site.x.meta.get("val")) if isinstance(site.x, fx.Node) else None
     if isinstance(example, torch.Tensor) and example.dtype != weight.dtype:
         return f"input dtype {example.dtype} differs from weight dtype {weight.dtype} (the original op raises)"
-    if _used_elsewhere(gm, site, site_nodes):
+    if weight_used_elsewhere(gm, site, site_nodes):
         return "weight is also used outside this linear (e.g. tied to an embedding)"
     return None
-
-
-def _used_elsewhere(gm: fx.GraphModule, site: LinearSite, site_nodes: set[fx.Node]) -> bool:
-    """Whether the site's weight also feeds something other than linear sites: another node using it, or
-    (in a symbolic trace) a ``call_module`` of a module that owns it, such as a tied ``nn.Embedding``."""
-    if isinstance(site.weight, fx.Node):
-        for user in site.weight.users:
-            if user not in site_nodes and not all(u in site_nodes for u in user.users):
-                return True
-    target = site.weight if isinstance(site.weight, str) else site.weight.target
-    if isinstance(site.weight, str) or site.weight.op == "get_attr":
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and node not in site_nodes and target.startswith(f"{node.target}."):
-                return True
-            if node.op == "get_attr" and node.target == target and isinstance(site.weight, str):
-                return True
-    return False
 
 
 def freeze_and_pack(
@@ -107,13 +90,13 @@ def freeze_and_pack(
             skipped.append(SkippedSite(site.node, f"{site.name}: {reason}"))
             continue
         try:
-            packed = quantize(site.name, weight, oriented_weight(weight.detach(), site))
+            packed = quantize(site.name, weight, oriented_weight(weight.detach(), site.layout))
         except (ValueError, OverflowError) as error:
             skipped.append(SkippedSite(site.node, f"{site.name}: cannot be packed: {error}"))
             continue
         module_name = unique_module_name(gm, site.name, "rabit_packed")
         gm.add_submodule(module_name, PackedLinearWeights(packed))
-        _declare_buffers_to_dynamo(gm, module_name)
+        declare_buffers_to_dynamo(gm, module_name, ("packed_signs", "row_scale", "col_scale"))
         _emit(gm, site, module_name, packed.in_features)
         packed_sites.append(PackedSite(
             name=site.name,
@@ -127,14 +110,17 @@ def freeze_and_pack(
     return packed_sites, skipped
 
 
-def _declare_buffers_to_dynamo(gm: fx.GraphModule, module_name: str) -> None:
+def declare_buffers_to_dynamo(gm: fx.GraphModule, module_name: str, buffers: Sequence[str]) -> None:
     """A Dynamo graph lists where every attribute tensor came from (``_param_name_to_source``);
     AOTAutograd requires an entry for each, and marks them static inputs (for CUDA graphs)."""
     if not hasattr(gm, "_param_name_to_source"):
         return
     from torch._dynamo.source import ConstantSource
 
-    for buffer in ("packed_signs", "row_scale", "col_scale"):
+    holder = gm.get_submodule(module_name)
+    for buffer in buffers:
+        if getattr(holder, buffer) is None:
+            continue
         name = f"{module_name}.{buffer}"
         gm._param_name_to_source[name] = ConstantSource(f"rabit__{module_name}__{buffer}")
 

@@ -43,6 +43,7 @@ def finish(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def oriented_weight(weight: torch.Tensor, site: LinearSite) -> torch.Tensor:
-    """The site's weight as ``[N, K]`` (GPT-2 ``Conv1D`` and ``x @ W`` store it ``[K, N]``)."""
-    return weight.T if site.layout == "in_out" else weight
+def oriented_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """A weight stored in ``layout`` as ``[N, K]`` (GPT-2 ``Conv1D`` and ``x @ W`` store it ``[K, N]``:
+    ``layout == "in_out"``)."""
+    return weight.T if layout == "in_out" else weight

@@ -67,7 +67,7 @@ def rewrite_linears(
     for site in sites:
         if skip(site.name):
             continue
-        weight = oriented_weight(weights.value(site.weight).detach(), site)
+        weight = oriented_weight(weights.value(site.weight).detach(), site.layout)
         paths, latent = init(site.name, weight)
         module_name = unique_module_name(gm, site.name, "rabit")
         gm.add_submodule(module_name, ResidualBinaryScales(

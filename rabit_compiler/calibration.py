@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from rabit_compiler.passes import GraphWeights, LinearSite, find_linears
+from rabit_compiler.passes import GraphWeights, LinearSite, find_linears, weight_used_elsewhere
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -103,11 +103,12 @@ class LinearCapture:
         self.skipped.extend(f"{s.node.name}: {s.reason}" for s in skipped)
         weights = GraphWeights(gm, example_inputs)
         site_nodes = {site.node for site in sites}
-        by_node = {site.node: (site, self._record(site, weights, site_nodes)) for site in sites}
+        by_node = {site.node: (site, self._record(gm, site, weights, site_nodes)) for site in sites}
         interpreter = _StatsInterpreter(gm, by_node, self.output_gradients)
         return lambda *args: interpreter.run(*args)
 
-    def _record(self, site: LinearSite, weights: GraphWeights, site_nodes: set[fx.Node]) -> CapturedLinear:
+    def _record(self, gm: fx.GraphModule, site: LinearSite, weights: GraphWeights,
+                site_nodes: set[fx.Node]) -> CapturedLinear:
         weight = weights.value(site.weight)
         bias = weights.value(site.bias) if site.bias is not None else None
         name = self._names.get(id(weight), weights.name(site.weight))
@@ -115,10 +116,8 @@ class LinearCapture:
         if captured is None:
             captured = CapturedLinear(name=name.removesuffix(".weight"), weight=weight, bias=bias, layout=site.layout)
             self.linears[id(weight)] = captured
-        if isinstance(site.weight, fx.Node):
-            for user in site.weight.users:
-                if user not in site_nodes and not all(u in site_nodes for u in user.users):
-                    captured.other_uses = True
+        if weight_used_elsewhere(gm, site, site_nodes):
+            captured.other_uses = True
         return captured
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
