@@ -5,7 +5,10 @@ from rabit_compiler import kernels as kernels  # registers the rabit:: torch.lib
 from rabit_compiler.backend import rabit_backend, register
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.quantize import QuantizeReport, RaBiTLinear, quantize_
+from rabit_compiler.serialization import RaBiTFormatError, load, save
 
 register()
 
-__all__ = ["QuantizeReport", "RaBiTConfig", "RaBiTLinear", "quantize_", "rabit_backend"]
+__all__ = [
+    "QuantizeReport", "RaBiTConfig", "RaBiTFormatError", "RaBiTLinear", "load", "quantize_", "rabit_backend", "save",
+]
