@@ -53,6 +53,16 @@ def _demo(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - started:.1f} s incl. compile): {args.prompt!r} -> {text!r}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from rabit_compiler.generation import generate_from_saved
+
+    _, timing = generate_from_saved(args.model, args.prompt, args.max_new_tokens, device=args.device,
+                                    inductor=not args.no_inductor, mode=args.mode)
+    print(f"\n{timing.new_tokens} tokens (greedy, static cache, decode compiled with backend='rabit'): time to first "
+          f"token {timing.time_to_first_token_s:.3f} s; first decode step (incl. compile) "
+          f"{timing.first_decode_step_s:.1f} s; decode {timing.decode_tokens_per_s:.2f} tokens/s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rabit", description="RaBiT 2-bit residual-binary LLM compiler")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every layer decision")
@@ -68,10 +78,19 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--prompt", default="The Prime Minister said on Tuesday that")
     demo.add_argument("--new-tokens", type=int, default=12)
     demo.add_argument("--generate-with-inductor", action="store_true", help="Inductor for generate() too (slow)")
+    generate = commands.add_parser("generate", help="stream a greedy continuation from a model saved by rabit.save")
+    generate.add_argument("--model", required=True, help="directory written by rabit_compiler.save (with tokenizer)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    generate.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
+    generate.add_argument("--no-inductor", action="store_true", help="run the packed decode graph without Inductor")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command == "demo":
         _demo(args)
+    elif args.command == "generate":
+        _generate(args)
 
 
 if __name__ == "__main__":
