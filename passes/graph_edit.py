@@ -34,9 +34,22 @@ def replace_site(gm: fx.GraphModule, site: LinearSite, new_node: fx.Node) -> Non
     gm.graph.erase_node(site.node)
 
 
+def _keep(node: fx.Node) -> bool:
+    """Nodes dead-code elimination must keep although nothing reads them: placeholders (the calling
+    convention), side effects FX knows of, and in-place mutations (``k_cache.index_copy_(...)``,
+    ``aten.add_``, any op whose schema mutates an argument)."""
+    if node.op == "placeholder" or node.is_impure():
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    schema = getattr(node.target, "_schema", None)
+    return (name.endswith("_") and not name.endswith("__")) or (schema is not None and schema.is_mutable)
+
+
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
-    """Remove dead nodes (never placeholders: they are the calling convention), lint and recompile."""
-    gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "placeholder" or node.is_impure())
+    """Remove dead nodes (but not those :func:`_keep` names), lint and recompile."""
+    gm.graph.eliminate_dead_code(is_impure_node=_keep)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
