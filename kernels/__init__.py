@@ -1,6 +1,6 @@
-"""Packed residual-binary format, its reference implementation and the ``rabit::`` torch.library ops."""
+"""Packed residual-binary format, its reference implementation, the Triton kernels and the ``rabit::`` ops."""
 
-from .ops import residual_binary_linear
+from .ops import residual_binary_linear, residual_binary_linear_siblings
 from .packing import (
     FORMAT_VERSION,
     PackedResidualBinary,
@@ -9,7 +9,7 @@ from .packing import (
     unpack_signs,
     words_per_row,
 )
-from .reference import residual_binary_linear_reference
+from .reference import residual_binary_linear_reference, residual_binary_linear_siblings_reference
 
 __all__ = [
     "FORMAT_VERSION",
@@ -18,6 +18,8 @@ __all__ = [
     "pack_signs",
     "residual_binary_linear",
     "residual_binary_linear_reference",
+    "residual_binary_linear_siblings",
+    "residual_binary_linear_siblings_reference",
     "unpack_signs",
     "words_per_row",
 ]

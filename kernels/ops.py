@@ -1,19 +1,40 @@
-"""``torch.library`` registration of ``rabit::residual_binary_linear``.
+"""``torch.library`` registration of ``rabit::residual_binary_linear`` and ``rabit::residual_binary_linear_siblings``.
 
-Signature: ``(x [..., K], packed_signs int32 [k, N, ceil(K/32)], row_scale [k, N], col_scale [k, K],
-bias [N] | None, in_features K) -> y [..., N]`` in ``x.dtype`` (see :mod:`.packing` for the format).
-The fake implementation keeps the op traceable by Dynamo, AOTAutograd and Inductor (symbolic batch
-sizes included); the CPU implementation is :func:`.reference.residual_binary_linear_reference`.
+Signatures (format: :mod:`.packing`; y in ``x.dtype``):
+
+* ``residual_binary_linear(x [..., K], packed_signs int32 [k, N, ceil(K/32)], row_scale [k, N],
+  col_scale [k, K], bias [N] | None, in_features K) -> y [..., N]``;
+* ``residual_binary_linear_siblings(x [..., K], packed_signs int32 [k, N_total, ceil(K/32)],
+  row_scale [k, N_total], col_scale [S, k, K], bias [N_total] | None, in_features K, out_features [N_1..N_S])
+  -> y [..., N_total]``: S linears sharing x (q/k/v, gate/up), rows concatenated in order, each with its own
+  column scales ``col_scale[s]``; the caller splits y.
+
+Both are ``torch.library.triton_op`` s: on CUDA the body launches the Triton kernels through
+``torch.library.wrap_triton`` (:mod:`.triton_gemv`), and AOTAutograd traces into it so Inductor sees the kernels;
+the CPU kernel is the float reference (:mod:`.reference`) and on CPU the op stays one opaque call under
+``torch.compile``. The same body, run on fake tensors, is the fake implementation (symbolic batch sizes
+included). Autograd: gradients for x and the bias; the packed tensors are constants.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensorMode
+from torch.library import triton_op, wrap_triton
 
 from .packing import words_per_row
-from .reference import residual_binary_linear_input_grad, residual_binary_linear_reference
+from .reference import (
+    residual_binary_linear_input_grad,
+    residual_binary_linear_reference,
+    residual_binary_linear_siblings_input_grad,
+    residual_binary_linear_siblings_reference,
+)
+from .triton_gemv import residual_binary_linear_siblings_triton, residual_binary_linear_triton
 
 OP_NAME = "rabit::residual_binary_linear"
+SIBLINGS_OP_NAME = "rabit::residual_binary_linear_siblings"
 
 
 def _check_inputs(
@@ -42,8 +63,24 @@ def _check_inputs(
         torch._check(bias.shape == packed_signs.shape[1:2], lambda: "bias must be [N]")
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
-def residual_binary_linear(
+def _check_sibling_inputs(
+    x: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: Sequence[int],
+) -> None:
+    torch._check(len(out_features) >= 1, lambda: "out_features must name at least one sibling")
+    torch._check(col_scale.dim() == 3 and col_scale.shape[0] == len(out_features),
+                 lambda: f"col_scale must be [S={len(out_features)}, k, K], got {tuple(col_scale.shape)}")
+    _check_inputs(x, packed_signs, row_scale, col_scale[0], bias, in_features)
+    torch._check(min(out_features) >= 0 and sum(out_features) == packed_signs.shape[1],
+                 lambda: f"out_features {list(out_features)} must be >= 0 and sum to N_total={packed_signs.shape[1]}")
+
+
+def _linear_body(
     x: torch.Tensor,
     packed_signs: torch.Tensor,
     row_scale: torch.Tensor,
@@ -53,13 +90,55 @@ def residual_binary_linear(
 ) -> torch.Tensor:
     """``y = sum_i g_i * (B_i @ (h_i * x)) + b``; see the module docstring for shapes."""
     _check_inputs(x, packed_signs, row_scale, col_scale, bias, in_features)
+    if x.device.type == "cuda":
+        return residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, bias, in_features,
+                                             wrap=wrap_triton)
     return residual_binary_linear_reference(x, packed_signs, row_scale, col_scale, bias, in_features)
 
 
-@residual_binary_linear.register_fake
-def _(x, packed_signs, row_scale, col_scale, bias, in_features):
-    _check_inputs(x, packed_signs, row_scale, col_scale, bias, in_features)
-    return x.new_empty((*x.shape[:-1], packed_signs.shape[1]))
+def _siblings_body(
+    x: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: list[int],
+) -> torch.Tensor:
+    """S sibling linears sharing x, rows concatenated: ``y[..., rows_s] = sum_i g_i * (B_i @ (h_{s,i} * x)) + b``."""
+    _check_sibling_inputs(x, packed_signs, row_scale, col_scale, bias, in_features, out_features)
+    if x.device.type == "cuda":
+        return residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, bias, in_features,
+                                                      out_features, wrap=wrap_triton)
+    return residual_binary_linear_siblings_reference(x, packed_signs, row_scale, col_scale, bias, in_features,
+                                                     out_features)
+
+
+residual_binary_linear = triton_op(OP_NAME, _linear_body, mutates_args=())
+residual_binary_linear_siblings = triton_op(SIBLINGS_OP_NAME, _siblings_body, mutates_args=())
+
+
+def _cpu_kernel(op, body: Callable, reference: Callable, check: Callable) -> None:
+    """Register ``reference`` as ``op``'s CPU kernel, and keep the op opaque to AOTAutograd off CUDA.
+
+    ``triton_op`` makes FunctionalTensorMode (AOTAutograd) trace into the op's body for every device; that is
+    what lets Inductor see the Triton kernels on CUDA. Elsewhere the body is the reference, so the op stays one
+    call that runs this CPU kernel.
+    """
+
+    def cpu_kernel(*args):
+        check(*args)
+        return reference(*args)
+
+    op.register_kernel("cpu", cpu_kernel)
+
+    def functional_rule(mode, func, types, args, kwargs):
+        if args[0].device.type != "cuda":
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode:
+            return body(*args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, functional_rule)
 
 
 def _setup_context(ctx, inputs, output):
@@ -75,10 +154,32 @@ def _backward(ctx, grad_out):
     grad_x = None
     if ctx.needs_input_grad[0]:
         grad_x = residual_binary_linear_input_grad(grad_out, packed_signs, row_scale, col_scale, ctx.in_features)
-    grad_bias = None
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None
+    return grad_x, None, None, None, _bias_grad(ctx, grad_out), None
 
 
+def _setup_siblings_context(ctx, inputs, output):
+    _setup_context(ctx, inputs[:6], output)
+    ctx.out_features = list(inputs[6])
+
+
+def _siblings_backward(ctx, grad_out):
+    """As :func:`_backward`, segment by segment."""
+    packed_signs, row_scale, col_scale = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = residual_binary_linear_siblings_input_grad(grad_out, packed_signs, row_scale, col_scale,
+                                                            ctx.in_features, ctx.out_features)
+    return grad_x, None, None, None, _bias_grad(ctx, grad_out), None, None
+
+
+def _bias_grad(ctx, grad_out):
+    if ctx.bias_dtype is None or not ctx.needs_input_grad[4]:
+        return None
+    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+
+
+_cpu_kernel(residual_binary_linear, _linear_body, residual_binary_linear_reference, _check_inputs)
+_cpu_kernel(residual_binary_linear_siblings, _siblings_body, residual_binary_linear_siblings_reference,
+            _check_sibling_inputs)
 residual_binary_linear.register_autograd(_backward, setup_context=_setup_context)
+residual_binary_linear_siblings.register_autograd(_siblings_backward, setup_context=_setup_siblings_context)

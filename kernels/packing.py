@@ -13,6 +13,7 @@ Storage: k bits per weight + 16 k (N + K) bits of scales, e.g. 2.016 bits/weight
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,14 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
-    """``[..., K]`` tensor of signs (negative means -1; zero and positive mean +1) -> int32 ``[..., ceil(K/32)]``."""
+    """``[..., K]`` tensor of signs (negative means -1; zero and positive mean +1) -> int32 ``[..., ceil(K/32)]``.
+
+    CUDA tensors are packed by the Triton kernel of :mod:`.triton_pack` (same words), others by torch ops here.
+    """
+    if signs.device.type == "cuda":
+        from .triton_pack import pack_signs_triton  # imports this module
+
+        return pack_signs_triton(signs)
     in_features = signs.shape[-1]
     num_words = words_per_row(in_features)
     negative = (signs < 0).to(torch.int64)
@@ -55,7 +63,7 @@ def unpack_signs(packed_signs: torch.Tensor, in_features: int, dtype: torch.dtyp
         )
     shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32, device=packed_signs.device)
     bits = torch.bitwise_and(torch.bitwise_right_shift(packed_signs.unsqueeze(-1), shifts), 1)
-    bits = bits.reshape(*packed_signs.shape[:-1], -1)[..., :in_features]
+    bits = bits.reshape(*packed_signs.shape[:-1], packed_signs.shape[-1] * BITS_PER_WORD)[..., :in_features]
     return (1 - 2 * bits).to(dtype)
 
 
@@ -123,6 +131,36 @@ def pack_paths(
         bias=bias,
         in_features=signs.shape[-1],
     )
+
+
+def segment_starts(out_features: Sequence[int]) -> list[int]:
+    """``[0, N_1, N_1 + N_2, .., N_total]``: where each of S concatenated siblings' rows begin (and the end)."""
+    starts = [0]
+    for size in out_features:
+        starts.append(starts[-1] + int(size))
+    return starts
+
+
+def validate_siblings(
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: Sequence[int],
+) -> None:
+    """Raise a ValueError naming the first inconsistency of S fused siblings: ``packed_signs [k, N_total, W]``,
+    ``row_scale [k, N_total]`` and ``bias [N_total]`` hold the siblings' rows in order (``N_total =
+    sum(out_features)``), ``col_scale [S, k, K]`` one set of column scales per sibling."""
+    num_siblings = len(out_features)
+    if num_siblings == 0:
+        raise ValueError("out_features must name at least one sibling")
+    if col_scale.dim() != 3 or col_scale.shape[0] != num_siblings:
+        raise ValueError(f"col_scale must be [S={num_siblings}, k, K] (one [k, K] per sibling), "
+                         f"got {tuple(col_scale.shape)}")
+    validate_packed(packed_signs, row_scale, col_scale[0], bias, in_features)
+    if min(out_features) < 0 or sum(out_features) != packed_signs.shape[1]:
+        raise ValueError(f"out_features {list(out_features)} must be >= 0 and sum to N_total={packed_signs.shape[1]}")
 
 
 def validate_packed(

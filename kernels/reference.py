@@ -7,9 +7,11 @@ Accumulates in fp32 (fp64 for fp64 inputs) and returns ``x.dtype``.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from .packing import unpack_signs
+from .packing import segment_starts, unpack_signs
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,3 +57,47 @@ def residual_binary_linear_input_grad(
     for path in range(packed_signs.shape[0]):
         grad_in += ((rows * row_scale[path].to(accumulate)) @ signs[path]) * col_scale[path].to(accumulate)
     return grad_in.to(grad_out.dtype).reshape(*grad_out.shape[:-1], in_features)
+
+
+def _segments(out_features: list[int]) -> list[slice]:
+    """Row ranges of the concatenated siblings, in order."""
+    return [slice(start, end) for start, end in itertools.pairwise(segment_starts(out_features))]
+
+
+def residual_binary_linear_siblings_reference(
+    x: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: list[int],
+) -> torch.Tensor:
+    """S linears sharing x, rows concatenated: ``y[..., rows_s] = sum_i g_i * (B_i @ (h_{s,i} * x)) + b``.
+
+    ``packed_signs [k, N_total, W]``, ``row_scale [k, N_total]``, ``bias [N_total]`` or None hold sibling s in
+    rows ``rows_s`` (``out_features[s]`` of them, in order); ``col_scale [S, k, K]``. -> ``[..., N_total]``.
+    """
+    parts = [
+        residual_binary_linear_reference(x, packed_signs[:, rows], row_scale[:, rows], col_scale[segment],
+                                         None if bias is None else bias[rows], in_features)
+        for segment, rows in enumerate(_segments(out_features))
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def residual_binary_linear_siblings_input_grad(
+    grad_out: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    in_features: int,
+    out_features: list[int],
+) -> torch.Tensor:
+    """``dL/dx = sum_s sum_i h_{s,i} * ( B_i[rows_s]^T @ (g_i[rows_s] * dL/dy[..., rows_s]) )`` -> ``[..., K]``."""
+    grad_in = None
+    for segment, rows in enumerate(_segments(out_features)):
+        part = residual_binary_linear_input_grad(grad_out[..., rows], packed_signs[:, rows], row_scale[:, rows],
+                                                 col_scale[segment], in_features)
+        grad_in = part if grad_in is None else grad_in + part
+    return grad_in

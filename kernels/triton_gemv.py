@@ -16,6 +16,12 @@ each, every size and option a ``tl.constexpr``:
   weight ``sum_i g_i * (+-h_i)`` (fp32, rounded once to x's dtype), multiplied with the matching 32 columns of x
   by ``tl.dot`` with fp32 accumulation. One accumulator whatever the number of paths; bias in the epilogue.
 
+Siblings (q/k/v, gate/up: S linears sharing x, their rows concatenated along N, each with its own column scales
+``col_scale[s]``) are the same kernels: the launch's segment bounds are scalar arguments and ``NUM_SEGMENTS``
+(1..:data:`MAX_SEGMENTS`) a constexpr; :func:`_segment_block` maps program ``pid`` along N to (segment, block
+within it), so a block never straddles two segments and reads one segment's h. One linear is S = 1, where the
+mapping folds to ``start = pid * BLOCK_N``; more than :data:`MAX_SEGMENTS` siblings take one launch per group.
+
 Padding: columns ``>= K`` read x and h as 0 and words past the row as 0, so neither the padded bits of the last
 word nor anything beyond the tensors changes a result; rows ``>= N`` and ``>= M`` are masked on load and store.
 
@@ -32,14 +38,17 @@ path per row of x (one LOP3, one FSEL, one FADD per bit, the rest is loads and t
 
 from __future__ import annotations
 
-import functools
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .packing import BITS_PER_WORD, validate_packed
+from .interpret import SUM as _SUM
+from .interpret import interpreted
+from .packing import BITS_PER_WORD, segment_starts, validate_packed, validate_siblings
 
 #: dtypes the kernels accept for x (the output has x's dtype).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,38 +57,71 @@ MAX_PATHS = 4
 #: fp16 / bf16 batches of at most this many rows go to the GEMV kernel, larger ones to the GEMM kernel (from the
 #: static instruction counts in the module docstring, not yet from GPU timings). fp32 always takes the GEMV.
 GEMV_MAX_ROWS = 2
+#: siblings (segments) one launch handles; the launcher splits more into launches of at most this many.
+MAX_SEGMENTS = 4
 _INT32_LIMIT = 2**31
-# tl.sum, tl.zeros and tl.cdiv are themselves @triton.jit functions, which Triton's interpreter can only call
-# when TRITON_INTERPRET=1 was set before triton was first imported. The kernels use the builtins underneath
-# instead (tl.reduce with the standard sum combiner, which the interpreter maps to numpy; tl.full; //), so the
-# launcher can interpret them on CPU tensors whenever this module and triton were imported.
-_SUM = tl.standard._sum_combine
+
+
+@triton.jit
+def _advance_segment(pid, first, start, end, next_end, segment, BLOCK_N: tl.constexpr):
+    """Step from segment ``[start, end)``, whose blocks are programs ``first ..``, to ``[end, next_end)`` if
+    program ``pid`` lies past that segment's blocks."""
+    after = first + (end - start + BLOCK_N - 1) // BLOCK_N
+    past = pid >= after
+    return (tl.where(past, after, first), tl.where(past, end, start), tl.where(past, next_end, end),
+            segment + past.to(tl.int32))
+
+
+@triton.jit
+def _segment_block(pid, bound0, bound1, bound2, bound3, bound4, BLOCK_N: tl.constexpr,
+                   NUM_SEGMENTS: tl.constexpr):
+    """Program ``pid`` -> (segment, first output row of its block, end of its segment).
+
+    Segment ``s`` holds output rows ``[bound_s, bound_{s+1})``; its ``ceil(len / BLOCK_N)`` blocks are
+    consecutive programs, so a block never straddles two segments (each segment has its own column scales).
+    """
+    first = 0
+    start = bound0
+    end = bound1
+    segment = 0
+    if NUM_SEGMENTS > 1:
+        first, start, end, segment = _advance_segment(pid, first, start, end, bound2, segment, BLOCK_N)
+    if NUM_SEGMENTS > 2:
+        first, start, end, segment = _advance_segment(pid, first, start, end, bound3, segment, BLOCK_N)
+    if NUM_SEGMENTS > 3:
+        first, start, end, segment = _advance_segment(pid, first, start, end, bound4, segment, BLOCK_N)
+    return segment, start + (pid - first) * BLOCK_N, end
 
 
 @triton.jit
 def _rbl_gemv_kernel(
     x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr,
-    M, N, K, W, stride_xm, stride_ym,
+    M, N, K, W, stride_xm, stride_ym, bound0, bound1, bound2, bound3, bound4, segment_base,
     NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
 ):
-    """y[m, n] for m in a block of BLOCK_M rows and n in a block of BLOCK_N outputs (grid: N blocks x M blocks).
+    """y[m, n] for m in a block of BLOCK_M rows and n in a block of BLOCK_N outputs of one segment (grid: blocks
+    of all segments x M blocks).
 
     Tensors are laid out bit-major (``[32, paths, rows, words]``) so that the 32 bits of a word are handled by
     one thread: the shifts are compile-time constants and the sum over bits needs no cross-lane reduction.
     """
-    pid_n = tl.program_id(0)
+    segment, block_start, segment_end = _segment_block(tl.program_id(0), bound0, bound1, bound2, bound3, bound4,
+                                                       BLOCK_N, NUM_SEGMENTS)
     pid_m = tl.program_id(1)
     # W is a multiple of WORD_ALIGN (checked by the launcher); saying so lets the compiler prove each row
     # start 4 * WORD_ALIGN-byte aligned and emit vector loads of the sign words even when W % 16 != 0.
     W = (W // WORD_ALIGN) * WORD_ALIGN
     offs_p = tl.arange(0, PATHS_P2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = block_start + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_KW)
     offs_m = tl.arange(0, BLOCK_M)
     bit = tl.arange(0, 32)
     p_mask = offs_p < NUM_PATHS
-    pn_mask = p_mask[:, None] & (offs_n < N)[None, :]
+    n_mask = offs_n < segment_end
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    col_scale_ptr += (segment_base + segment) * (NUM_PATHS * K)  # this segment's h [paths, K]
     row_start = (offs_p[:, None] * N + offs_n[None, :]) * W  # [P, BN]: word offset of row n in plane p
 
     acc = tl.full([BLOCK_M, PATHS_P2, BLOCK_N, BLOCK_KW], 0.0, tl.float32)
@@ -108,23 +150,24 @@ def _rbl_gemv_kernel(
     paths = tl.reduce(acc, 3, _SUM)  # [BM, P, BN]
     out = tl.reduce(paths * g[None, :, :], 1, _SUM)  # [BM, BN]
     if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     rows = pid_m * BLOCK_M + offs_m
     if INTERPRET_BF16:  # round to nearest even by hand (see the launcher); then the cast below is exact
         out = ((out.to(tl.int32, bitcast=True) + 0x7FFF + ((out.to(tl.int32, bitcast=True) >> 16) & 1))
                & -65536).to(tl.float32, bitcast=True)
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (offs_n < N)[None, :])
+             mask=(rows < M)[:, None] & n_mask[None, :])
 
 
 @triton.jit
 def _rbl_gemm_kernel(
     x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr,
-    M, N, K, W, stride_xm, stride_ym,
+    M, N, K, W, stride_xm, stride_ym, bound0, bound1, bound2, bound3, bound4, segment_base,
     NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
 ):
-    """y[BLOCK_M rows, BLOCK_N outputs] with tl.dot on dequantized tiles (grid: N blocks x M blocks).
+    """y[BLOCK_M rows, BLOCK_N outputs of one segment] with tl.dot on dequantized tiles (grid as the GEMV).
 
     Per K block the sign words of all paths are loaded at once as ``[paths, BLOCK_N, 4]`` (16 bytes per row
     and path), then split into the 4 word columns; each column is unpacked to a 32 x BLOCK_N tile
@@ -132,17 +175,20 @@ def _rbl_gemm_kernel(
     by ``tl.dot`` (fp32 accumulation). Working one word column at a time keeps the unpacked tile small.
     """
     tl.static_assert(BLOCK_KW == 4, "the GEMM kernel unpacks one 16-byte group of 4 words per K block")
-    pid_n = tl.program_id(0)
+    segment, block_start, segment_end = _segment_block(tl.program_id(0), bound0, bound1, bound2, bound3, bound4,
+                                                       BLOCK_N, NUM_SEGMENTS)
     pid_m = tl.program_id(1)
     W = (W // WORD_ALIGN) * WORD_ALIGN  # see _rbl_gemv_kernel
     offs_p = tl.arange(0, PATHS_P2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = block_start + tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_KW)
     bit = tl.arange(0, 32)
     p_mask = offs_p < NUM_PATHS
     m_mask = offs_m < M
-    pn_mask = p_mask[:, None] & (offs_n < N)[None, :]
+    n_mask = offs_n < segment_end
+    pn_mask = p_mask[:, None] & n_mask[None, :]
+    col_scale_ptr += (segment_base + segment) * (NUM_PATHS * K)  # see _rbl_gemv_kernel
     dtype = x_ptr.dtype.element_ty
     row_start = (offs_p[:, None] * N + offs_n[None, :]) * W  # [P, BN]
     g = tl.load(row_scale_ptr + offs_p[:, None] * N + offs_n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
@@ -181,12 +227,12 @@ def _rbl_gemm_kernel(
                 acc = tl.dot(x, tile.to(dtype), acc)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if INTERPRET_BF16:
         acc = ((acc.to(tl.int32, bitcast=True) + 0x7FFF + ((acc.to(tl.int32, bitcast=True) >> 16) & 1))
                & -65536).to(tl.float32, bitcast=True)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & (offs_n < N)[None, :])
+             mask=m_mask[:, None] & n_mask[None, :])
 
 
 @dataclass(frozen=True)
@@ -255,10 +301,10 @@ def choose_config(rows: int, num_paths: int, dtype: torch.dtype, kernel: str | N
 
 def launch_configs(arch: int = 90) -> list[dict]:
     """Every compiled variant the launcher can pick on compute capability ``arch``: one dict per
-    (kernel, x dtype, paths, tile config) with ``kernel`` (the JIT function's name), ``dtype`` (torch dtype of
-    x), ``constexprs`` and ``num_warps`` / ``num_stages``. HAS_BIAS is True and WORD_ALIGN 4 (the case the
-    loads are specialised for); the remaining constexprs only remove code. For ahead-of-time compile checks
-    (tests/test_kernel_aot.py)."""
+    (kernel, x dtype, paths, siblings per launch, tile config) with ``kernel`` (the JIT function's name),
+    ``dtype`` (torch dtype of x), ``constexprs`` and ``num_warps`` / ``num_stages``. HAS_BIAS is True and
+    WORD_ALIGN 4 (the case the loads are specialised for); the remaining constexprs only remove code. For
+    ahead-of-time compile checks (tests/test_kernel_aot.py)."""
     out = []
     for dtype in SUPPORTED_DTYPES:
         for num_paths in range(1, MAX_PATHS + 1):
@@ -270,30 +316,21 @@ def launch_configs(arch: int = 90) -> list[dict]:
                     if cfg in seen:
                         continue
                     seen.add(cfg)
-                    constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
-                                      BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=4, HAS_BIAS=True,
-                                      INTERPRET_BF16=False)
-                    out.append(dict(kernel=f"_rbl_{kernel}_kernel", dtype=dtype, constexprs=constexprs,
-                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=cfg))
+                    for num_segments in range(1, MAX_SEGMENTS + 1):
+                        constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
+                                          BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=4, HAS_BIAS=True,
+                                          NUM_SEGMENTS=num_segments, INTERPRET_BF16=False)
+                        out.append(dict(kernel=f"_rbl_{kernel}_kernel", dtype=dtype, constexprs=constexprs,
+                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=cfg))
     return out
 
 
-@functools.cache
-def _interpreted(jit_fn):
-    """The same kernel run by Triton's interpreter (for CPU tensors), whatever TRITON_INTERPRET was at import."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(jit_fn, InterpretedFunction):
-        return jit_fn
-    return InterpretedFunction(jit_fn.fn)
-
-
-def _check(x, packed_signs, row_scale, col_scale, bias, in_features):
+def _check(x, packed_signs, row_scale, col_scale, bias, in_features, out_features):
     if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, layer expects {in_features}")
-    validate_packed(packed_signs, row_scale, col_scale, bias, in_features)
+    validate_siblings(packed_signs, row_scale, col_scale, bias, in_features, out_features)
     num_paths = packed_signs.shape[0]
     if not 1 <= num_paths <= MAX_PATHS:
         raise ValueError(f"the kernels support 1..{MAX_PATHS} paths, got {num_paths}")
@@ -306,8 +343,102 @@ def _check(x, packed_signs, row_scale, col_scale, bias, in_features):
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device}, x on {x.device}")
     out_numel = x.numel() // max(in_features, 1) * packed_signs.shape[1]
-    if max(x.numel(), packed_signs.numel(), out_numel) >= _INT32_LIMIT:
+    if max(x.numel(), packed_signs.numel(), col_scale.numel(), out_numel) >= _INT32_LIMIT:
         raise ValueError("tensors of 2**31 or more elements need 64-bit offsets, which these kernels do not use")
+
+
+def residual_binary_linear_siblings_triton(
+    x: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: Sequence[int],
+    *,
+    out: torch.Tensor | None = None,
+    kernel: str | None = None,
+    config: KernelConfig | None = None,
+    wrap: Callable | None = None,
+) -> torch.Tensor:
+    """S sibling linears sharing x, in one launch per :data:`MAX_SEGMENTS` siblings:
+    ``y[..., rows of s] = sum_i g_i * (B_i @ (h_{s,i} * x)) + b``, in x's dtype.
+
+    ``packed_signs`` int32 ``[k, N_total, ceil(K/32)]`` and ``row_scale [k, N_total]`` hold the siblings' rows
+    concatenated in order (sibling s has ``out_features[s]`` rows), ``col_scale [S, k, K]`` each sibling's
+    column scales, ``bias [N_total]`` or None. Same result as
+    :func:`.reference.residual_binary_linear_siblings_reference` (x in fp16 / bf16 / fp32; 1 to 4 paths).
+
+    * ``out``: a contiguous ``[..., N_total]`` tensor of x's dtype to write into (returned).
+    * ``kernel``: force "gemv" or "gemm" (default: GEMV for up to :data:`GEMV_MAX_ROWS` rows and for fp32,
+      GEMM otherwise); ``config``: force a whole :class:`KernelConfig`.
+    * ``wrap``: applied to the ``@triton.jit`` kernel before the launch, e.g. ``torch.library.wrap_triton``
+      inside a ``torch.library.triton_op``.
+
+    CUDA tensors run the compiled kernels; CPU tensors (without ``wrap``) run the same kernels in Triton's
+    interpreter (slow; that is how the tests check them without a GPU).
+    """
+    out_features = [int(n) for n in out_features]
+    _check(x, packed_signs, row_scale, col_scale, bias, in_features, out_features)
+    num_paths, total_out, num_words = packed_signs.shape
+    batch_shape = tuple(x.shape[:-1])
+    num_rows = 1
+    for size in batch_shape:
+        num_rows *= size
+    if out is None:
+        out = torch.empty(*batch_shape, total_out, dtype=x.dtype, device=x.device)
+    elif (tuple(out.shape) != (*batch_shape, total_out) or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*batch_shape, total_out)} on "
+                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if num_rows == 0 or total_out == 0:
+        return out
+    if in_features == 0:  # empty sums: y = b
+        out.copy_(bias.expand_as(out) if bias is not None else torch.zeros_like(out))
+        return out
+    rows = x.reshape(num_rows, in_features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out_rows = out.view(num_rows, total_out)
+    arch = 90
+    if x.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(x.device)
+        arch = 10 * major + minor
+    cfg = config or choose_config(num_rows, num_paths, x.dtype, kernel, arch)
+    if cfg.kernel == "gemv":
+        fn = _rbl_gemv_kernel
+    elif cfg.kernel == "gemm":
+        if x.dtype == torch.float32:
+            raise ValueError("the GEMM kernel takes fp16 / bf16 inputs; fp32 uses the GEMV kernel")
+        fn = _rbl_gemm_kernel
+    else:
+        raise ValueError(f"unknown kernel {cfg.kernel!r}")
+    if wrap is not None:
+        fn = wrap(fn)
+    elif x.device.type == "cpu":
+        fn = interpreted(fn)
+    tensors = (rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale.contiguous(),
+               bias.contiguous() if bias is not None else out_rows,  # never read when HAS_BIAS is False
+               out_rows, num_rows, total_out, in_features, num_words, rows.stride(0), out_rows.stride(0))
+    constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=word_align(num_words),
+                      HAS_BIAS=bias is not None,
+                      # Triton's interpreter (3.9) multiplies bf16 dot operands as their uint16 bit patterns and
+                      # truncates fp32 -> bf16 casts; on CPU the kernels then round to nearest even by integer
+                      # ops and run the (exact) bf16 products as an fp32 dot: the values the GPU computes.
+                      INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16)
+    starts = segment_starts(out_features)
+    for first in range(0, len(out_features), MAX_SEGMENTS):
+        last = min(first + MAX_SEGMENTS, len(out_features))
+        bounds = starts[first:last + 1]
+        blocks = sum(triton.cdiv(end - start, cfg.block_n) for start, end in itertools.pairwise(bounds))
+        if blocks == 0:  # siblings with no rows
+            continue
+        bounds = bounds + [bounds[-1]] * (MAX_SEGMENTS + 1 - len(bounds))
+        fn[(blocks, triton.cdiv(num_rows, cfg.block_m))](*tensors, *bounds, first, **constexprs,
+                                                         NUM_SEGMENTS=last - first,
+                                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
 
 
 def residual_binary_linear_triton(
@@ -317,87 +448,26 @@ def residual_binary_linear_triton(
     col_scale: torch.Tensor,
     bias: torch.Tensor | None,
     in_features: int,
-    *,
-    out: torch.Tensor | None = None,
-    kernel: str | None = None,
-    config: KernelConfig | None = None,
-    wrap=None,
+    **launch_options,
 ) -> torch.Tensor:
-    """``y [..., N] = sum_i g_i * (B_i @ (h_i * x)) + b`` with the Triton kernels, in x's dtype.
-
-    Same arguments and result as :func:`.reference.residual_binary_linear_reference` (x in fp16 / bf16 / fp32;
-    scales and bias in any float dtype; 1 to 4 paths).
-
-    * ``out``: a contiguous ``[..., N]`` tensor of x's dtype to write into (returned).
-    * ``kernel``: force "gemv" or "gemm" (default: GEMV for up to :data:`GEMV_MAX_ROWS` rows and for fp32,
-      GEMM otherwise); ``config``: force a whole :class:`KernelConfig`.
-    * ``wrap``: applied to the ``@triton.jit`` kernel before the launch, e.g. ``torch.library.wrap_triton``
-      inside a ``torch.library.triton_op``.
-
-    CUDA tensors run the compiled kernels; CPU tensors run the same kernels in Triton's interpreter (slow; that
-    is how the tests check them without a GPU).
-    """
-    _check(x, packed_signs, row_scale, col_scale, bias, in_features)
-    num_paths, out_features, num_words = packed_signs.shape
-    batch_shape = tuple(x.shape[:-1])
-    num_rows = 1
-    for size in batch_shape:
-        num_rows *= size
-    if out is None:
-        out = torch.empty(*batch_shape, out_features, dtype=x.dtype, device=x.device)
-    elif (tuple(out.shape) != (*batch_shape, out_features) or out.dtype != x.dtype or out.device != x.device
-          or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*batch_shape, out_features)} on "
-                         f"{x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-    if num_rows == 0 or out_features == 0:
-        return out
-    if in_features == 0:  # empty sums: y = b
-        out.copy_(bias.expand_as(out) if bias is not None else torch.zeros_like(out))
-        return out
-    rows = x.reshape(num_rows, in_features)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out_rows = out.view(num_rows, out_features)
-    arch = 90
-    if x.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(x.device)
-        arch = 10 * major + minor
-    cfg = config or choose_config(num_rows, num_paths, x.dtype, kernel, arch)
-    grid = (triton.cdiv(out_features, cfg.block_n), triton.cdiv(num_rows, cfg.block_m))
-    args = (rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale.contiguous(),
-            bias.contiguous() if bias is not None else out_rows,  # never read when HAS_BIAS is False
-            out_rows, num_rows, out_features, in_features, num_words, rows.stride(0), out_rows.stride(0))
-    constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=word_align(num_words),
-                      HAS_BIAS=bias is not None,
-                      # Triton's interpreter (3.9) multiplies bf16 dot operands as their uint16 bit patterns and
-                      # truncates fp32 -> bf16 casts; on CPU the kernels then round to nearest even by integer
-                      # ops and run the (exact) bf16 products as an fp32 dot: the values the GPU computes.
-                      INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16)
-    if cfg.kernel == "gemv":
-        fn = _rbl_gemv_kernel
-    elif cfg.kernel == "gemm":
-        if x.dtype == torch.float32:
-            raise ValueError("the GEMM kernel takes fp16 / bf16 inputs; fp32 uses the GEMV kernel")
-        fn = _rbl_gemm_kernel
-    else:
-        raise ValueError(f"unknown kernel {cfg.kernel!r}")
-    if x.device.type == "cpu":
-        fn = _interpreted(fn)
-    elif wrap is not None:
-        fn = wrap(fn)
-    fn[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    """One linear ``y [..., N] = sum_i g_i * (B_i @ (h_i * x)) + b`` (``col_scale [k, K]``): the one-sibling case
+    of :func:`residual_binary_linear_siblings_triton`, with the same keyword options (``out``, ``kernel``,
+    ``config``, ``wrap``)."""
+    validate_packed(packed_signs, row_scale, col_scale, bias, in_features)
+    return residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale.unsqueeze(0), bias,
+                                                  in_features, [packed_signs.shape[1]], **launch_options)
 
 
 __all__ = [
     "BITS_PER_WORD",
     "GEMV_MAX_ROWS",
+    "MAX_SEGMENTS",
     "KernelConfig",
     "choose_config",
     "launch_configs",
     "gemm_config",
     "gemv_config",
+    "residual_binary_linear_siblings_triton",
     "residual_binary_linear_triton",
     "word_align",
 ]

@@ -37,8 +37,10 @@ from rabit_compiler.kernels.packing import pack_signs, unpack_signs, words_per_r
 triton = pytest.importorskip("triton")
 from rabit_compiler.kernels import triton_gemv  # noqa: E402
 from rabit_compiler.kernels.triton_gemv import (  # noqa: E402
+    MAX_SEGMENTS,
     KernelConfig,
     choose_config,
+    residual_binary_linear_siblings_triton,
     residual_binary_linear_triton,
     word_align,
 )
@@ -56,15 +58,34 @@ def _packed(paths, n, k, bias, dtype, scale_dtype, generator):
     return pack_signs(signs), row, col, b
 
 
-def _reference64(x, packed_signs, row_scale, col_scale, bias, k):
-    """(y64, S): the float64 result from the unpacked signs and the magnitude of its terms."""
+def _packed_siblings(paths, out_features, k, bias, dtype, scale_dtype, generator):
+    """S siblings: the packed rows and row scales concatenated, col_scale ``[S, k, K]``."""
+    packed_signs, row_scale, _, b = _packed(paths, sum(out_features), k, bias, dtype, scale_dtype, generator)
+    col = (torch.rand(len(out_features), paths, k, generator=generator) + 0.1).to(scale_dtype)
+    return packed_signs, row_scale, col, b
+
+
+def _segments(out_features):
+    start = 0
+    for size in out_features:
+        yield slice(start, start + size)
+        start += size
+
+
+def _reference64(x, packed_signs, row_scale, col_scale, bias, k, out_features=None):
+    """(y64, S): the float64 result from the unpacked signs and the magnitude of its terms. ``col_scale`` is
+    ``[k, K]``, or ``[S, k, K]`` for siblings of ``out_features`` rows each."""
+    if out_features is None:
+        col_scale, out_features = col_scale[None], [packed_signs.shape[1]]
     signs = unpack_signs(packed_signs, k, torch.float64)
-    g, h, xs = row_scale.double(), col_scale.double(), x.double().reshape(-1, k)
+    g, xs = row_scale.double(), x.double().reshape(-1, k)
     y = torch.zeros(xs.shape[0], packed_signs.shape[1], dtype=torch.float64)
     scale = torch.zeros_like(y)
-    for i in range(packed_signs.shape[0]):
-        y += ((xs * h[i]) @ signs[i].T) * g[i]
-        scale += ((xs.abs() * h[i].abs()).sum(-1, keepdim=True)) * g[i].abs()
+    for segment, rows in enumerate(_segments(out_features)):
+        h = col_scale[segment].double()
+        for i in range(packed_signs.shape[0]):
+            y[:, rows] += ((xs * h[i]) @ signs[i, rows].T) * g[i, rows]
+            scale[:, rows] += ((xs.abs() * h[i].abs()).sum(-1, keepdim=True)) * g[i, rows].abs()
     if bias is not None:
         y += bias.double()
         scale += bias.double().abs()
@@ -72,11 +93,11 @@ def _reference64(x, packed_signs, row_scale, col_scale, bias, k):
     return y.reshape(shape), scale.reshape(shape)
 
 
-def _assert_within_bound(out, x, packed_signs, row_scale, col_scale, bias, k, used_gemm):
+def _assert_within_bound(out, x, packed_signs, row_scale, col_scale, bias, k, used_gemm, out_features=None):
     dtype = x.dtype
     assert out.dtype == dtype and out.shape == (*x.shape[:-1], packed_signs.shape[1])
     assert not torch.isnan(out).any(), "NaN in the output: an element was never written"
-    y64, scale = _reference64(x, packed_signs, row_scale, col_scale, bias, k)
+    y64, scale = _reference64(x, packed_signs, row_scale, col_scale, bias, k, out_features)
     u_tile = UNIT_ROUNDOFF[dtype] if used_gemm else 0.0
     bound = (UNIT_ROUNDOFF[dtype] * y64.abs() + (u_tile + (k + 8) * 2.0**-24) * scale) * (1 + UNIT_ROUNDOFF[dtype])
     bound = bound + HALF_SMALLEST_SUBNORMAL[dtype]
@@ -89,6 +110,14 @@ def _run(x, packed_signs, row_scale, col_scale, bias, k, kernel=None, config=Non
     out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype)
     result = residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, bias, k, out=out, kernel=kernel,
                                            config=config)
+    assert result is out
+    return out
+
+
+def _run_siblings(x, packed_signs, row_scale, col_scale, bias, k, out_features, kernel=None):
+    out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype)
+    result = residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, bias, k, out_features,
+                                                    out=out, kernel=kernel)
     assert result is out
     return out
 
@@ -108,6 +137,67 @@ def test_kernels_match_float64_reference(paths, n, k, rows, dtype, scale_dtype, 
     out = _run(x, packed_signs, row_scale, col_scale, b, k, kernel=kernel)
     used = choose_config(rows, paths, dtype, kernel).kernel
     _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, k, used == "gemm")
+
+
+@settings(deadline=None)
+@given(
+    paths=st.integers(1, 4), out_features=st.lists(st.integers(1, 50), min_size=1, max_size=3),
+    k=st.integers(1, 300), rows=st.integers(1, 16), dtype=st.sampled_from(DTYPES),
+    scale_dtype=st.sampled_from(DTYPES), bias=st.booleans(), kernel=st.sampled_from([None, "gemv", "gemm"]),
+    seed=st.integers(0, 2**31),
+)
+def test_sibling_kernels_match_float64_reference(paths, out_features, k, rows, dtype, scale_dtype, bias, kernel,
+                                                 seed):
+    """S = 1..3 siblings of different N, each with its own column scales, in one launch."""
+    if kernel == "gemm" and dtype == torch.float32:
+        kernel = "gemv"
+    generator = torch.Generator().manual_seed(seed)
+    packed_signs, row_scale, col_scale, b = _packed_siblings(paths, out_features, k, bias, dtype, scale_dtype,
+                                                             generator)
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    out = _run_siblings(x, packed_signs, row_scale, col_scale, b, k, out_features, kernel=kernel)
+    used = choose_config(rows, paths, dtype, kernel).kernel
+    _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, k, used == "gemm", out_features)
+
+
+@pytest.mark.parametrize(("kernel", "dtype"), [("gemv", torch.float32), ("gemm", torch.bfloat16)])
+def test_more_siblings_than_one_launch_takes(kernel, dtype):
+    """6 siblings (two launches of at most MAX_SEGMENTS), one of them empty, blocks of a segment spanning
+    several programs; the sibling scales differ, so a block reading another segment's h would fail."""
+    out_features = [70, 3, 0, 33, 129, 1]
+    assert len(out_features) > MAX_SEGMENTS
+    generator = torch.Generator().manual_seed(11)
+    packed_signs, row_scale, col_scale, b = _packed_siblings(2, out_features, 100, True, dtype, torch.float16,
+                                                             generator)
+    col_scale *= torch.arange(1, len(out_features) + 1, dtype=col_scale.dtype)[:, None, None]
+    x = torch.randn(3, 100, generator=generator).to(dtype)
+    out = _run_siblings(x, packed_signs, row_scale, col_scale, b, 100, out_features, kernel=kernel)
+    _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, 100, kernel == "gemm", out_features)
+
+
+def test_siblings_equal_separate_launches():
+    """One fused launch gives, bit for bit, what separate single launches give for each sibling (same tiles)."""
+    out_features = [40, 17, 9]
+    generator = torch.Generator().manual_seed(12)
+    packed_signs, row_scale, col_scale, b = _packed_siblings(3, out_features, 90, True, torch.float16,
+                                                             torch.float16, generator)
+    x = torch.randn(1, 90, generator=generator).to(torch.float16)
+    fused = _run_siblings(x, packed_signs, row_scale, col_scale, b, 90, out_features)
+    for segment, rows in enumerate(_segments(out_features)):
+        single = _run(x, packed_signs[:, rows].contiguous(), row_scale[:, rows], col_scale[segment], b[rows], 90)
+        assert torch.equal(fused[:, rows], single)
+
+
+def test_bad_sibling_inputs_raise_clear_errors():
+    packed_signs, row_scale, col_scale, _ = _packed_siblings(2, [5, 3], 40, False, torch.float32, torch.float16,
+                                                             torch.Generator().manual_seed(0))
+    x = torch.randn(2, 40)
+    with pytest.raises(ValueError, match="sum to N_total=8"):
+        residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, None, 40, [5, 4])
+    with pytest.raises(ValueError, match=r"col_scale must be \[S=3"):
+        residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, None, 40, [5, 2, 1])
+    with pytest.raises(ValueError, match="at least one sibling"):
+        residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, None, 40, [])
 
 
 @pytest.mark.parametrize(
@@ -209,13 +299,26 @@ def test_config_choice():
 
 
 def test_every_launch_config_runs():
-    """Each variant listed for the AOT checks, launched once (tiny shapes, so the interpreter stays fast)."""
+    """Each tile configuration listed for the AOT checks, launched once on tiny shapes (the interpreter ignores
+    num_stages, so sm_89 and sm_90 variants that differ only there run once), with 1..MAX_SEGMENTS siblings in
+    turn."""
+    seen = set()
     for arch in (89, 90):
         for variant in triton_gemv.launch_configs(arch):
-            cfg, dtype = variant["config"], variant["dtype"]
-            paths = variant["constexprs"]["NUM_PATHS"]
-            generator = torch.Generator().manual_seed(paths)
-            packed_signs, row_scale, col_scale, b = _packed(paths, 5, 130, True, dtype, torch.float16, generator)
+            cfg, dtype, constexprs = variant["config"], variant["dtype"], variant["constexprs"]
+            key = (cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_kw, cfg.num_warps, dtype, constexprs["NUM_PATHS"])
+            if key in seen:
+                continue
+            seen.add(key)
+            num_segments = len(seen) % MAX_SEGMENTS + 1
+            out_features = [5 + segment for segment in range(num_segments)]
+            generator = torch.Generator().manual_seed(len(seen))
+            packed_signs, row_scale, col_scale, b = _packed_siblings(constexprs["NUM_PATHS"], out_features, 130,
+                                                                     True, dtype, torch.float16, generator)
             x = torch.randn(3, 130, generator=generator).to(dtype)
-            out = _run(x, packed_signs, row_scale, col_scale, b, 130, config=cfg)
-            _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, 130, cfg.kernel == "gemm")
+            out = torch.full((3, sum(out_features)), float("nan"), dtype=dtype)
+            residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, b, 130, out_features,
+                                                   out=out, config=cfg)
+            _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, 130, cfg.kernel == "gemm",
+                                 out_features)
+    assert {n % MAX_SEGMENTS + 1 for n in range(1, len(seen) + 1)} == set(range(1, MAX_SEGMENTS + 1))
