@@ -85,10 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     generate.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
     generate.add_argument("--no-inductor", action="store_true", help="run the packed decode graph without Inductor")
+    from rabit_compiler import workflows
+
+    workflows.add_quantize_arguments(commands.add_parser(
+        "quantize", help="2-bit quantize a model: QAT (rabit|standard|frozen) or a baseline (ptq|ptq-greedy|rtn)"))
+    workflows.add_eval_arguments(commands.add_parser(
+        "eval", help="held-out perplexity of a reference model and saved quantized models, as a table"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command == "demo":
         _demo(args)
+    elif args.command == "quantize":
+        workflows.print_run(workflows.quantize_model(args))
+    elif args.command == "eval":
+        print(workflows.format_table(workflows.evaluate_models(args)))
     elif args.command == "generate":
         _generate(args)
 

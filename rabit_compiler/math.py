@@ -42,15 +42,26 @@ def coupled_residual_paths(
     Python, so calling this on FX proxies (the rewrite pass does) unrolls it into explicit
     sign / scale / subtract nodes.
     """
+    signs = coupled_residual_signs(latent, row_scales, col_scales)
+    return [
+        binary_path(sign, row_scale, col_scale)
+        for sign, row_scale, col_scale in zip(signs, row_scales, col_scales, strict=True)
+    ]
+
+
+def coupled_residual_signs(
+    latent: torch.Tensor, row_scales: Sequence[torch.Tensor], col_scales: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The k sign planes ``B_i = sign(R_{i-1}) [N, K]`` of :func:`coupled_residual_paths` (constants)."""
     if len(row_scales) != len(col_scales):
         raise ValueError(f"{len(row_scales)} row scales but {len(col_scales)} column scales")
     residual = latent.detach()
-    paths = []
+    signs = []
     for row_scale, col_scale in zip(row_scales, col_scales, strict=True):
-        path = binary_path(hard_sign(residual), row_scale, col_scale)
-        paths.append(path)
-        residual = residual - path.detach()
-    return paths
+        sign = hard_sign(residual)
+        signs.append(sign)
+        residual = residual - binary_path(sign, row_scale, col_scale).detach()
+    return signs
 
 
 def coupled_residual_weight(
@@ -260,6 +271,50 @@ def reanchor_latent(fit: ResidualBinaryPaths, margin: float = 0.5) -> tuple[torc
         mismatched |= hard_sign(residual) != fit.signs[i]
         residual = residual - fit.path(i)
     return latent, int(mismatched.sum())
+
+
+def standard_residual_weight(
+    latents: Sequence[torch.Tensor], row_scales: Sequence[torch.Tensor], col_scales: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Standard residual QAT (the baseline): ``W_hat = sum_i g_i * sign(W_i) * h_i`` -> ``[N, K]``.
+
+    Each path i has its own latent ``W_i [N, K]`` binarized on its own (no residual coupling); the
+    straight-through term ``W_i - W_i.detach()`` gives ``dL/dW_i = dL/dW_hat``, the same identity STE as
+    :func:`coupled_residual_weight`.
+    """
+    if not len(latents) == len(row_scales) == len(col_scales):
+        raise ValueError(f"{len(latents)} latents, {len(row_scales)} row scales, {len(col_scales)} column scales")
+    weight = None
+    for latent, row_scale, col_scale in zip(latents, row_scales, col_scales, strict=True):
+        path = binary_path(hard_sign(latent), row_scale, col_scale) + (latent - latent.detach())
+        weight = path if weight is None else weight + path
+    return weight
+
+
+def sign_preserving_latents(fit: ResidualBinaryPaths) -> torch.Tensor:
+    """Independent latents ``[k, N, K]`` for :func:`standard_residual_weight` that reproduce ``fit``:
+    ``W_i = B_i * max(|path_i|, tiny)``, so ``sign(W_i) = B_i`` exactly even where a scale is 0."""
+    tiny = torch.finfo(torch.float32).tiny
+    magnitude = torch.stack([fit.path(i).abs() for i in range(fit.num_paths)]).float()
+    return fit.signs.float() * magnitude.clamp_min(tiny)
+
+
+def rtn_dequantized(weight: torch.Tensor, bits: int = 2) -> torch.Tensor:
+    """Round-to-nearest, per output channel, asymmetric min/max: ``2**bits`` levels per row.
+
+    ``scale_n = (max_n - min_n) / (2**bits - 1)``, ``q = clamp(round((W - min_n) / scale_n), 0, 2**bits - 1)``,
+    returns ``q * scale_n + min_n`` ``[N, K]`` (fp32). A constant row (scale 0) is returned unchanged.
+    """
+    _check_weight(weight)
+    if not isinstance(bits, int) or bits < 1:
+        raise ValueError(f"bits must be an integer >= 1, got {bits!r}")
+    w = weight.float()
+    low = w.amin(dim=1, keepdim=True)
+    levels = 2**bits - 1
+    scale = (w.amax(dim=1, keepdim=True) - low) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round((w - low) / safe), 0, levels)
+    return torch.where(scale > 0, q * scale + low, w)
 
 
 def _check_paths(num_paths: int) -> None:

@@ -1,0 +1,166 @@
+"""Accuracy benchmark: every method at the same token budget and seed on SmolLM2-135M, held-out perplexity.
+
+Methods: fp32 (reference), ``rtn`` (2-bit per-channel min/max), ``ptq-greedy`` (greedy residual SVID,
+data-free), ``ptq`` (iterative residual SVID + calibration preconditioning: the defaults), and QAT by
+distillation from that same ``ptq`` init: ``frozen`` (path freezing), ``standard`` (k independent
+latents) and ``rabit`` (coupled residual paths from one latent).
+
+Text: ``lee_background.cor`` for calibration (the first windows) and training, ``lee.cor`` held out (DATA.md).
+The initial fit (minutes on a CPU) is cached under the user cache dir, keyed by its settings.
+
+    python benchmarks/accuracy.py --steps 150 --out benchmarks/accuracy_cpu
+
+writes ``results.json`` and ``ppl_vs_steps.png`` (if matplotlib is installed) into ``--out`` and prints a
+Markdown table for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from rabit_compiler.cache import cache_dir
+from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.data import lee_corpus, token_windows
+from rabit_compiler.evaluate import perplexity
+from rabit_compiler.models import load_smollm2
+from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
+from rabit_compiler.train import QATConfig, QATTrainer
+
+QAT_METHODS = ("frozen", "standard", "rabit")
+ALL_METHODS = ("fp32", "rtn", "ptq-greedy", "ptq", *QAT_METHODS)
+
+
+def cached_fits(model: torch.nn.Module, config: RaBiTConfig, calibration: torch.Tensor | None) -> LinearFits:
+    """:func:`fit_linears`, cached on disk by (config, calibration tokens)."""
+    key = json.dumps([config.to_json_dict(), None if calibration is None else calibration.tolist()])
+    path = cache_dir("fits") / f"smollm2-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        print(f"fits: cached {path}")
+        return load_fits(path)
+    started = time.perf_counter()
+    fits = fit_linears(model, config, calibration)
+    save_fits(fits, path)
+    print(f"fits: {len(fits.fits)} linears in {time.perf_counter() - started:.0f} s (cached to {path})")
+    return fits
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, row in results["methods"].items():
+        if row.get("history"):
+            steps = [e[0] for e in row["history"]["eval"]]
+            axis.plot(steps, [e[2] for e in row["history"]["eval"]], marker="o", label=method)
+        elif method != "fp32":
+            axis.axhline(row["ppl"], linestyle="--", linewidth=1, label=f"{method} (no training)", color="gray"
+                         if method == "rtn" else None)
+    axis.axhline(results["methods"]["fp32"]["ppl"], color="black", linewidth=1, label="fp32")
+    axis.set_yscale("log")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("held-out perplexity (lee.cor)")
+    axis.set_title(f"SmolLM2-135M, 2-bit, {results['tokens_per_step']} tokens/step")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
+    parser.add_argument("--lr-latent", type=float, default=QATConfig.lr_latent)
+    parser.add_argument("--lr-scale", type=float, default=QATConfig.lr_scale)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--gamma", type=float, default=0.0)
+    parser.add_argument("--anchor-margin", type=float, default=RaBiTConfig.anchor_margin)
+    parser.add_argument("--calibration-windows", type=int, default=16, help="x 512 tokens of lee_background")
+    parser.add_argument("--eval-windows", type=int, default=None, help="x 512 tokens of lee.cor (default: all)")
+    parser.add_argument("--compile", action="store_true", help="student forward under torch.compile (Inductor)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/accuracy_cpu"))
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_smollm2()
+    train_text, heldout_text = lee_corpus()
+    heldout = token_windows(tokenizer, heldout_text, 512, max_windows=args.eval_windows)
+    calibration = token_windows(tokenizer, train_text, 512, max_windows=args.calibration_windows)
+    train_windows = token_windows(tokenizer, train_text, args.seq_len)
+    config = RaBiTConfig(anchor_margin=args.anchor_margin)
+    qat_config = QATConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                           eval_every=args.eval_every, optimizer=args.optimizer, lr_latent=args.lr_latent,
+                           lr_scale=args.lr_scale, warmup_steps=args.warmup_steps, gamma=args.gamma,
+                           compile=args.compile, seed=args.seed)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "commit": commit,
+               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+               "tokens_per_step": args.batch_size * args.seq_len, "train_windows": train_windows.shape[0],
+               "heldout_tokens": heldout.numel(), "qat_config": asdict(qat_config), "methods": {}}
+    print(f"held-out {tuple(heldout.shape)}, train windows {tuple(train_windows.shape)}, "
+          f"calibration {tuple(calibration.shape)}")
+    fits = None
+    if any(m in args.methods for m in ("ptq", *QAT_METHODS)):
+        fits = cached_fits(model, config, calibration)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        started = time.perf_counter()
+        row: dict = {"steps": 0, "tokens": 0}
+        student = copy.deepcopy(model)
+        if method == "fp32":
+            row["ppl"] = perplexity(student, heldout)
+        elif method == "rtn":
+            rtn_(student, config)
+            row["ppl"] = perplexity(student, heldout)
+        elif method in ("ptq-greedy", "ptq"):
+            method_fits = cached_fits(model, RaBiTConfig(rounds=0), None) if method == "ptq-greedy" else fits
+            prepare_qat(student, config, "rabit", fits=method_fits)
+            convert(student, config)
+            row["ppl"] = perplexity(student, heldout)
+        else:
+            prepare_qat(student, config, method, fits=fits)
+            trainer = QATTrainer(student, model, qat_config, train_windows, heldout)
+            history = trainer.train()
+            trained_seconds = time.perf_counter() - started
+            convert(student, config)
+            row.update(steps=trainer.step, tokens=trainer.tokens_seen(), ppl=history["eval"][-1][2],
+                       packed_ppl=perplexity(student, heldout), history=history, train_seconds=trained_seconds)
+        row["seconds"] = time.perf_counter() - started
+        results["methods"][method] = row
+        print(f"{method}: PPL {row['ppl']:.2f} ({row['seconds']:.0f} s)", flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        del student
+    print("\n| method | steps | tokens | held-out PPL | packed PPL | wall |\n|---|---|---|---|---|---|")
+    for method, row in results["methods"].items():
+        packed = f"{row['packed_ppl']:.2f}" if "packed_ppl" in row else "—"
+        print(f"| {method} | {row['steps']} | {row['tokens']} | {row['ppl']:.2f} | {packed} | {row['seconds']:.0f} s |")
+    if "fp32" in results["methods"]:
+        plot(results, args.out / "ppl_vs_steps.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The training form of a residual-binary linear, and the model-level swaps around it.
+
+:class:`ResidualBinaryTrainLinear` computes ``y = x @ W_hat.T (+ b)`` with ``W_hat [N, K]`` re-derived from
+its trainable tensors on every forward, by one of three methods (a switch, not three classes):
+
+- ``"rabit"`` (coupled): one latent ``W_FP [N, K]``, ``row_scale [k, N]``, ``col_scale [k, K]``;
+  ``W_hat = coupled_residual_weight(W_FP, g, h)`` (``B_i = sign(R_{i-1})``, ``R_0 = W_FP``).
+- ``"standard"``: k independent latents ``W_i [N, K]``; ``W_hat = sum_i g_i * sign(W_i) * h_i``.
+- ``"frozen"``: paths ``< k`` are buffers fixed at their initial signs and scales; only the last path is
+  trained: ``W_hat = sum_{j<k} path_j + g_k * sign(W_FP - sum_{j<k} path_j) * h_k``.
+
+All three use the identity straight-through estimator and start from the same fit (calibration-
+preconditioned iterative residual SVID, as :func:`rabit_compiler.quantize_` uses), reproduced exactly
+at step 0. :func:`prepare_qat` swaps a model's linears for them, :func:`convert` packs the trained layers
+into :class:`~rabit_compiler.quantize.RaBiTLinear`, and :func:`rtn_` is the round-to-nearest baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from rabit_compiler.calibration import CapturedLinear, capture_linears
+from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.math import (
+    ResidualBinaryPaths,
+    binary_path,
+    coupled_residual_signs,
+    coupled_residual_weight,
+    hard_sign,
+    reanchor_latent,
+    rtn_dequantized,
+    sign_preserving_latents,
+    standard_residual_weight,
+)
+from rabit_compiler.quantize import RaBiTLinear, _default_example, _set_submodule, _skip_reason
+from rabit_compiler.quantizer import fit_weight, pack_fit
+
+logger = logging.getLogger("rabit_compiler")
+
+METHODS = ("rabit", "standard", "frozen")
+
+
+class ResidualBinaryTrainLinear(torch.nn.Module):
+    """A linear layer in QAT form (see the module docstring for the three ``method`` values).
+
+    Built from an initial ``fit`` (k paths of the weight ``[N, K]``) and the layer's ``bias [N]`` or None.
+    ``anchor_margin`` places the coupled latent inside its sign-feasible interval
+    (:func:`~rabit_compiler.math.reanchor_latent`).
+    """
+
+    def __init__(self, fit: ResidualBinaryPaths, bias: torch.Tensor | None, method: str = "rabit",
+                 anchor_margin: float = 0.5):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "frozen" and fit.num_paths < 2:
+            raise ValueError("path freezing needs at least 2 paths (the last one is trained)")
+        self.method = method
+        self.num_paths = fit.num_paths
+        self.out_features, self.in_features = fit.signs.shape[1:]
+        row_scales, col_scales = fit.row_scales.float(), fit.col_scales.float()
+        if method == "standard":
+            self.latents = torch.nn.ParameterList(sign_preserving_latents(fit).unbind(0))
+        else:
+            latent, mismatched = reanchor_latent(fit, anchor_margin)
+            if mismatched:
+                logger.warning("rabit: re-anchored latent misses %d of %d initial signs (k=%d paths)",
+                               mismatched, latent.numel(), fit.num_paths)
+            self.latent = torch.nn.Parameter(latent)
+        if method == "frozen":
+            self.register_buffer("frozen_signs", fit.signs[:-1].float().clone())
+            self.register_buffer("frozen_row_scale", row_scales[:-1].clone())
+            self.register_buffer("frozen_col_scale", col_scales[:-1].clone())
+            row_scales, col_scales = row_scales[-1:], col_scales[-1:]
+        self.row_scale = torch.nn.Parameter(row_scales.clone())
+        self.col_scale = torch.nn.Parameter(col_scales.clone())
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone())
+
+    def _frozen_paths(self) -> list[torch.Tensor]:
+        return [binary_path(s, g, h) for s, g, h in
+                zip(self.frozen_signs, self.frozen_row_scale, self.frozen_col_scale, strict=True)]
+
+    def _frozen_residual(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(W_FP - sum_{j<k} path_j, frozen paths)``, subtracted in path order as the coupled forward does."""
+        paths = self._frozen_paths()
+        residual = self.latent
+        for path in paths:
+            residual = residual - path
+        return residual, paths
+
+    def quantized_weight(self) -> torch.Tensor:
+        """``W_hat [N, K]`` (fp32), with the straight-through gradient to the latent(s)."""
+        if self.method == "rabit":
+            return coupled_residual_weight(self.latent, self.row_scale, self.col_scale)
+        if self.method == "standard":
+            return standard_residual_weight(list(self.latents), self.row_scale, self.col_scale)
+        residual, paths = self._frozen_residual()
+        return sum(paths) + coupled_residual_weight(residual, self.row_scale, self.col_scale)
+
+    def current_paths(self) -> ResidualBinaryPaths:
+        """The k paths the forward uses now (detached): ``signs [k, N, K]``, scales ``[k, N]``, ``[k, K]``."""
+        with torch.no_grad():
+            if self.method == "rabit":
+                signs = coupled_residual_signs(self.latent, self.row_scale, self.col_scale)
+                row_scales, col_scales = self.row_scale, self.col_scale
+            elif self.method == "standard":
+                signs = [hard_sign(latent) for latent in self.latents]
+                row_scales, col_scales = self.row_scale, self.col_scale
+            else:
+                residual, _ = self._frozen_residual()
+                signs = [*self.frozen_signs, *coupled_residual_signs(residual, self.row_scale, self.col_scale)]
+                row_scales = torch.cat([self.frozen_row_scale, self.row_scale])
+                col_scales = torch.cat([self.frozen_col_scale, self.col_scale])
+            return ResidualBinaryPaths(torch.stack(signs), row_scales.detach().clone(), col_scales.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, paths={self.num_paths}, "
+                f"method={self.method}, bias={self.bias is not None}")
+
+
+@dataclass
+class LinearFits:
+    """Initial fits of a model's swappable linears, by owner module name (``model.layers.0.mlp.up_proj``):
+    ``fits[name]`` (CPU), and the linears left in full precision with the reason."""
+
+    fits: dict[str, ResidualBinaryPaths] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def save_fits(fits: LinearFits, path: str | os.PathLike) -> None:
+    """Write ``fits`` to one safetensors file (signs as int8; skipped layers in the metadata)."""
+    tensors = {}
+    for name, fit in fits.fits.items():
+        tensors[f"{name}.signs"] = fit.signs.to(torch.int8).contiguous()
+        tensors[f"{name}.row_scales"] = fit.row_scales.contiguous()
+        tensors[f"{name}.col_scales"] = fit.col_scales.contiguous()
+    save_file(tensors, str(path), metadata={"skipped": json.dumps(fits.skipped)})
+
+
+def load_fits(path: str | os.PathLike) -> LinearFits:
+    """Read fits written by :func:`save_fits`."""
+    with safe_open(str(path), framework="pt") as handle:
+        skipped = json.loads(handle.metadata()["skipped"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 -- not a dict
+    names = {key.rsplit(".", 1)[0] for key in tensors}
+    fits = {name: ResidualBinaryPaths(tensors[f"{name}.signs"].float(), tensors[f"{name}.row_scales"],
+                                      tensors[f"{name}.col_scales"]) for name in sorted(names)}
+    return LinearFits(fits=fits, skipped=skipped)
+
+
+def _swappable_linears(model: torch.nn.Module, config: RaBiTConfig,
+                       calibration: torch.Tensor | Iterable[torch.Tensor] | None, example_input: torch.Tensor | None,
+                       progress: bool) -> tuple[list[tuple[str, CapturedLinear]], dict[str, str]]:
+    """``[(owner name, captured linear)]`` for every ``nn.Linear`` / GPT-2 ``Conv1D`` that the skip rules of
+    :func:`~rabit_compiler.quantize_` allow, with calibration statistics when ``calibration`` is given."""
+    if example_input is None:
+        example_input = _default_example(model, calibration)
+    capture = capture_linears(model, example_input, calibration, progress=progress)
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    chosen, skipped = [], {}
+    for linear in capture.linears.values():
+        reason = _skip_reason(linear, config, names)
+        if reason is None:
+            owner_name, _, attr = names[id(linear.weight)].rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            is_conv1d = type(owner).__name__ == "Conv1D" and linear.layout == "in_out"
+            if attr != "weight" or not (isinstance(owner, torch.nn.Linear) or is_conv1d):
+                reason = f"QAT swaps nn.Linear / Conv1D owners only, not {type(owner).__name__}.{attr}"
+        if reason is None:
+            chosen.append((owner_name, linear))
+        else:
+            skipped[linear.name] = reason
+    torch.compiler.reset()
+    return chosen, skipped
+
+
+def fit_linears(model: torch.nn.Module, config: RaBiTConfig | None = None,
+                calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+                example_input: torch.Tensor | None = None, progress: bool = True) -> LinearFits:
+    """Fit ``config.paths`` binary paths to every swappable linear of ``model`` (not modified): iterative
+    residual SVID with ``config.rounds`` (0: greedy), preconditioned by calibration statistics when
+    ``calibration`` (token windows ``[num, T]``) is given. The same fit as :func:`~rabit_compiler.quantize_`."""
+    config = config or RaBiTConfig()
+    chosen, skipped = _swappable_linears(model, config, calibration, example_input, progress)
+    result = LinearFits(skipped=skipped)
+    for owner_name, linear in tqdm(chosen, desc="rabit: fit", disable=not progress):
+        oriented = linear.weight.detach().T if linear.layout == "in_out" else linear.weight.detach()
+        fit = fit_weight(oriented, config.for_layer(linear.name), linear.input_stat.summary(config.statistic),
+                         linear.output_stat.summary(config.statistic))
+        result.fits[owner_name] = ResidualBinaryPaths(fit.signs.cpu(), fit.row_scales.cpu(), fit.col_scales.cpu())
+    return result
+
+
+def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, method: str = "rabit",
+                calibration: torch.Tensor | Iterable[torch.Tensor] | None = None, fits: LinearFits | None = None,
+                example_input: torch.Tensor | None = None, progress: bool = True) -> LinearFits:
+    """Swap ``model``'s linears in place for :class:`ResidualBinaryTrainLinear` (``method`` in
+    ``("rabit", "standard", "frozen")``), initialised from ``fits`` (computed by :func:`fit_linears` with
+    ``calibration`` when not given). Everything else in the model is frozen (``requires_grad=False``): only
+    the latents, scales and biases of the swapped layers train. Returns the fits used."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    config = config or RaBiTConfig()
+    if fits is None:
+        fits = fit_linears(model, config, calibration, example_input, progress)
+    if not fits.fits:
+        raise ValueError("no linear layer of the model can be trained in residual-binary form "
+                         f"(skipped: {fits.skipped})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for owner_name, fit in fits.fits.items():
+        owner = model.get_submodule(owner_name)
+        device = owner.weight.device
+        fit = ResidualBinaryPaths(fit.signs.to(device), fit.row_scales.to(device), fit.col_scales.to(device))
+        _set_submodule(model, owner_name, ResidualBinaryTrainLinear(fit, owner.bias, method, config.anchor_margin))
+    return fits
+
+
+def qat_layers(model: torch.nn.Module) -> dict[str, ResidualBinaryTrainLinear]:
+    """The model's :class:`ResidualBinaryTrainLinear` modules by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ResidualBinaryTrainLinear)}
+
+
+def convert(model: torch.nn.Module, config: RaBiTConfig | None = None) -> list[str]:
+    """Replace every trained :class:`ResidualBinaryTrainLinear` in place by a packed
+    :class:`~rabit_compiler.quantize.RaBiTLinear` holding its current signs and scales (in
+    ``config.scale_dtype``), ready for the packed op, ``torch.compile(backend="rabit")`` and
+    :func:`rabit_compiler.serialization.save` (the config is recorded on the model). Returns the converted
+    layer names."""
+    config = config or RaBiTConfig()
+    layers = qat_layers(model)
+    if not layers:
+        raise ValueError("the model has no ResidualBinaryTrainLinear layers to convert (call prepare_qat first)")
+    for name, layer in layers.items():
+        packed = pack_fit(layer.current_paths(), config, device=layer.row_scale.device)
+        bias = None if layer.bias is None else layer.bias.detach()
+        _set_submodule(model, name, RaBiTLinear(packed, bias))
+    model.rabit_config = config
+    return list(layers)
+
+
+def rtn_(model: torch.nn.Module, config: RaBiTConfig | None = None, bits: int = 2,
+         example_input: torch.Tensor | None = None) -> LinearFits:
+    """The RTN baseline, in place: every linear that :func:`prepare_qat` would swap gets its weight replaced
+    by :func:`~rabit_compiler.math.rtn_dequantized` (per output channel, asymmetric min/max, ``2**bits``
+    levels), kept as a dense float weight. Returns the skipped layers (``fits`` stays empty)."""
+    config = config or RaBiTConfig()
+    chosen, skipped = _swappable_linears(model, config, None, example_input, progress=False)
+    with torch.no_grad():
+        for _, linear in chosen:
+            oriented = linear.weight.T if linear.layout == "in_out" else linear.weight
+            quantized = rtn_dequantized(oriented, bits).to(linear.weight.dtype)
+            linear.weight.copy_(quantized.T if linear.layout == "in_out" else quantized)
+    return LinearFits(skipped=skipped)
