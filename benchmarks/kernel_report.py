@@ -1,0 +1,101 @@
+"""Static report of the packed residual-binary kernels: runs anywhere, no GPU.
+
+    python benchmarks/kernel_report.py [--skip-aot]
+
+1. Bytes per weight and per layer for k = 1..4 sign planes on the benchmark shapes ``W [N, K]``: the packed signs
+   ``k * N * ceil(K/32) * 4`` bytes plus fp16 scales ``2 k (N + K)``, against fp16 ``2 N K``.
+2. Predicted roofline time per layer at batch 1 (every byte of the weight read once; x and y are a few KB) on the
+   RTX 4090 (1008 GB/s, NVIDIA's GeForce RTX 4090 specification) and the H100 SXM (3.35 TB/s, NVIDIA H100 Tensor
+   Core GPU datasheet, "GPU memory bandwidth", SXM form factor), and the fp16 ratio it implies.
+3. From the SASS of the sm_89 / sm_90 cubins (``triton.compile`` ahead of time; see
+   :mod:`rabit_compiler.kernels.aot`): registers, stack and spill instructions, the width of the sign-word loads,
+   and the K loop's instruction count per packed int32 word and per sign bit (per thread: the loop body handles
+   ``PATHS_P2 * BLOCK_N * BLOCK_KW / (32 * num_warps)`` words per thread per iteration).
+
+Prints markdown (the section recorded in benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+BANDWIDTH_GBS = {"RTX 4090": 1008.0, "H100 SXM": 3350.0}
+LAYER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (14336, 4096)]  # W [N, K]
+ARCHS = (89, 90)
+
+
+def packed_bytes(num_paths: int, out_features: int, in_features: int) -> int:
+    """Bytes of one packed layer: int32 sign words and fp16 row / column scales (no bias)."""
+    from rabit_compiler.kernels.packing import words_per_row
+
+    return num_paths * out_features * words_per_row(in_features) * 4 + 2 * num_paths * (out_features + in_features)
+
+
+def bytes_table() -> list[str]:
+    lines = ["| W [N, K] | k | packed MB | bits / weight | fp16 MB | "
+             + " | ".join(f"{gpu} RaBiT us | {gpu} fp16 us" for gpu in BANDWIDTH_GBS) + " | fp16 / RaBiT bytes |",
+             "|---|---|---|---|---|" + "---|---|" * len(BANDWIDTH_GBS) + "---|"]
+    for n, k_in in LAYER_SHAPES:
+        fp16 = 2 * n * k_in
+        for paths in range(1, 5):
+            packed = packed_bytes(paths, n, k_in)
+            times = " | ".join(f"{packed / (bw * 1e3):.2f} | {fp16 / (bw * 1e3):.2f}" for bw in BANDWIDTH_GBS.values())
+            lines.append(f"| {n}x{k_in} | {paths} | {packed / 1e6:.3f} | {8 * packed / (n * k_in):.3f} | "
+                         f"{fp16 / 1e6:.2f} | {times} | {fp16 / packed:.2f}x |")
+    return lines
+
+
+def report_specs() -> list[dict]:
+    """fp16 variants, one linear, every tile configuration and k = 1..4; and 3 siblings for k = 2; per arch."""
+    from rabit_compiler.kernels.triton_gemv import launch_configs
+
+    specs = []
+    for arch in ARCHS:
+        for variant in launch_configs(arch):
+            c = variant["constexprs"]
+            if str(variant["dtype"]) != "torch.float16":
+                continue
+            if c["NUM_SEGMENTS"] == 1 or (c["NUM_SEGMENTS"] == 3 and c["NUM_PATHS"] == 2):
+                specs.append(dict(kernel=variant["kernel"], dtype="float16", arch=arch, constexprs=c,
+                                  num_warps=variant["num_warps"], num_stages=variant["num_stages"]))
+    return specs
+
+
+def aot_table() -> list[str]:
+    from rabit_compiler.kernels.aot import compile_variants, missing_toolchain
+
+    reason = missing_toolchain()
+    if reason:
+        return [f"AOT section skipped: {reason}"]
+    lines = ["| kernel | arch | k | S | BM x BN x BKW | warps / stages | regs | stack | LDL/STL | sign words "
+             "per load | 128-bit loads | K-loop instr | instr / word | instr / bit / row | main opcodes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in compile_variants(report_specs()):
+        c = r["constexprs"]
+        words_per_thread = c["PATHS_P2"] * c["BLOCK_N"] * c["BLOCK_KW"] / (32 * r["num_warps"])
+        per_word = r["loop"]["instructions"] / words_per_thread
+        top = ", ".join(f"{op} {n}" for op, n in list(r["loop"]["opcodes"].items())[:4])
+        lines.append(
+            f"| {r['kernel'].removeprefix('_rbl_').removesuffix('_kernel')} | sm_{r['arch']} | {c['NUM_PATHS']} | "
+            f"{c['NUM_SEGMENTS']} | {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_KW']} | {r['num_warps']} / "
+            f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['local_ops']} | "
+            f"{sorted(set(r['sign_load_widths']))} | {r['wide_loads']} | {r['loop']['instructions']} | "
+            f"{per_word:.1f} | {per_word / 32 / c['BLOCK_M']:.2f} | {top} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-aot", action="store_true", help="only the bytes / roofline tables")
+    args = parser.parse_args(argv)
+    print("### Bytes per weight and batch-1 roofline time per layer (weight bytes / DRAM bandwidth)\n")
+    print("\n".join(bytes_table()))
+    if not args.skip_aot:
+        print("\n### SASS of the fp16 kernel variants (ahead of time, no GPU)\n")
+        print("\n".join(aot_table()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
