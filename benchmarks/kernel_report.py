@@ -11,6 +11,9 @@
    :mod:`rabit_compiler.kernels.aot`): registers, stack and spill instructions, the width of the sign-word loads,
    and the K loop's instruction count per packed int32 word and per sign bit (per thread: the loop body handles
    ``PATHS_P2 * BLOCK_N * BLOCK_KW / (32 * num_warps)`` words per thread per iteration).
+4. For the batch-1 GEMV: the sign-byte rate its K loop can sustain, from those counts and the per-SM issue and
+   ALU-pipe rates (CUDA C++ Programming Guide throughput table; SM counts and boost clocks from NVIDIA's
+   whitepapers), against DRAM bandwidth: whether the roofline of table 1 is reachable at all.
 
 Prints markdown (the section recorded in benchmarks/RESULTS.md).
 """
@@ -21,6 +24,15 @@ import argparse
 import sys
 
 BANDWIDTH_GBS = {"RTX 4090": 1008.0, "H100 SXM": 3350.0}
+# (arch, SMs, boost clock GHz): NVIDIA Ada GPU architecture whitepaper (RTX 4090: 128 SMs, 2.52 GHz boost) and
+# H100 Tensor Core GPU architecture whitepaper / datasheet (H100 SXM5: 132 SMs, 1.98 GHz max boost).
+GPU_CORES = {"RTX 4090": (89, 128, 2.52), "H100 SXM": (90, 132, 1.98)}
+# Per SM per clock, CUDA C++ Programming Guide, "Throughput of native arithmetic instructions", compute
+# capability 8.9 and 9.0: 4 warp instructions issued (128 thread instructions); 64 lanes for 32-bit bitwise ops
+# (LOP3), compares / selects (ISETP, FSEL) and shifts -- the ALU pipe.
+ISSUE_PER_SM_CLOCK = 128
+ALU_PER_SM_CLOCK = 64
+ALU_OPCODES = ("LOP3", "FSEL", "SEL", "ISETP", "SHF", "PLOP3", "LEA", "IADD3")
 LAYER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (14336, 4096)]  # W [N, K]
 ARCHS = (89, 90)
 
@@ -62,16 +74,40 @@ def report_specs() -> list[dict]:
     return specs
 
 
-def aot_table() -> list[str]:
+def instruction_ceiling(results: list[dict]) -> list[str]:
+    """For each batch-1 GEMV variant: the sign-byte throughput the K loop's instructions allow (issue rate and
+    ALU pipe), against the DRAM bandwidth the roofline assumes."""
+    lines = ["| GPU | k | instr / sign bit | ALU instr / sign bit | issue-bound GB/s of signs | ALU-bound GB/s "
+             "of signs | DRAM GB/s | predicted bound |", "|---|---|---|---|---|---|---|---|"]
+    for gpu, (arch, sms, ghz) in GPU_CORES.items():
+        for r in results:
+            c = r["constexprs"]
+            if r["arch"] != arch or r["kernel"] != "_rbl_gemv_kernel" or c["BLOCK_M"] != 1 or c["NUM_SEGMENTS"] != 1:
+                continue
+            bits_per_thread = 32 * c["PATHS_P2"] * c["BLOCK_N"] * c["BLOCK_KW"] / (32 * r["num_warps"])
+            per_bit = r["loop"]["instructions"] / bits_per_thread
+            alu_per_bit = sum(n for op, n in r["loop"]["opcodes"].items() if op in ALU_OPCODES) / bits_per_thread
+            issue_gbs = sms * ISSUE_PER_SM_CLOCK * ghz / per_bit / 8
+            alu_gbs = sms * ALU_PER_SM_CLOCK * ghz / alu_per_bit / 8
+            dram = BANDWIDTH_GBS[gpu]
+            ceiling = min(issue_gbs, alu_gbs)
+            bound = "DRAM" if ceiling >= dram else f"instructions ({ceiling / dram:.0%} of DRAM)"
+            lines.append(f"| {gpu} | {c['NUM_PATHS']} | {per_bit:.2f} | {alu_per_bit:.2f} | {issue_gbs:.0f} | "
+                         f"{alu_gbs:.0f} | {dram:.0f} | {bound} |")
+    return lines
+
+
+def aot_tables() -> list[str]:
     from rabit_compiler.kernels.aot import compile_variants, missing_toolchain
 
     reason = missing_toolchain()
     if reason:
         return [f"AOT section skipped: {reason}"]
+    results = compile_variants(report_specs())
     lines = ["| kernel | arch | k | S | BM x BN x BKW | warps / stages | regs | stack | LDL/STL | sign words "
              "per load | 128-bit loads | K-loop instr | instr / word | instr / bit / row | main opcodes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in compile_variants(report_specs()):
+    for r in results:
         c = r["constexprs"]
         words_per_thread = c["PATHS_P2"] * c["BLOCK_N"] * c["BLOCK_KW"] / (32 * r["num_warps"])
         per_word = r["loop"]["instructions"] / words_per_thread
@@ -82,7 +118,8 @@ def aot_table() -> list[str]:
             f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['local_ops']} | "
             f"{sorted(set(r['sign_load_widths']))} | {r['wide_loads']} | {r['loop']['instructions']} | "
             f"{per_word:.1f} | {per_word / 32 / c['BLOCK_M']:.2f} | {top} |")
-    return lines
+    lines += ["", "### Batch-1 GEMV: can the K loop keep up with DRAM? (counts above x per-SM rates, boost clock)", ""]
+    return lines + instruction_ceiling(results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(bytes_table()))
     if not args.skip_aot:
         print("\n### SASS of the fp16 kernel variants (ahead of time, no GPU)\n")
-        print("\n".join(aot_table()))
+        print("\n".join(aot_tables()))
     return 0
 
 

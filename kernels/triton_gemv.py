@@ -418,7 +418,7 @@ def residual_binary_linear_siblings_triton(
     elif x.device.type == "cpu":
         fn = interpreted(fn)
     tensors = (rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale.contiguous(),
-               bias.contiguous() if bias is not None else out_rows,  # never read when HAS_BIAS is False
+               bias.contiguous() if bias is not None else rows,  # never read when HAS_BIAS is False
                out_rows, num_rows, total_out, in_features, num_words, rows.stride(0), out_rows.stride(0))
     constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=word_align(num_words),
