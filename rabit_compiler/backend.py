@@ -7,14 +7,18 @@ real tensors. The backend:
 2. *freeze & pack*s each one whose weight is a parameter: a data-free iterative residual SVID fit,
    packed into sign planes + scales held by the graph module (a model already packed by
    :func:`rabit_compiler.quantize_` has no fp linears left and passes through unchanged);
-3. hands the graph to Inductor (``options={"inductor": False}`` runs it eagerly instead).
+3. *fuse*s packed linears that share an input (q/k/v, gate/up) into one ``residual_binary_linear_siblings``
+   call (:mod:`rabit_compiler.passes.fuse`; ``options={"fuse_siblings": False}`` turns it off);
+4. hands the graph to Inductor (``options={"inductor": False}`` runs it eagerly instead); ``mode`` is passed
+   on (``"reduce-overhead"``: CUDA graphs on a GPU).
 
 The returned callable checks, on every call, that the weight tensors it receives are the ones that
 were packed (same tensor object, same version counter). If not (another module instance, an in-place
-update), it re-packs into the same buffers and logs it, so it never serves stale weights.
+update), it re-packs into the same buffers and logs it, so it never serves stale weights. Fused groups
+hold copies of packed tensors that were graph inputs; those are re-copied the same way when they change.
 
 Options (``torch.compile(..., options={...})``): every :class:`RaBiTConfig` field (``paths``, ``skip``,
-``rounds``, ``scale_dtype``, ...) and ``inductor`` (bool, default True).
+``rounds``, ``scale_dtype``, ...), ``inductor`` and ``fuse_siblings`` (bools, default True).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import torch.fx as fx
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.kernels import PackedResidualBinary
 from rabit_compiler.passes import PackedSite, freeze_and_pack
+from rabit_compiler.passes.fuse import FUSED_TENSOR_ARGS, FusedMember, fuse_siblings
+from rabit_compiler.passes.graph_edit import oriented_weight
 from rabit_compiler.quantizer import PACK_CACHE, DataFreePackCache
 
 logger = logging.getLogger("rabit_compiler")
@@ -38,14 +44,21 @@ _INDUCTOR_MODES = {None, "default", "reduce-overhead", "max-autotune", "max-auto
 
 
 class PackedWeightGuard:
-    """Wraps a compiled graph; before each call, re-packs any layer whose runtime weight is not the tensor
-    (or the version) it was packed from."""
+    """Wraps a compiled graph; before each call, brings the packed tensors held by the graph up to date.
+
+    - A layer packed at compile time from an fp weight is re-packed when the runtime weight is not the tensor
+      (or the version) it was packed from.
+    - A fused sibling group copies packed tensors that were graph inputs (a ``quantize_``-packed model owns
+      them); a member is re-copied when one of those inputs changed.
+    """
 
     def __init__(
         self,
         compiled: Callable[..., Any],
         gm: fx.GraphModule,
         sites: Sequence[PackedSite],
+        fused: Sequence[Sequence[FusedMember]],
+        example_inputs: Sequence[Any],
         config: RaBiTConfig,
         cache: DataFreePackCache,
     ):
@@ -54,10 +67,15 @@ class PackedWeightGuard:
         self.config = config
         self.cache = cache
         self.repacks = 0
+        self._fused_at = {m.former_holder: m for group in fused for m in group if m.former_holder is not None}
         self._checks = [
             (site, site.weight_input_index, weakref.ref(site.weight), site.weight._version)
             for site in sites
             if site.weight_input_index is not None
+        ]
+        self._copies = [
+            (member, self._identity(example_inputs, member.input_indices)) for group in fused for member in group
+            if any(index is not None for index in member.input_indices)
         ]
 
     def __call__(self, *args: Any) -> Any:
@@ -65,21 +83,40 @@ class PackedWeightGuard:
             weight = args[index]
             if ref() is not weight or weight._version != version:
                 self._repack(position, site, weight)
+        for position, (member, identity) in enumerate(self._copies):
+            if identity != self._identity(args, member.input_indices):
+                self._recopy(position, member, args)
         return self.compiled(*args)
 
+    @staticmethod
+    def _identity(args: Sequence[Any], indices: Sequence[int | None]) -> tuple:
+        return tuple((id(args[i]), args[i]._version) for i in indices if i is not None)
+
+    def _recopy(self, position: int, member: FusedMember, args: Sequence[Any]) -> None:
+        holder = self.gm.get_submodule(member.module_name)
+        tensors = {name: args[index].detach() for name, index in zip(FUSED_TENSOR_ARGS, member.input_indices,
+                                                                      strict=True) if index is not None}
+        holder.write_segment(member.segment, **tensors)
+        self._copies[position] = (member, self._identity(args, member.input_indices))
+
     def _repack(self, position: int, site: PackedSite, weight: torch.Tensor) -> None:
-        holder = self.gm.get_submodule(site.module_name)
         if tuple(weight.shape) != tuple(site.weight.shape):
             raise RuntimeError(
                 f"rabit: layer {site.name} was packed for a weight of shape {tuple(site.weight.shape)} but "
                 f"received {tuple(weight.shape)}; recompile"
             )
-        oriented = weight.detach().T if site.layout == "in_out" else weight.detach()
+        oriented = oriented_weight(weight.detach(), site.layout)
         packed = self.cache.get(weight, oriented, self.config.for_layer(site.name))
-        with torch.no_grad():
-            holder.packed_signs.copy_(packed.packed_signs)
-            holder.row_scale.copy_(packed.row_scale)
-            holder.col_scale.copy_(packed.col_scale)
+        member = self._fused_at.get(site.module_name)
+        if member is not None:
+            self.gm.get_submodule(member.module_name).write_segment(
+                member.segment, packed.packed_signs, packed.row_scale, packed.col_scale)
+        else:
+            holder = self.gm.get_submodule(site.module_name)
+            with torch.no_grad():
+                holder.packed_signs.copy_(packed.packed_signs)
+                holder.row_scale.copy_(packed.row_scale)
+                holder.col_scale.copy_(packed.col_scale)
         logger.info("rabit: re-packed %s (its weight tensor changed since compilation)", site.name)
         self.repacks += 1
         self._checks[position] = (site, site.weight_input_index, weakref.ref(weight), weight._version)
@@ -94,6 +131,7 @@ def rabit_backend(
     """``torch.compile(model, backend="rabit", mode=..., options=...)``; see the module docstring."""
     options = dict(options or {})
     use_inductor = bool(options.pop("inductor", True))
+    fuse = bool(options.pop("fuse_siblings", True))
     config = RaBiTConfig.from_options(options)
     if mode not in _INDUCTOR_MODES:
         valid = sorted(m for m in _INDUCTOR_MODES if m)
@@ -109,6 +147,10 @@ def rabit_backend(
     for site in skipped:
         logger.info("rabit: left in full precision: %s (%s)", site.node.name, site.reason)
     logger.info("rabit: packed %d linear layers into %d-path residual binary", len(packed_sites), config.paths)
+    fused = fuse_siblings(gm, example_inputs) if fuse else []
+    if fused:
+        logger.info("rabit: fused %d sibling groups (%s)", len(fused),
+                    ", ".join(str(len(group)) for group in fused))
     compiled: Callable[..., Any] = gm
     if use_inductor:
         try:
@@ -116,7 +158,7 @@ def rabit_backend(
         except Exception as error:  # Inductor cannot compile this graph: run the packed graph eagerly
             logger.warning("rabit: Inductor failed on this graph, running it eagerly (%s: %s)",
                            type(error).__name__, error)
-    return PackedWeightGuard(compiled, gm, packed_sites, config, PACK_CACHE)
+    return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE)
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:

@@ -100,4 +100,4 @@ class RaBiTConfig:
         return (self.paths, self.rounds, self.scale_dtype)
 
 
-BACKEND_ONLY_OPTIONS = {"inductor"}
+BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings"}
