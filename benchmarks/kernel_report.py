@@ -9,8 +9,8 @@
    Core GPU datasheet, "GPU memory bandwidth", SXM form factor), and the fp16 ratio it implies.
 3. From the SASS of the sm_89 / sm_90 cubins (``triton.compile`` ahead of time; see
    :mod:`rabit_compiler.kernels.aot`): registers, stack and spill instructions, the width of the sign-word loads,
-   and the K loop's instruction count per packed int32 word and per sign bit (per thread: the loop body handles
-   ``PATHS_P2 * BLOCK_N * BLOCK_KW / (32 * num_warps)`` words per thread per iteration).
+   and the K loop's instruction count per packed int32 word and per sign bit of the tile (per thread: the loop
+   body handles ``PATHS_P2 * BLOCK_N * BLOCK_KW / (32 * num_warps)`` words per iteration; k = 3 is padded to 4).
 4. For the batch-1 GEMV: the sign-byte rate its K loop can sustain, from those counts and the per-SM issue and
    ALU-pipe rates (CUDA C++ Programming Guide throughput table; SM counts and boost clocks from NVIDIA's
    whitepapers), against DRAM bandwidth: whether the roofline of table 1 is reachable at all.
@@ -74,17 +74,27 @@ def report_specs() -> list[dict]:
     return specs
 
 
+def pack_specs() -> list[dict]:
+    """The GPU pack kernel for fp16 / bf16 / fp32 sources, per arch."""
+    from rabit_compiler.kernels.triton_pack import PACK_BLOCK_R, PACK_BLOCK_W, PACK_NUM_WARPS
+
+    return [dict(kernel="_pack_signs_kernel", dtype=dtype, arch=arch, num_warps=PACK_NUM_WARPS, num_stages=2,
+                 constexprs=dict(BLOCK_R=PACK_BLOCK_R, BLOCK_W=PACK_BLOCK_W))
+            for arch in ARCHS for dtype in ("float16", "bfloat16", "float32")]
+
+
 def instruction_ceiling(results: list[dict]) -> list[str]:
     """For each batch-1 GEMV variant: the sign-byte throughput the K loop's instructions allow (issue rate and
     ALU pipe), against the DRAM bandwidth the roofline assumes."""
-    lines = ["| GPU | k | instr / sign bit | ALU instr / sign bit | issue-bound GB/s of signs | ALU-bound GB/s "
-             "of signs | DRAM GB/s | predicted bound |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| GPU | k | instr / useful sign bit | ALU instr / useful sign bit | issue-bound GB/s of signs | "
+             "ALU-bound GB/s of signs | DRAM GB/s | predicted bound |", "|---|---|---|---|---|---|---|---|"]
     for gpu, (arch, sms, ghz) in GPU_CORES.items():
         for r in results:
             c = r["constexprs"]
             if r["arch"] != arch or r["kernel"] != "_rbl_gemv_kernel" or c["BLOCK_M"] != 1 or c["NUM_SEGMENTS"] != 1:
                 continue
-            bits_per_thread = 32 * c["PATHS_P2"] * c["BLOCK_N"] * c["BLOCK_KW"] / (32 * r["num_warps"])
+            # useful bits only: with k = 3 the tile pads the path axis to 4 and computes on the masked plane
+            bits_per_thread = 32 * c["NUM_PATHS"] * c["BLOCK_N"] * c["BLOCK_KW"] / (32 * r["num_warps"])
             per_bit = r["loop"]["instructions"] / bits_per_thread
             alu_per_bit = sum(n for op, n in r["loop"]["opcodes"].items() if op in ALU_OPCODES) / bits_per_thread
             issue_gbs = sms * ISSUE_PER_SM_CLOCK * ghz / per_bit / 8
@@ -103,9 +113,11 @@ def aot_tables() -> list[str]:
     reason = missing_toolchain()
     if reason:
         return [f"AOT section skipped: {reason}"]
-    results = compile_variants(report_specs())
+    linear_specs = report_specs()
+    results = compile_variants(linear_specs + pack_specs())
+    results, packs = results[:len(linear_specs)], results[len(linear_specs):]
     lines = ["| kernel | arch | k | S | BM x BN x BKW | warps / stages | regs | stack | LDL/STL | sign words "
-             "per load | 128-bit loads | K-loop instr | instr / word | instr / bit / row | main opcodes |",
+             "per load | 128-bit loads | K-loop instr | instr / tile word | instr / tile bit / row | main opcodes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["constexprs"]
@@ -118,6 +130,9 @@ def aot_tables() -> list[str]:
             f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['local_ops']} | "
             f"{sorted(set(r['sign_load_widths']))} | {r['wide_loads']} | {r['loop']['instructions']} | "
             f"{per_word:.1f} | {per_word / 32 / c['BLOCK_M']:.2f} | {top} |")
+    lines += ["", "GPU pack kernel: " + "; ".join(
+        f"sm_{r['arch']} {r['dtype']}: {r['regs']} regs, stack {r['stack']}, {r['local_ops']} LDL/STL, "
+        f"{r['wide_loads']} 128-bit loads" for r in packs)]
     lines += ["", "### Batch-1 GEMV: can the K loop keep up with DRAM? (counts above x per-SM rates, boost clock)", ""]
     return lines + instruction_ceiling(results)
 
