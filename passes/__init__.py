@@ -1,14 +1,16 @@
-"""The FX passes of the rabit compiler, one job per module: find, rewrite, freeze & pack, fuse siblings."""
+"""The FX passes of the rabit compiler, one job per module: find, rewrite, freeze & pack, fuse, CPU lowering."""
 
 from .find import GraphWeights, LinearSite, SkippedSite, find_linears, weight_used_elsewhere
 from .freeze import PackedLinearWeights, PackedSite, freeze_and_pack
 from .fuse import FusedMember, PackedSiblingWeights, fuse_siblings
+from .lower import LoweredCall, lower_for_cpu
 from .rewrite import ResidualBinaryScales, RewrittenSite, rewrite_linears
 
 __all__ = [
     "FusedMember",
     "GraphWeights",
     "LinearSite",
+    "LoweredCall",
     "PackedLinearWeights",
     "PackedSiblingWeights",
     "PackedSite",
@@ -18,6 +20,7 @@ __all__ = [
     "find_linears",
     "freeze_and_pack",
     "fuse_siblings",
+    "lower_for_cpu",
     "rewrite_linears",
     "weight_used_elsewhere",
 ]

@@ -1,0 +1,119 @@
+"""CPU lowering of the packed residual-binary linear: plain aten ops that Inductor's C++ backend fuses.
+
+For ``x [..., K]``, ``packed_signs`` int32 ``[k, N, W = ceil(K/32)]`` (format v1: bit ``j`` of word ``w`` is
+column ``32 w + j``, set = -1), ``row_scale g [k, N]``, ``col_scale h [k, K]``, ``bias [N]`` or None::
+
+    y = sum_i g_i * (B_i @ (h_i * x)) + b                                       -> [..., N]
+
+Two forms, both accumulating in :func:`.reference.accumulation_dtype` (fp32, fp64 for fp64 input):
+
+* ``"bitwise"`` (decode, few rows) is matmul-free. With ``v_i = h_i * x`` zero-padded
+  to ``32 W`` columns and ``bit_i[n, c]`` in {0, 1}, ``B_i @ v_i = sum_c v_i[c] - 2 sum_c bit_i[n, c] v_i[c]``,
+  so each packed word is shifted by ``0..31``, masked to one bit per lane, converted to 0/1 and multiplied
+  into ``v_i`` (an FMA). Inductor emits one vectorized reduction loop nest over (word, bit): nothing of
+  ``N x K`` elements is ever materialized, only ``k N W`` words are read.
+* ``"dense"`` (prefill, many rows) materializes ``W_hat = sum_i g_i B_i h_i``
+  (``N x K``) once per call and does one ``x @ W_hat.T``: the unpack is amortized over the rows and the
+  matmul library beats a per-row bit loop there (see ``benchmarks/cpu_layers.py``).
+
+:func:`cpu_form` picks one from the number of rows (:data:`BITWISE_MAX_ROWS`, chosen by measurement). Every
+function here uses only ``in_features`` (and ``out_features`` for siblings) as static sizes and broadcasts
+over the leading dimensions of ``x``, so FX proxies with symbolic batch sizes trace through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .packing import BITS_PER_WORD, segment_starts, words_per_row
+from .reference import accumulation_dtype
+
+# Largest number of rows (prod of x.shape[:-1]) for which the bitwise form is used; measured on the 2-core
+# CPU with SmolLM2 shapes (benchmarks/cpu_layers.py, benchmarks/RESULTS.md).
+BITWISE_MAX_ROWS = 4
+
+
+def cpu_form(rows: int) -> str:
+    """``"bitwise"`` for at most :data:`BITWISE_MAX_ROWS` rows, else ``"dense"``."""
+    return "bitwise" if rows <= BITWISE_MAX_ROWS else "dense"
+
+
+def _bits(packed_signs: torch.Tensor) -> torch.Tensor:
+    """int32 ``[k, N, W]`` -> int32 ``[k, N, W, 32]`` of 0/1, ``[..., w, j]`` = bit j of word w (1 means -1)."""
+    shifts = torch.arange(BITS_PER_WORD, dtype=torch.int32)
+    return torch.bitwise_and(torch.bitwise_right_shift(packed_signs.unsqueeze(-1), shifts), 1)
+
+
+def _bitwise(x: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+             bias: torch.Tensor | None, in_features: int, accumulate: torch.dtype) -> torch.Tensor:
+    """``y = sum_i g_i * (S_i - 2 sum_c bit_i[n, c] v_i[c]) + b`` with ``v_i = h_i * x``, ``S_i = sum_c v_i[c]``."""
+    num_words = words_per_row(in_features)
+    scaled = x.unsqueeze(-2).to(accumulate) * col_scale.to(accumulate)                # [..., k, K]
+    scaled = F.pad(scaled, (0, num_words * BITS_PER_WORD - in_features))                # [..., k, 32 W]
+    scaled = scaled.unflatten(-1, (num_words, BITS_PER_WORD)).unsqueeze(-3)           # [..., k, 1, W, 32]
+    negated = (_bits(packed_signs).to(accumulate) * scaled).sum((-2, -1))            # [..., k, N]
+    total = scaled.sum((-2, -1))                                                        # [..., k, 1]
+    out = ((total - 2 * negated) * row_scale.to(accumulate)).sum(-2)                   # [..., N]
+    if bias is not None:
+        out = out + bias.to(accumulate)
+    return out.type_as(x)
+
+
+def _dense(x: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+           bias: torch.Tensor | None, in_features: int, accumulate: torch.dtype) -> torch.Tensor:
+    """``y = x @ W_hat.T + b`` with ``W_hat [N, K] = sum_i g_i * (1 - 2 bit_i) * h_i`` built in ``accumulate``."""
+    signs = (1 - 2 * _bits(packed_signs)).flatten(-2)[..., :in_features].to(accumulate)   # [k, N, K]
+    weight = (row_scale.to(accumulate).unsqueeze(-1) * signs * col_scale.to(accumulate).unsqueeze(-2)).sum(0)
+    bias = None if bias is None else bias.to(accumulate)
+    return F.linear(x.to(accumulate), weight, bias).type_as(x)
+
+
+_FORMS = {"bitwise": _bitwise, "dense": _dense}
+
+
+def residual_binary_linear_cpu(
+    x: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    form: str | None = None,
+    accumulate: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The packed linear in the given ``form`` (``"bitwise"`` / ``"dense"``; default :func:`cpu_form` of the
+    rows of ``x``), accumulating in ``accumulate`` (default ``accumulation_dtype(x.dtype)``; give both
+    explicitly when ``x`` is an FX proxy). Shapes as in the module docstring; returns ``x.dtype``."""
+    form = form or cpu_form(x.numel() // max(x.shape[-1], 1))
+    if form not in _FORMS:
+        raise ValueError(f"unknown CPU form {form!r}; expected one of {sorted(_FORMS)}")
+    accumulate = accumulate or accumulation_dtype(x.dtype)
+    return _FORMS[form](x, packed_signs, row_scale, col_scale, bias, in_features, accumulate)
+
+
+def residual_binary_linear_siblings_cpu(
+    x: torch.Tensor,
+    packed_signs: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: Sequence[int],
+    form: str | None = None,
+    accumulate: torch.dtype | None = None,
+) -> torch.Tensor:
+    """S siblings sharing ``x`` (``packed_signs [k, N_total, W]``, ``row_scale [k, N_total]``,
+    ``col_scale [S, k, K]``, ``bias [N_total]`` or None; sibling s owns ``out_features[s]`` consecutive rows):
+    each one by :func:`residual_binary_linear_cpu`, concatenated along the last dim -> ``[..., N_total]``."""
+    starts = segment_starts(out_features)
+    parts = [
+        residual_binary_linear_cpu(
+            x, packed_signs[:, start:end], row_scale[:, start:end], col_scale[segment],
+            None if bias is None else bias[start:end], in_features, form, accumulate,
+        )
+        for segment, (start, end) in enumerate(zip(starts[:-1], starts[1:], strict=True))
+    ]
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,185 @@
+"""FX pass 4b, *lower for CPU*: packed-linear calls on the CPU become plain aten ops that Inductor fuses.
+
+Every ``rabit::residual_binary_linear`` and ``rabit::residual_binary_linear_siblings`` call whose ``x`` and
+packed tensors are on the CPU is replaced by the decomposition of
+:mod:`rabit_compiler.kernels.cpu_lowering`, traced into the graph on FX proxies (its tensor constants become
+buffers of ``gm``), so Inductor's C++ backend fuses it with its neighbours instead of calling the opaque op.
+The form (matmul-free ``"bitwise"`` or ``"dense"``) is chosen by :func:`~rabit_compiler.kernels.cpu_lowering.
+cpu_form` from the rows of ``x`` at compile time; a symbolic row count uses its size hint (the example the
+graph was compiled for), and the chosen form stays correct for every row count, only its speed depends on it.
+
+Use: ``lower_for_cpu(gm, example_inputs)`` after freeze/fuse and before ``compile_fx``. Calls that cannot be
+lowered (a CUDA tensor, an ``x`` whose dtype and shape are unknown) are left as they are, with the reason
+logged and returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from rabit_compiler.kernels.cpu_lowering import (
+    cpu_form,
+    residual_binary_linear_cpu,
+    residual_binary_linear_siblings_cpu,
+)
+from rabit_compiler.kernels.reference import accumulation_dtype
+
+from .find import GraphWeights
+from .freeze import declare_buffers_to_dynamo
+from .graph_edit import finish, unique_module_name
+
+logger = logging.getLogger("rabit_compiler")
+
+SINGLE_OP = torch.ops.rabit.residual_binary_linear.default
+SIBLINGS_OP = torch.ops.rabit.residual_binary_linear_siblings.default
+_DECOMPOSITIONS = {SINGLE_OP: residual_binary_linear_cpu, SIBLINGS_OP: residual_binary_linear_siblings_cpu}
+# a symbolically traced graph calls the overload packet (``torch.ops.rabit.residual_binary_linear``)
+_OVERLOADS = {op: op for op in _DECOMPOSITIONS} | {op.overloadpacket: op for op in _DECOMPOSITIONS}
+
+
+@dataclass
+class LoweredCall:
+    """One op call the pass replaced (``form`` is ``"bitwise"`` or ``"dense"``) or left (``reason``)."""
+
+    name: str
+    form: str | None = None
+    reason: str | None = None
+
+
+class _ConstantTracer(fx.proxy.GraphAppendingTracer):
+    """Appends to ``gm.graph``; a tensor built while tracing (e.g. the bit positions) becomes a buffer of a
+    ``rabit_cpu_constants`` submodule of ``gm`` (declared to Dynamo), shared by equal constants."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm.graph)
+        self.gm = gm
+        self.holder_name: str | None = None
+        self.constants: dict[tuple, str] = {}
+
+    def create_arg(self, a: object) -> object:
+        if isinstance(a, torch.Tensor):
+            key = (a.dtype, a.device, tuple(a.shape), tuple(a.flatten().tolist()))
+            if key not in self.constants:
+                if self.holder_name is None:
+                    self.holder_name = unique_module_name(self.gm, "constants", "rabit_cpu")
+                    self.gm.add_submodule(self.holder_name, torch.nn.Module())
+                buffer = f"constant_{len(self.constants)}"
+                self.gm.get_submodule(self.holder_name).register_buffer(buffer, a)
+                declare_buffers_to_dynamo(self.gm, self.holder_name, [buffer])
+                self.constants[key] = f"{self.holder_name}.{buffer}"
+            return self.graph.get_attr(self.constants[key])
+        return super().create_arg(a)
+
+
+def _example(node: object, weights: GraphWeights) -> torch.Tensor | None:
+    """The tensor (real or fake) a node stands for, from the example inputs, an attribute or its meta."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op in ("placeholder", "get_attr"):
+        try:
+            value = weights.value(node)
+        except (KeyError, AttributeError):
+            value = None
+        if isinstance(value, torch.Tensor):
+            return value
+    for key in ("val", "example_value"):
+        value = node.meta.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    tensor_meta = node.meta.get("tensor_meta")
+    if tensor_meta is not None:
+        return torch.empty(tensor_meta.shape, dtype=tensor_meta.dtype, device="meta")
+    return None
+
+
+def _rows(x: torch.Tensor) -> int | None:
+    """Rows of ``x [..., K]``; a symbolic size counts as its hint; None when a size has no hint (unbacked)."""
+    rows = 1
+    for size in x.shape[:-1]:
+        hint = size.node.hint if isinstance(size, torch.SymInt) else size
+        if hint is None:
+            return None
+        rows *= int(hint)
+    return rows
+
+
+def _call_arguments(node: fx.Node) -> dict[str, object]:
+    """The op's arguments by schema name (positional and keyword)."""
+    schema = _OVERLOADS[node.target]._schema
+    arguments = dict(zip([argument.name for argument in schema.arguments], node.args, strict=False))
+    arguments.update(node.kwargs)
+    for argument in schema.arguments:
+        if argument.name not in arguments and argument.has_default_value():
+            arguments[argument.name] = argument.default_value
+    return arguments
+
+
+def _skip_reason(arguments: dict[str, object], weights: GraphWeights) -> str | None:
+    x = _example(arguments["x"], weights)
+    if x is None:
+        return "the dtype and shape of x are unknown (no example input or meta)"
+    for name in ("x", "packed_signs", "row_scale", "col_scale", "bias"):
+        value = x if name == "x" else _example(arguments[name], weights)
+        if value is None and name == "bias" and arguments[name] is None:
+            continue
+        if value is None:
+            return f"{name} has no known device"
+        if value.device.type not in ("cpu", "meta"):
+            return f"{name} is on {value.device}"
+    return None
+
+
+def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.Tensor, form: str | None) -> str:
+    arguments = _call_arguments(node)
+    if form is None:
+        rows = _rows(x)
+        form = "dense" if rows is None else cpu_form(rows)
+    tensors = {
+        name: None if arguments[name] is None else fx.Proxy(arguments[name], tracer)
+        for name in ("x", "packed_signs", "row_scale", "col_scale", "bias")
+    }
+    statics = {"in_features": arguments["in_features"]}
+    op = _OVERLOADS[node.target]
+    if op is SIBLINGS_OP:
+        statics["out_features"] = list(arguments["out_features"])
+    with gm.graph.inserting_before(node):
+        out = _DECOMPOSITIONS[op](**tensors, **statics, form=form,
+                                           accumulate=accumulation_dtype(x.dtype))
+    out.node.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace")})
+    node.replace_all_uses_with(out.node)
+    gm.graph.erase_node(node)
+    return form
+
+
+def lower_for_cpu(
+    gm: fx.GraphModule, example_inputs: Sequence[object] | None = None, form: str | None = None
+) -> list[LoweredCall]:
+    """Replace, in place, every CPU call of ``rabit::residual_binary_linear`` /
+    ``rabit::residual_binary_linear_siblings`` in ``gm`` by its traced decomposition; recompiles ``gm``.
+
+    ``example_inputs`` are the placeholders' values (what a ``torch.compile`` backend receives); without them
+    the dtype and rows of ``x`` come from node meta (``val`` / ``example_value`` / ``tensor_meta``). ``form``
+    forces ``"bitwise"`` or ``"dense"`` for every call (default: by the rows of each call's ``x``). Returns one
+    :class:`LoweredCall` per op call: its form, or why it was left.
+    """
+    weights = GraphWeights(gm, example_inputs)
+    tracer = _ConstantTracer(gm)
+    calls = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _OVERLOADS:
+            continue
+        arguments = _call_arguments(node)
+        reason = _skip_reason(arguments, weights)
+        if reason is not None:
+            logger.info("rabit: %s not lowered for the CPU: %s", node.name, reason)
+            calls.append(LoweredCall(node.name, reason=reason))
+            continue
+        x = _example(arguments["x"], weights)
+        calls.append(LoweredCall(node.name, form=_lower(gm, node, tracer, x, form)))
+    if calls:
+        finish(gm)
+    return calls
