@@ -33,7 +33,11 @@ Only Triton APIs present in 3.6 and later are used. Offsets are int32: tensors s
 Static cost (SASS of the K loop, ptxas 12.9 / 13.x): the GEMV spends about 3.5 instructions per sign bit per
 path per row of x (one LOP3, one FSEL, one FADD per bit, the rest is loads and the shared-memory relayout of x),
 2.9 with two rows per program; the GEMM about 6.7 per bit per path for a whole 16-row tile. Those counts set
-:data:`GEMV_MAX_ROWS`; GPU timings should refine it.
+:data:`GEMV_MAX_ROWS`; GPU timings should refine it. Two of the GEMV's instructions per bit (LOP3, FSEL) run on
+the ALU pipe (64 lanes per SM per clock on sm_89 / sm_90), which predicts an instruction-bound GEMV on the H100
+at about 1 TB/s of sign bytes (30% of its DRAM bandwidth) and a DRAM-bound one on the RTX 4090
+(``benchmarks/kernel_report.py``); reaching the H100's bandwidth needs fewer instructions per bit (e.g. a
+lookup table of signed partial sums per group of columns), not a different tiling.
 """
 
 from __future__ import annotations
@@ -448,14 +452,18 @@ def residual_binary_linear_triton(
     col_scale: torch.Tensor,
     bias: torch.Tensor | None,
     in_features: int,
-    **launch_options,
+    *,
+    out: torch.Tensor | None = None,
+    kernel: str | None = None,
+    config: KernelConfig | None = None,
+    wrap: Callable | None = None,
 ) -> torch.Tensor:
     """One linear ``y [..., N] = sum_i g_i * (B_i @ (h_i * x)) + b`` (``col_scale [k, K]``): the one-sibling case
-    of :func:`residual_binary_linear_siblings_triton`, with the same keyword options (``out``, ``kernel``,
-    ``config``, ``wrap``)."""
+    of :func:`residual_binary_linear_siblings_triton`, with the same keyword options."""
     validate_packed(packed_signs, row_scale, col_scale, bias, in_features)
     return residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale.unsqueeze(0), bias,
-                                                  in_features, [packed_signs.shape[1]], **launch_options)
+                                                  in_features, [packed_signs.shape[1]], out=out, kernel=kernel,
+                                                  config=config, wrap=wrap)
 
 
 __all__ = [
