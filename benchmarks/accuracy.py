@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
+    parser.add_argument("--optimizer", default="adamw", choices=("muon", "adamw"),
+                        help="default adamw (fused): Muon's Newton-Schulz iterations are costly on a CPU")
     parser.add_argument("--lr-latent", type=float, default=QATConfig.lr_latent)
     parser.add_argument("--lr-scale", type=float, default=QATConfig.lr_scale)
     parser.add_argument("--warmup-steps", type=int, default=10)
@@ -101,6 +102,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="x 512 tokens of lee.cor (default: all)")
     parser.add_argument("--compile", action="store_true", help="student forward under torch.compile (Inductor)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--packed-eval", action="store_true", help="also evaluate each trained model after convert")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="results.json of an earlier run (same settings) whose other methods' rows to include")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/accuracy_cpu"))
     args = parser.parse_args()
 
@@ -114,7 +118,7 @@ def main() -> None:
     qat_config = QATConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                            eval_every=args.eval_every, optimizer=args.optimizer, lr_latent=args.lr_latent,
                            lr_scale=args.lr_scale, warmup_steps=args.warmup_steps, gamma=args.gamma,
-                           compile=args.compile, seed=args.seed)
+                           compile=args.compile, seed=args.seed, eval_batch_size=heldout.shape[0])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "commit": commit,
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -124,6 +128,7 @@ def main() -> None:
     print(f"held-out {tuple(heldout.shape)}, train windows {tuple(train_windows.shape)}, "
           f"calibration {tuple(calibration.shape)}")
     fits = None
+    init_ppl = None
     if any(m in args.methods for m in ("ptq", *QAT_METHODS)):
         fits = cached_fits(model, config, calibration)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -144,16 +149,26 @@ def main() -> None:
         else:
             prepare_qat(student, config, method, fits=fits)
             trainer = QATTrainer(student, model, qat_config, train_windows, heldout)
+            if init_ppl is None:  # every method starts from the same function (reproduced exactly): eval once
+                init_ppl = trainer.evaluate()
+            trainer.history["eval"] = [[0, 0, init_ppl]]
             history = trainer.train()
             trained_seconds = time.perf_counter() - started
             convert(student, config)
             row.update(steps=trainer.step, tokens=trainer.tokens_seen(), ppl=history["eval"][-1][2],
-                       packed_ppl=perplexity(student, heldout), history=history, train_seconds=trained_seconds)
+                       history=history, train_seconds=trained_seconds)
+            if args.packed_eval:
+                row["packed_ppl"] = perplexity(student, heldout)
         row["seconds"] = time.perf_counter() - started
         results["methods"][method] = row
         print(f"{method}: PPL {row['ppl']:.2f} ({row['seconds']:.0f} s)", flush=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
         del student
+    if args.reuse is not None:  # read at the end: the earlier run may still have been going at the start
+        earlier = json.loads(args.reuse.read_text())["methods"]
+        reused = {m: row | {"reused_from": str(args.reuse)} for m, row in earlier.items() if m not in args.methods}
+        results["methods"] = reused | results["methods"]
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print("\n| method | steps | tokens | held-out PPL | packed PPL | wall |\n|---|---|---|---|---|---|")
     for method, row in results["methods"].items():
         packed = f"{row['packed_ppl']:.2f}" if "packed_ppl" in row else "—"

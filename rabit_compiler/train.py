@@ -175,11 +175,12 @@ class QATTrainer:
         if config.optimizer == "muon":
             optimizers = [torch.optim.Muon(latents, lr=config.lr_latent, weight_decay=config.weight_decay,
                                            adjust_lr_fn="match_rms_adamw"),
-                          torch.optim.AdamW(others, lr=config.lr_scale, weight_decay=0.0)]
+                          torch.optim.AdamW(others, lr=config.lr_scale, weight_decay=0.0, fused=True)]
         else:
             optimizers = [torch.optim.AdamW([{"params": latents, "lr": config.lr_latent,
                                               "weight_decay": config.weight_decay},
-                                             {"params": others, "lr": config.lr_scale, "weight_decay": 0.0}])]
+                                             {"params": others, "lr": config.lr_scale, "weight_decay": 0.0}],
+                                            fused=True)]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["base_lr"] = group["lr"]
