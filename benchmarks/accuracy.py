@@ -33,6 +33,7 @@ import torch
 from rabit_compiler.cache import cache_dir
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.data import lee_corpus, token_windows
+from rabit_compiler.diagnostics import path_diagnostics
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
 from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
@@ -40,6 +41,7 @@ from rabit_compiler.train import QATConfig, QATTrainer
 
 QAT_METHODS = ("frozen", "standard", "rabit")
 ALL_METHODS = ("fp32", "rtn", "ptq-greedy", "ptq", *QAT_METHODS)
+DIAGNOSED = "model.layers.15."  # the diagnostics' layers: one decoder block in the middle of SmolLM2
 
 
 def cached_fits(model: torch.nn.Module, config: RaBiTConfig, calibration: torch.Tensor | None) -> LinearFits:
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="x 512 tokens of lee.cor (default: all)")
     parser.add_argument("--compile", action="store_true", help="student forward under torch.compile (Inductor)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--diagnostics", type=int, default=7, help="path diagnostics of this many layers (0: none)")
     parser.add_argument("--packed-eval", action="store_true", help="also evaluate each trained model after convert")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="results.json of an earlier run (same settings) whose other methods' rows to include")
@@ -154,6 +157,12 @@ def main() -> None:
             trainer.history["eval"] = [[0, 0, init_ppl]]
             history = trainer.train()
             trained_seconds = time.perf_counter() - started
+            if args.diagnostics:
+                layers = [n for n in trainer.layers if n.startswith(DIAGNOSED)][: args.diagnostics]
+                row["diagnostics"] = [vars(d) for d in path_diagnostics(student, model, calibration[:1], layers=layers)]
+                for d in row["diagnostics"]:
+                    print(f"  {d['layer']}: Corr(y1, y2) = {d['path_correlation']:.3f}, "
+                          f"Corr(R1 x, y2) = {d['residual_alignment']:.3f}")
             convert(student, config)
             row.update(steps=trainer.step, tokens=trainer.tokens_seen(), ppl=history["eval"][-1][2],
                        history=history, train_seconds=trained_seconds)
