@@ -175,7 +175,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", choices=["smollm2", *RANDOM_SHAPES], default=None,
                         help="default: llama2-7b llama3-8b smollm2 on CUDA, smollm2 elsewhere")
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--paths", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=0, help="SVID rounds of the data-free fit (speed only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     models = ["tiny"] if args.tiny else args.model or (["llama2-7b", "llama3-8b", "smollm2"]
                                                        if device.type == "cuda" else ["smollm2"])
