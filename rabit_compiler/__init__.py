@@ -4,11 +4,14 @@
 from rabit_compiler import kernels as kernels  # registers the rabit:: torch.library ops
 from rabit_compiler.backend import rabit_backend, register
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.qat import convert, prepare_qat
 from rabit_compiler.quantize import QuantizeReport, RaBiTLinear, quantize_
 from rabit_compiler.serialization import RaBiTFormatError, load, save
+from rabit_compiler.train import QATConfig, QATTrainer
 
 register()
 
 __all__ = [
-    "QuantizeReport", "RaBiTConfig", "RaBiTFormatError", "RaBiTLinear", "load", "quantize_", "rabit_backend", "save",
+    "QATConfig", "QATTrainer", "QuantizeReport", "RaBiTConfig", "RaBiTFormatError", "RaBiTLinear", "convert", "load",
+    "prepare_qat", "quantize_", "rabit_backend", "save",
 ]
