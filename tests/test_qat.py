@@ -196,3 +196,28 @@ def test_bad_inputs_raise_clear_errors(teacher, fits, windows, tmp_path):
         token_windows(tokenizer, tmp_path / "empty.txt", SEQ)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         token_windows(tokenizer, tmp_path / "missing.txt", SEQ)
+
+
+def test_cli_quantize_then_eval(teacher, tmp_path, capsys):
+    from rabit_compiler.cli import main
+
+    words = [f"w{i}" for i in range(VOCAB - 2)]
+    core = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1} | {w: i + 2 for i, w in enumerate(words)},
+                                      unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path / "fp")
+    teacher.save_pretrained(tmp_path / "fp")
+    generator = torch.Generator().manual_seed(2)
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (40 * SEQ,), generator=generator).tolist())
+    (tmp_path / "train.txt").write_text(text)
+    common = ["--model", str(tmp_path / "fp"), "--text", str(tmp_path / "train.txt"), "--seq-len", str(SEQ)]
+    main(["quantize", *common, "--method", "rabit", "--steps", "2", "--optimizer", "adamw", "--batch-size", "2",
+          "--diagnostics", "2", "--out", str(tmp_path / "rabit")])
+    main(["quantize", *common, "--method", "rtn", "--out", str(tmp_path / "rtn")])
+    printed = capsys.readouterr().out
+    assert "rabit: 2 steps, 64 tokens" in printed and "Corr(R1 x, y2)" in printed and "rtn: 0 steps" in printed
+    main(["eval", "--model", str(tmp_path / "fp"), "--quantized", str(tmp_path / "rabit"), str(tmp_path / "rtn"),
+          "--text", str(tmp_path / "train.txt"), "--seq-len", str(SEQ)])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| model | method") and len(table) == 5
+    assert "| rabit | 2 | 64 |" in table[3] and "| rtn | 0 | 0 |" in table[4]
