@@ -138,27 +138,28 @@ def _worker(specs: list[dict]) -> list[dict]:
     return [compile_variant(spec) for spec in specs]
 
 
+#: variants per worker subprocess (each compile takes seconds; a bounded chunk keeps every subprocess well
+#: inside its time limit on a loaded machine, whatever the number of variants).
+VARIANTS_PER_WORKER = 12
+
+
 def compile_variants(specs: list[dict]) -> list[dict]:
-    """Compile ``specs`` in subprocesses (TRITON_INTERPRET unset), one per CPU core; results in spec order."""
+    """Compile ``specs`` in subprocesses (TRITON_INTERPRET unset) of at most :data:`VARIANTS_PER_WORKER`
+    variants, one running per CPU core (at most 8); results in spec order."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     workers = max(1, min(len(specs), os.cpu_count() or 1, 8))
-    chunks = [specs[i::workers] for i in range(workers)]
+    chunks = [specs[i:i + VARIANTS_PER_WORKER] for i in range(0, len(specs), VARIANTS_PER_WORKER)]
 
     def run(chunk):
         proc = subprocess.run([sys.executable, "-m", "rabit_compiler.kernels.aot", "--worker"], input=json.dumps(chunk),
-                              capture_output=True, text=True, env=env, timeout=600)
+                              capture_output=True, text=True, env=env, timeout=900)
         if proc.returncode != 0:
             raise RuntimeError(f"AOT worker failed:\n{proc.stderr[-4000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(run, chunks))
-    merged = [None] * len(specs)
-    for w, chunk_results in enumerate(results):
-        for j, result in enumerate(chunk_results):
-            merged[w + j * workers] = result
-    return merged
+        return [result for chunk_results in pool.map(run, chunks) for result in chunk_results]
 
 
 def missing_toolchain() -> str | None:
