@@ -5,8 +5,9 @@
 
 Each measurement calls one graph of ``--layers`` distinct layers of a shape, all applied to the same input
 (the Python/guard overhead of a call is shared, as in a whole model, and the weights do not all stay in
-L1/L2), and reports time / layers: the median over ``--runs`` calls, best of ``--repeats`` rounds (the CPU
-is shared; the load average is printed). Random weights and signs (speed does not depend on the values).
+L1/L2), and reports time / layers: the median over ``--runs`` calls (fewer for a slow variant, see
+``--seconds``), best of ``--repeats`` rounds (the CPU is shared; the load average is printed). Random
+weights and signs (speed does not depend on the values).
 
 Variants, measured in the same run with ``torch.set_num_threads(--threads)``:
 
@@ -88,10 +89,13 @@ def lowering_backend(form: str) -> Callable:
     return backend
 
 
-def median_time(fn: Callable[[], object], runs: int, repeats: int) -> float:
-    """Best over ``repeats`` rounds of the median of ``runs`` timed calls, in seconds."""
-    for _ in range(max(runs // 10, 3)):
+def median_time(fn: Callable[[], object], runs: int, repeats: int, seconds: float) -> float:
+    """Best over ``repeats`` rounds of the median of ``runs`` timed calls (fewer, at least 5, if a round
+    would take over ``seconds``), in seconds."""
+    start = time.perf_counter()
+    for _ in range(3):
         fn()
+    runs = max(5, min(runs, int(seconds / ((time.perf_counter() - start) / 3))))
     best = float("inf")
     for _ in range(repeats):
         times = []
@@ -116,6 +120,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=1.0, help="time budget of one round of one variant")
     parser.add_argument("--shapes", nargs="*", choices=sorted(SMOLLM2_SHAPES), default=list(SMOLLM2_SHAPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -147,7 +152,7 @@ def main() -> None:
             error = max((g - e).abs().max().item() / e.abs().max().item() for g, e in zip(got, expected, strict=True))
             if error > 1e-4:
                 raise AssertionError(f"{variant} differs from the op by {error:.3g} (relative) on {name}")
-        times = {label: median_time(lambda fn=fn, x=x: fn(x), args.runs, args.repeats) / args.layers
+        times = {label: median_time(lambda fn=fn, x=x: fn(x), args.runs, args.repeats, args.seconds) / args.layers
                  for label, fn in variants.items()}
         base = times["fp32 eager"]
         cells = [f"{times[label] * 1e6:.1f} ({base / times[label]:.2f}x)" for label in variants]

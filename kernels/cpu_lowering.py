@@ -10,8 +10,9 @@ Two forms, both accumulating in :func:`.reference.accumulation_dtype` (fp32, fp6
 * ``"bitwise"`` (decode, few rows) is matmul-free. With ``v_i = h_i * x`` zero-padded
   to ``32 W`` columns and ``bit_i[n, c]`` in {0, 1}, ``B_i @ v_i = sum_c v_i[c] - 2 sum_c bit_i[n, c] v_i[c]``,
   so each packed word is shifted by ``0..31``, masked to one bit per lane, converted to 0/1 and multiplied
-  into ``v_i`` (an FMA). Inductor emits one vectorized reduction loop nest over (word, bit): nothing of
-  ``N x K`` elements is ever materialized, only ``k N W`` words are read.
+  into ``v_i`` (an FMA). ``v_i`` is stored once (``k x 32 W`` elements); then Inductor emits one vectorized
+  reduction loop nest over (word, bit) per output row: nothing of ``N x K`` elements is ever materialized,
+  only ``k N W`` words are read.
 * ``"dense"`` (prefill, many rows) materializes ``W_hat = sum_i g_i B_i h_i``
   (``N x K``) once per call and does one ``x @ W_hat.T``: the unpack is amortized over the rows and the
   matmul library beats a per-row bit loop there (see ``benchmarks/cpu_layers.py``).
@@ -31,9 +32,9 @@ import torch.nn.functional as F
 from .packing import BITS_PER_WORD, segment_starts, words_per_row
 from .reference import accumulation_dtype
 
-# Largest number of rows (prod of x.shape[:-1]) for which the bitwise form is used; measured on the 2-core
-# CPU with SmolLM2 shapes (benchmarks/cpu_layers.py, benchmarks/RESULTS.md).
-BITWISE_MAX_ROWS = 4
+# Largest number of rows (prod of x.shape[:-1]) for which the bitwise form is used. Measured (1 thread,
+# 576 x 576, k=2): bitwise costs ~100 us per row, dense ~230 us + ~15 us per row; they tie at 3 rows.
+BITWISE_MAX_ROWS = 2
 
 
 def cpu_form(rows: int) -> str:
@@ -47,13 +48,22 @@ def _bits(packed_signs: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_and(torch.bitwise_right_shift(packed_signs.unsqueeze(-1), shifts), 1)
 
 
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, but Inductor must write it to a buffer (its stride order pinned) instead of inlining
+    its computation into every consumer: ``h_i * x`` (and whatever produced ``x``, e.g. an RMSNorm) is then
+    computed once, not once per output row inside the bit loop (1.6x faster at 576 x 576, measured)."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+
+    return torch.ops.prims.inductor_force_stride_order(tensor, tensor.stride())
+
+
 def _bitwise(x: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
              bias: torch.Tensor | None, in_features: int, accumulate: torch.dtype) -> torch.Tensor:
     """``y = sum_i g_i * (S_i - 2 sum_c bit_i[n, c] v_i[c]) + b`` with ``v_i = h_i * x``, ``S_i = sum_c v_i[c]``."""
     num_words = words_per_row(in_features)
     scaled = x.unsqueeze(-2).to(accumulate) * col_scale.to(accumulate)                # [..., k, K]
     scaled = F.pad(scaled, (0, num_words * BITS_PER_WORD - in_features))                # [..., k, 32 W]
-    scaled = scaled.unflatten(-1, (num_words, BITS_PER_WORD)).unsqueeze(-3)           # [..., k, 1, W, 32]
+    scaled = _stored(scaled.unflatten(-1, (num_words, BITS_PER_WORD))).unsqueeze(-3)  # [..., k, 1, W, 32]
     negated = (_bits(packed_signs).to(accumulate) * scaled).sum((-2, -1))            # [..., k, N]
     total = scaled.sum((-2, -1))                                                        # [..., k, 1]
     out = ((total - 2 * negated) * row_scale.to(accumulate)).sum(-2)                   # [..., N]

@@ -11,7 +11,11 @@ import torch
 import torch.fx as fx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rabit_compiler.kernels.cpu_lowering import residual_binary_linear_cpu, residual_binary_linear_siblings_cpu
+from rabit_compiler.kernels.cpu_lowering import (
+    BITWISE_MAX_ROWS,
+    residual_binary_linear_cpu,
+    residual_binary_linear_siblings_cpu,
+)
 from rabit_compiler.kernels.packing import segment_starts
 from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
@@ -113,7 +117,7 @@ def test_sibling_decomposition_matches_float64(paths, k, sizes, rows, dtype, for
 @settings(max_examples=4)
 @given(
     paths=st.integers(1, 4), k=st.integers(1, 100), sizes=st.lists(st.integers(1, 40), min_size=2, max_size=3),
-    rows=st.sampled_from([1, 3, 16]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
+    rows=st.sampled_from([1, 2, 3, 16]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
 )
 def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, rows, dtype, seed):
     """The pass removes every op call; the lowered graph, eager and through Inductor, equals the reference."""
@@ -122,7 +126,7 @@ def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, row
     gm = fx.symbolic_trace(module)
     calls = lower_for_cpu(gm, [x])
     assert [call.reason for call in calls] == [None] * 3
-    assert {call.form for call in calls} == {"bitwise" if rows <= 4 else "dense"}
+    assert {call.form for call in calls} == {"bitwise" if rows <= BITWISE_MAX_ROWS else "dense"}
     assert not [node for node in gm.graph.nodes if node.target in OPS or getattr(node.target, "overloadpacket", None)
                 in OPS]
     assert_outputs_close(gm(x), module, x, dtype)
