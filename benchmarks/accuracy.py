@@ -70,8 +70,8 @@ def plot(results: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for method, row in results["methods"].items():
         if row.get("history"):
-            steps = [e[0] for e in row["history"]["eval"]]
-            axis.plot(steps, [e[2] for e in row["history"]["eval"]], marker="o", label=method)
+            points = [(e[0], e[2]) for e in row["history"]["eval"] if e[2] is not None]
+            axis.plot(*zip(*points, strict=True), marker="o", label=method)
         elif method != "fp32":
             axis.axhline(row["ppl"], linestyle="--", linewidth=1, label=f"{method} (no training)", color="gray"
                          if method == "rtn" else None)
@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="student forward under torch.compile (Inductor)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diagnostics", type=int, default=7, help="path diagnostics of this many layers (0: none)")
+    parser.add_argument("--no-init-eval", dest="init_eval", action="store_false",
+                        help="skip the step-0 evaluation (it equals the ptq row up to fp16 scale rounding)")
     parser.add_argument("--packed-eval", action="store_true", help="also evaluate each trained model after convert")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="results.json of an earlier run (same settings) whose other methods' rows to include")
@@ -152,9 +154,9 @@ def main() -> None:
         else:
             prepare_qat(student, config, method, fits=fits)
             trainer = QATTrainer(student, model, qat_config, train_windows, heldout)
-            if init_ppl is None:  # every method starts from the same function (reproduced exactly): eval once
+            if args.init_eval and init_ppl is None:  # every method starts from the same function: eval once
                 init_ppl = trainer.evaluate()
-            trainer.history["eval"] = [[0, 0, init_ppl]]
+            trainer.history["eval"] = [[0, 0, init_ppl]] if args.init_eval else [[0, 0, None]]
             history = trainer.train()
             trained_seconds = time.perf_counter() - started
             if args.diagnostics:
