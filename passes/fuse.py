@@ -26,9 +26,9 @@ import torch.fx as fx
 
 from .find import GraphWeights
 from .freeze import declare_buffers_to_dynamo
-from .graph_edit import finish, unique_module_name
+from .graph_edit import finish, op_name, unique_module_name
 
-SINGLE_OP = torch.ops.rabit.residual_binary_linear.default
+SINGLE_OP_NAME = "rabit::residual_binary_linear"
 FUSED_TENSOR_ARGS = ("packed_signs", "row_scale", "col_scale", "bias")
 
 
@@ -129,7 +129,7 @@ def fuse_siblings(gm: fx.GraphModule, example_inputs: Sequence[object] | None = 
     groups: dict[tuple, list[_Operand]] = {}
     bias_dtypes: dict[tuple, set] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not SINGLE_OP:
+        if node.op != "call_function" or op_name(node.target) != SINGLE_OP_NAME:
             continue
         operand = _operand(node, weights)
         if operand is None:

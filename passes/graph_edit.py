@@ -60,3 +60,16 @@ def oriented_weight(weight: torch.Tensor, layout: str) -> torch.Tensor:
     """A weight stored in ``layout`` as ``[N, K]`` (GPT-2 ``Conv1D`` and ``x @ W`` store it ``[K, N]``:
     ``layout == "in_out"``)."""
     return weight.T if layout == "in_out" else weight
+
+
+def op_name(target: object) -> str | None:
+    """``"namespace::op"`` of a call target that is a ``torch.ops`` overload or packet, else None.
+
+    Passes match ops by this name rather than by object identity: the ``OpOverload`` objects behind
+    ``torch.ops.rabit.*`` can be re-created while a program runs, and a graph may hold either kind.
+    """
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return None

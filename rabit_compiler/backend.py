@@ -9,8 +9,11 @@ real tensors. The backend:
    :func:`rabit_compiler.quantize_` has no fp linears left and passes through unchanged);
 3. *fuse*s packed linears that share an input (q/k/v, gate/up) into one ``residual_binary_linear_siblings``
    call (:mod:`rabit_compiler.passes.fuse`; ``options={"fuse_siblings": False}`` turns it off);
-4. hands the graph to Inductor (``options={"inductor": False}`` runs it eagerly instead); ``mode`` is passed
-   on (``"reduce-overhead"``: CUDA graphs on a GPU).
+4. on the CPU, *lower*s the packed calls to plain aten ops that Inductor fuses into C++ loops
+   (:mod:`rabit_compiler.passes.lower`: matmul-free for a few rows, unpack + matmul for prefill); on CUDA the
+   ops stay ``triton_op`` calls that Inductor traces into the Triton kernels;
+5. hands the graph to Inductor (``options={"inductor": False}`` runs the packed graph eagerly instead, on
+   the reference op); ``mode`` is passed on (``"reduce-overhead"``: CUDA graphs on a GPU).
 
 The returned callable checks, on every call, that the weight tensors it receives are the ones that
 were packed (same tensor object, same version counter). If not (another module instance, an in-place
@@ -33,7 +36,7 @@ import torch.fx as fx
 
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.kernels import PackedResidualBinary
-from rabit_compiler.passes import PackedSite, freeze_and_pack
+from rabit_compiler.passes import PackedSite, freeze_and_pack, lower_for_cpu
 from rabit_compiler.passes.fuse import FUSED_TENSOR_ARGS, FusedMember, fuse_siblings
 from rabit_compiler.passes.graph_edit import oriented_weight
 from rabit_compiler.quantizer import PACK_CACHE, DataFreePackCache
@@ -153,6 +156,10 @@ def rabit_backend(
                     ", ".join(str(len(group)) for group in fused))
     compiled: Callable[..., Any] = gm
     if use_inductor:
+        lowered = [call for call in lower_for_cpu(gm, example_inputs) if call.form is not None]
+        if lowered:
+            logger.info("rabit: %d packed calls lowered to fused CPU loops (%s)", len(lowered),
+                        ", ".join(sorted({call.form for call in lowered})))
         try:
             compiled = _inductor(gm, example_inputs, mode)
         except Exception as error:  # Inductor cannot compile this graph: run the packed graph eagerly

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from rabit_compiler.passes.graph_edit import op_name
 
 import rabit_compiler.backend as rabit_backend_module
 from rabit_compiler.config import RaBiTConfig
@@ -283,8 +284,11 @@ def test_llama_fullgraph_has_every_decoder_linear_packed(monkeypatch):
     gm, packed, skipped = spy.graphs[0]
     assert sorted(site.name for site in packed) == sorted(expected)
     nodes = list(gm.graph.nodes)
-    rabit_ops = [n for n in nodes if n.target is torch.ops.rabit.residual_binary_linear.default]
-    assert len(rabit_ops) == len(expected) == len(linear_layers(model)) - 1
+    single = [n for n in nodes if op_name(n.target) == "rabit::residual_binary_linear"]
+    siblings = [n for n in nodes if op_name(n.target) == "rabit::residual_binary_linear_siblings"]
+    # q/k/v and gate/up of every decoder layer are fused; o_proj and down_proj stay single calls
+    assert sorted(len(n.args[6]) for n in siblings) == sorted([2, 3] * model.config.num_hidden_layers)
+    assert len(single) + sum(len(n.args[6]) for n in siblings) == len(expected) == len(linear_layers(model)) - 1
     fp_linears = [n for n in nodes if n.target in (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)]
     assert len(fp_linears) == 1, gm.code
     weight = fp_linears[0].args[1] if len(fp_linears[0].args) > 1 else fp_linears[0].kwargs["weight"]
