@@ -162,8 +162,8 @@ def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.
     if op_name(node.target) == "rabit::residual_binary_linear_siblings":
         statics["out_features"] = list(arguments["out_features"])
     with gm.graph.inserting_before(node):
-        out = _DECOMPOSITIONS[op_name(node.target)](**tensors, **statics, form=form,
-                                           accumulate=accumulation_dtype(x.dtype))
+        decomposition = _DECOMPOSITIONS[op_name(node.target)]
+        out = decomposition(**tensors, **statics, form=form, accumulate=accumulation_dtype(x.dtype))
     out.node.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace")})
     node.replace_all_uses_with(out.node)
     gm.graph.erase_node(node)
