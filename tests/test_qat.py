@@ -108,6 +108,20 @@ def test_training_reduces_the_loss(teacher, fits, windows, method):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(teacher, fits, windows):
+    plain, checkpointed = (trainer(student(teacher, fits, "rabit"), teacher, windows, gradient_checkpointing=flag)
+                           for flag in (False, True))
+    for run in (plain, checkpointed):
+        run.student.train(run.config.gradient_checkpointing)
+        run.loss(run.batch(0)).backward()
+    torch.testing.assert_close(checkpointed.loss(checkpointed.batch(0)), plain.loss(plain.batch(0)))
+    pairs = zip(plain.student.named_parameters(), checkpointed.student.parameters(), strict=True)
+    trained = [(name, p, q) for (name, p), q in pairs if p.requires_grad]
+    assert trained
+    for name, p, q in trained:
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_checkpoint_resume_gives_the_same_next_loss(teacher, fits, windows, tmp_path):
     first = trainer(student(teacher, fits, "rabit"), teacher, windows, optimizer="muon", eval_every=1)
     first.eval_windows = windows[:2]
