@@ -42,7 +42,7 @@ from rabit_compiler.math import (
     sign_preserving_latents,
     standard_residual_weight,
 )
-from rabit_compiler.quantize import RaBiTLinear, _default_example, _set_submodule, _skip_reason
+from rabit_compiler.quantize import RaBiTLinear, default_example_input, set_submodule, skip_reason
 from rabit_compiler.quantizer import fit_weight, pack_fit
 
 logger = logging.getLogger("rabit_compiler")
@@ -167,12 +167,12 @@ def _swappable_linears(model: torch.nn.Module, config: RaBiTConfig,
     """``[(owner name, captured linear)]`` for every ``nn.Linear`` / GPT-2 ``Conv1D`` that the skip rules of
     :func:`~rabit_compiler.quantize_` allow, with calibration statistics when ``calibration`` is given."""
     if example_input is None:
-        example_input = _default_example(model, calibration)
+        example_input = default_example_input(model, calibration)
     capture = capture_linears(model, example_input, calibration, progress=progress)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     chosen, skipped = [], {}
     for linear in capture.linears.values():
-        reason = _skip_reason(linear, config, names)
+        reason = skip_reason(linear, config, names)
         if reason is None:
             owner_name, _, attr = names[id(linear.weight)].rpartition(".")
             owner = model.get_submodule(owner_name) if owner_name else model
@@ -225,7 +225,7 @@ def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, metho
         owner = model.get_submodule(owner_name)
         device = owner.weight.device
         fit = ResidualBinaryPaths(fit.signs.to(device), fit.row_scales.to(device), fit.col_scales.to(device))
-        _set_submodule(model, owner_name, ResidualBinaryTrainLinear(fit, owner.bias, method, config.anchor_margin))
+        set_submodule(model, owner_name, ResidualBinaryTrainLinear(fit, owner.bias, method, config.anchor_margin))
     return fits
 
 
@@ -247,7 +247,7 @@ def convert(model: torch.nn.Module, config: RaBiTConfig | None = None) -> list[s
     for name, layer in layers.items():
         packed = pack_fit(layer.current_paths(), config, device=layer.row_scale.device)
         bias = None if layer.bias is None else layer.bias.detach()
-        _set_submodule(model, name, RaBiTLinear(packed, bias))
+        set_submodule(model, name, RaBiTLinear(packed, bias))
     model.rabit_config = config
     return list(layers)
 

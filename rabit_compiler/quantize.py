@@ -96,14 +96,14 @@ def quantize_(
     config = config or RaBiTConfig()
     report = QuantizeReport(bytes_before=model_bytes(model))
     if example_input is None:
-        example_input = _default_example(model, calibration)
+        example_input = default_example_input(model, calibration)
     capture = capture_linears(model, example_input, calibration, progress=progress)
     for reason in capture.skipped:
         logger.info("rabit: not a quantizable linear: %s", reason)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     by_owner: dict[str, list[tuple[str, CapturedLinear]]] = {}
     for linear in capture.linears.values():
-        reason = _skip_reason(linear, config, names)
+        reason = skip_reason(linear, config, names)
         if reason is not None:
             report.skipped[linear.name] = reason
             continue
@@ -127,7 +127,8 @@ def quantize_(
     return report
 
 
-def _default_example(model: torch.nn.Module, calibration: object) -> torch.Tensor:
+def default_example_input(model: torch.nn.Module, calibration: object) -> torch.Tensor:
+    """A ``[1, T]`` token batch to trace ``model`` with: the first calibration window, else ids ``0..7``."""
     if isinstance(calibration, torch.Tensor):
         return calibration[:1]
     if calibration is not None:
@@ -138,7 +139,8 @@ def _default_example(model: torch.nn.Module, calibration: object) -> torch.Tenso
     return torch.arange(8).remainder(vocab).unsqueeze(0)
 
 
-def _skip_reason(linear: CapturedLinear, config: RaBiTConfig, names: dict[int, str]) -> str | None:
+def skip_reason(linear: CapturedLinear, config: RaBiTConfig, names: dict[int, str]) -> str | None:
+    """Why ``linear`` stays in full precision (``names``: id of each model parameter -> its name), or None."""
     if config.skips(linear.name):
         return "matches a skip pattern"
     if id(linear.weight) not in names:
@@ -171,12 +173,13 @@ def _swap(model: torch.nn.Module, owner_name: str, uses: list[tuple[str, Capture
     (attr, linear), many = uses[0], len(uses) > 1
     is_conv1d = type(owner).__name__ == "Conv1D" and linear.layout == "in_out"
     if not many and attr == "weight" and (isinstance(owner, torch.nn.Linear) or is_conv1d):
-        _set_submodule(model, owner_name, RaBiTLinear(_fit_and_pack(linear, config), owner.bias))
+        set_submodule(model, owner_name, RaBiTLinear(_fit_and_pack(linear, config), owner.bias))
         return None
     return _freeze_owner(model, owner_name, owner, dict(uses), config)
 
 
-def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """``model.<name> = module`` for a dotted ``name``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -210,5 +213,5 @@ def _freeze_owner(model: torch.nn.Module, owner_name: str, owner: torch.nn.Modul
         if any(n.op == "get_attr" and n.target == attr for n in gm.graph.nodes):
             return f"{kind} also uses {attr} outside a linear"
         delattr(gm, attr)
-    _set_submodule(model, owner_name, gm)
+    set_submodule(model, owner_name, gm)
     return None
