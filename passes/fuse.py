@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from rabit_compiler.kernels.packing import segment_starts
 
 from .find import GraphWeights
 from .freeze import declare_buffers_to_dynamo
@@ -50,8 +51,8 @@ class PackedSiblingWeights(torch.nn.Module):
                       row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None) -> None:
         """Overwrite sibling ``segment``'s rows in place with the given tensors (shapes as when it was fused)."""
-        start = sum(self.out_features[:segment])
-        rows = slice(start, start + self.out_features[segment])
+        starts = segment_starts(self.out_features)
+        rows = slice(starts[segment], starts[segment + 1])
         with torch.no_grad():
             if packed_signs is not None:
                 self.packed_signs[:, rows].copy_(packed_signs)
@@ -108,16 +109,10 @@ def _operand(node: fx.Node, weights: GraphWeights) -> _Operand | None:
 
 
 def _group_key(operand: _Operand) -> tuple:
+    """Calls with equal keys are siblings. The bias is not in it: a missing bias fuses as zeros."""
     x, in_features = operand.node.args[0], operand.node.args[5]
     packed_signs, row_scale, col_scale = (operand.tensors[n] for n in FUSED_TENSOR_ARGS[:3])
-    bias = operand.tensors["bias"]
-    return (x, in_features, packed_signs.shape[0], row_scale.dtype, col_scale.dtype, packed_signs.device,
-            None if bias is None else bias.dtype)
-
-
-def _bias_key(key: tuple) -> tuple:
-    """Siblings with and without bias fuse (a missing bias is zeros): the key without the bias dtype."""
-    return key[:-1]
+    return (x, in_features, packed_signs.shape[0], row_scale.dtype, col_scale.dtype, packed_signs.device)
 
 
 def fuse_siblings(gm: fx.GraphModule, example_inputs: Sequence[object] | None = None) -> list[list[FusedMember]]:
@@ -127,19 +122,15 @@ def fuse_siblings(gm: fx.GraphModule, example_inputs: Sequence[object] | None = 
     """
     weights = GraphWeights(gm, example_inputs)
     groups: dict[tuple, list[_Operand]] = {}
-    bias_dtypes: dict[tuple, set] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or op_name(node.target) != SINGLE_OP_NAME:
             continue
         operand = _operand(node, weights)
-        if operand is None:
-            continue
-        key = _group_key(operand)
-        groups.setdefault(_bias_key(key), []).append(operand)
-        bias_dtypes.setdefault(_bias_key(key), set()).add(key[-1])
+        if operand is not None:
+            groups.setdefault(_group_key(operand), []).append(operand)
     fused = []
-    for key, members in groups.items():
-        dtypes = bias_dtypes[key] - {None}
+    for members in groups.values():
+        dtypes = {m.tensors["bias"].dtype for m in members if m.tensors["bias"] is not None}
         if len(members) < 2 or len(dtypes) > 1:
             continue
         fused.append(_fuse(gm, members, dtypes.pop() if dtypes else None))
@@ -182,10 +173,9 @@ def _fuse(gm: fx.GraphModule, members: list[_Operand], bias_dtype: torch.dtype |
             torch.ops.rabit.residual_binary_linear_siblings.default,
             (members[0].node.args[0], *buffers, holder.in_features, list(holder.out_features)),
         )
-        start = 0
-        for member, rows in zip(members, holder.out_features, strict=True):
-            part = graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, start, start + rows))
-            start += rows
+        starts = segment_starts(holder.out_features)
+        for member, start, end in zip(members, starts[:-1], starts[1:], strict=True):
+            part = graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, start, end))
             contiguous = graph.call_function(torch.ops.aten.clone.default, (part,),
                                              {"memory_format": torch.contiguous_format})
             contiguous.meta.update({k: v for k, v in member.node.meta.items() if k in ("example_value", "val")})
