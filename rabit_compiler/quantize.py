@@ -179,9 +179,11 @@ def _swap(model: torch.nn.Module, owner_name: str, uses: list[tuple[str, Capture
 
 
 def set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    """``model.<name> = module`` for a dotted ``name``."""
+    """``model.<name> = module`` for a dotted ``name`` that already exists in ``model`` (else AttributeError)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if not hasattr(parent, child):
+        raise AttributeError(f"{type(parent).__name__} has no attribute {child!r} (setting {name!r})")
     setattr(parent, child, module)
 
 

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.kernels import FORMAT_VERSION, PackedResidualBinary, words_per_row
 from rabit_compiler.passes import PackedLinearWeights
-from rabit_compiler.quantize import RaBiTLinear
+from rabit_compiler.quantize import RaBiTLinear, set_submodule
 
 FILE_FORMAT_VERSION = 1
 MANIFEST_FILE = "rabit.json"
@@ -296,15 +296,11 @@ def _build_hf_model(document: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
+def _place_layer(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     try:
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not hasattr(parent, child):
-            raise AttributeError(child)
+        set_submodule(model, name, module)
     except AttributeError as error:
         raise RaBiTFormatError(f"packed layer {name} has no place in the {type(model).__name__} model") from error
-    setattr(parent, child, module)
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor, entry: dict[str, Any]) -> None:
@@ -357,7 +353,7 @@ def load(
         raise RaBiTFormatError(f"{MANIFEST_FILE} ties {unknown_ties} point at tensors the file does not hold")
     model = _build_hf_model(document) if model is None else _unwrap(model)
     for name, layer in document["layers"].items():
-        _set_submodule(model, name, _packed_layer(name, layer, tensors))
+        _place_layer(model, name, _packed_layer(name, layer, tensors))
     for name, tensor in tensors.items():
         _assign(model, name, tensor, manifest[name])
     for alias, target in document["ties"].items():
