@@ -33,6 +33,14 @@ class PackedLinearWeights(torch.nn.Module):
         self.register_buffer("row_scale", packed.row_scale)
         self.register_buffer("col_scale", packed.col_scale)
 
+    def write(self, packed: PackedResidualBinary) -> None:
+        """Overwrite the buffers in place with ``packed`` (same shapes and dtypes), so that a compiled graph
+        holding them sees the new values."""
+        with torch.no_grad():
+            self.packed_signs.copy_(packed.packed_signs)
+            self.row_scale.copy_(packed.row_scale)
+            self.col_scale.copy_(packed.col_scale)
+
 
 @dataclass
 class PackedSite:

@@ -115,11 +115,7 @@ class PackedWeightGuard:
             self.gm.get_submodule(member.module_name).write_segment(
                 member.segment, packed.packed_signs, packed.row_scale, packed.col_scale)
         else:
-            holder = self.gm.get_submodule(site.module_name)
-            with torch.no_grad():
-                holder.packed_signs.copy_(packed.packed_signs)
-                holder.row_scale.copy_(packed.row_scale)
-                holder.col_scale.copy_(packed.col_scale)
+            self.gm.get_submodule(site.module_name).write(packed)
         logger.info("rabit: re-packed %s (its weight tensor changed since compilation)", site.name)
         self.repacks += 1
         self._checks[position] = (site, site.weight_input_index, weakref.ref(weight), weight._version)
