@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from rabit_compiler.distributed import Parallel
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.qat import qat_layers
 
@@ -37,6 +39,9 @@ logger = logging.getLogger("rabit_compiler")
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
+MUON_FSDP_ERROR = ("torch.optim.Muon does not orthogonalize FSDP-sharded (DTensor) latents as whole matrices "
+                   "(measured: after 2 steps on 2 ranks the weights differ from one process by a third of the "
+                   "update); use optimizer='adamw' with FSDP, or the 'ddp' strategy with Muon")
 
 
 @dataclass
@@ -135,10 +140,14 @@ class QATTrainer:
     ``train_windows [num, seq_len]`` (token ids) feed the training batches; ``eval_windows`` (optional)
     give the held-out perplexity recorded every ``config.eval_every`` steps and at the end
     (``history["eval"]``: ``[step, tokens_seen, ppl]``; ``history["loss"]``: ``[step, loss]``).
+    ``parallel`` (from :func:`~rabit_compiler.distributed.distributed_run`) spreads the run over ranks: the
+    student and teacher are wrapped here, each rank trains on its rows of every global batch, and only rank 0
+    shows progress and writes checkpoints (see :mod:`rabit_compiler.distributed`).
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, config: QATConfig,
-                 train_windows: torch.Tensor, eval_windows: torch.Tensor | None = None, progress: bool = True):
+                 train_windows: torch.Tensor, eval_windows: torch.Tensor | None = None, progress: bool = True,
+                 parallel: Parallel | None = None):
         self.layers = qat_layers(student)
         if not self.layers:
             raise ValueError("the student has no ResidualBinaryTrainLinear layers: call prepare_qat(student) first")
@@ -148,9 +157,16 @@ class QATTrainer:
             raise ValueError(f"seq_len {config.seq_len} exceeds the model context of {context} tokens")
         if eval_windows is not None:
             _check_windows(eval_windows, None, "eval_windows")
+        self.parallel = parallel or Parallel()
+        if config.batch_size % self.parallel.world_size:
+            raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
+                             f"{self.parallel.world_size} ranks")
+        if config.optimizer == "muon" and self.parallel.strategy == "fsdp":
+            raise ValueError(MUON_FSDP_ERROR)
         self.student, self.teacher, self.config = student, teacher, config
         self.train_windows, self.eval_windows, self.progress = train_windows, eval_windows, progress
-        self.device = next(student.parameters()).device
+        distributed = self.parallel.strategy != "none"
+        self.device = self.parallel.device if distributed else next(student.parameters()).device
         self.autocast_dtype = _autocast_dtype(config.autocast, self.device)
         self.step = 0
         self.history: dict[str, list] = {"loss": [], "eval": []}
@@ -160,7 +176,9 @@ class QATTrainer:
             if not hasattr(student, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing needs a transformers model (gradient_checkpointing_enable)")
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.forward = torch.compile(student) if config.compile else student
+        self.parallel.place_teacher(teacher)
+        wrapped = self.parallel.wrap_student(student)
+        self.forward = torch.compile(wrapped) if config.compile else wrapped
         self.optimizers = self._make_optimizers()
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -219,15 +237,16 @@ class QATTrainer:
         self.student.train(config.gradient_checkpointing)
         total = 0.0
         for micro in range(config.grad_accum):
-            loss = self.loss(self.batch(self.step * config.grad_accum + micro))
+            loss = self.loss(self.parallel.local_rows(self.batch(self.step * config.grad_accum + micro)))
             (loss / config.grad_accum).backward()
             total += loss.item()
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.history["loss"].append([self.step, total / config.grad_accum])
-        return total / config.grad_accum
+        mean = self.parallel.mean_over_ranks(total / config.grad_accum)
+        self.history["loss"].append([self.step, mean])
+        return mean
 
     def tokens_seen(self) -> int:
         return self.step * self.config.grad_accum * self.config.batch_size * self.config.seq_len
@@ -248,7 +267,7 @@ class QATTrainer:
         if self.eval_windows is not None and not self.history["eval"]:
             self.evaluate()
         bar = tqdm(range(self.step, config.steps), desc=f"rabit: QAT ({config.optimizer})",
-                   disable=not self.progress, initial=self.step, total=config.steps)
+                   disable=not (self.progress and self.parallel.is_main), initial=self.step, total=config.steps)
         for _ in bar:
             loss = self.train_step()
             postfix = {"loss": f"{loss:.4g}"}
@@ -263,15 +282,23 @@ class QATTrainer:
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
         """Write ``model.safetensors``, ``optimizer.safetensors`` and ``state.json`` into ``directory``
-        (replaced atomically)."""
-        directory = Path(directory)
+        (replaced atomically). Distributed: every rank calls it, full tensors are gathered to rank 0, which
+        writes the same files as one process."""
+        model_tensors = self.parallel.full_tensors(self.student, list(self._model_tensors()))
+        optimizer_states = [self.parallel.full_optimizer_state(self.student, o) for o in self.optimizers]
+        if self.parallel.is_main:
+            self._write_checkpoint(Path(directory), model_tensors, optimizer_states)
+        self.parallel.barrier()
+
+    def _write_checkpoint(self, directory: Path, model_tensors: dict[str, torch.Tensor],
+                          optimizer_states: list[dict]) -> None:
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_file(_contiguous(self._model_tensors()), staging / "model.safetensors")
+        save_file(_contiguous(model_tensors), staging / "model.safetensors")
         optimizer_tensors, optimizer_json = {}, []
-        for i, optimizer in enumerate(self.optimizers):
-            tensors, rest = _flatten_optimizer(optimizer.state_dict(), f"{i}.")
+        for i, optimizer_state in enumerate(optimizer_states):
+            tensors, rest = _flatten_optimizer(optimizer_state, f"{i}.")
             optimizer_tensors.update(tensors)
             optimizer_json.append(rest)
         save_file(_contiguous(optimizer_tensors), staging / "optimizer.safetensors")
@@ -283,24 +310,27 @@ class QATTrainer:
         os.replace(staging, directory)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Restore the student's trainable tensors and QAT buffers, the optimizers, step, history and RNG."""
+        """Restore the student's trainable tensors and QAT buffers, the optimizers, step, history and RNG.
+        Distributed: every rank calls it; rank 0 reads the tensors and broadcasts them into the shards."""
         directory = Path(directory)
         for name in ("model.safetensors", "optimizer.safetensors", "state.json"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"not a QAT checkpoint: {directory / name} is missing")
         state = json.loads((directory / "state.json").read_text())
-        tensors = load_file(directory / "model.safetensors", device=str(self.device))
+        with safe_open(directory / "model.safetensors", framework="pt") as handle:
+            stored = set(handle.keys())
         targets = self._model_tensors()
-        if set(tensors) != set(targets):
-            missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+        if stored != set(targets):
+            missing, unexpected = sorted(set(targets) - stored), sorted(stored - set(targets))
             raise ValueError(f"checkpoint tensors do not match the student: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, target in targets.items():
-                target.copy_(tensors[name])
-        optimizer_tensors = load_file(directory / "optimizer.safetensors", device=str(self.device))
+        read = self.parallel.is_main
+        tensors = load_file(directory / "model.safetensors", device=str(self.device)) if read else {}
+        self.parallel.load_full_tensors(self.student, tensors)
+        optimizer_tensors = load_file(directory / "optimizer.safetensors", device=str(self.device)) if read else {}
         for i, (optimizer, rest) in enumerate(zip(self.optimizers, state["optimizers"], strict=True)):
-            optimizer.load_state_dict(_unflatten_optimizer(optimizer_tensors, f"{i}.", rest))
+            self.parallel.load_optimizer_state(self.student, optimizer,
+                                               _unflatten_optimizer(optimizer_tensors, f"{i}.", rest))
         self.step, self.history = state["step"], state["history"]
         torch.set_rng_state(_decode(state["torch_rng_state"]))
 
