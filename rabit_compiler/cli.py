@@ -95,8 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command == "demo":
         _demo(args)
+    elif args.command == "quantize" and args.dry_run:
+        workflows.print_memory_plan(args)
     elif args.command == "quantize":
-        workflows.print_run(workflows.quantize_model(args))
+        run = workflows.quantize_model(args)
+        if run is not None:
+            workflows.print_run(run)
     elif args.command == "eval":
         print(workflows.format_table(workflows.evaluate_models(args)))
     elif args.command == "generate":

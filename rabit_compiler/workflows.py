@@ -19,12 +19,15 @@ import torch
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.data import token_windows
 from rabit_compiler.diagnostics import path_diagnostics
+from rabit_compiler.distributed import STRATEGIES, TEACHER_PLACEMENTS, DistributedConfig, Parallel, distributed_run
 from rabit_compiler.evaluate import perplexity
+from rabit_compiler.memory import DTYPE_BYTES, LLAMA2_7B_SHAPES, TrainingShape, llama2_7b_config, memory_table
 from rabit_compiler.qat import METHODS as QAT_METHODS
-from rabit_compiler.qat import convert, fit_linears, prepare_qat, rtn_
+from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
 from rabit_compiler.train import QATConfig, QATTrainer
 
 METHODS = (*QAT_METHODS, "ptq", "ptq-greedy", "rtn")
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RUN_FILE = "rabit_run.json"
 
 
@@ -66,10 +69,22 @@ def split_heldout(windows: torch.Tensor, fraction: float) -> tuple[torch.Tensor,
     return windows[:-held], windows[-held:]
 
 
-def quantize_model(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``args.method`` on ``args.model`` with the text in ``args.text``; save to ``args.out``."""
+def quantize_model(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run ``args.method`` on ``args.model`` with the text in ``args.text``; save to ``args.out``. Under torchrun
+    the QAT methods train on every rank (``args.distributed``); rank 0 saves and returns the run record, the
+    other ranks return None."""
     if args.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
+    if not args.text or not args.out:
+        raise ValueError("rabit quantize needs --text and --out (only --dry-run does without)")
+    distributed = DistributedConfig(args.distributed, args.teacher_placement, args.dist_timeout)
+    with distributed_run(distributed) as parallel:
+        if parallel.strategy != "none" and args.method not in QAT_METHODS:
+            raise ValueError(f"--method {args.method} runs in one process; only QAT ({QAT_METHODS}) is distributed")
+        return _quantize(args, parallel)
+
+
+def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model)
@@ -90,19 +105,24 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any]:
         prepare_qat(model, config, "rabit", fits=fits)
         convert(model, config)
     else:
-        teacher = copy.deepcopy(model)
-        prepare_qat(model, config, args.method, calibration=calibration)
+        teacher = copy.deepcopy(model).to(TEACHER_DTYPES[args.teacher_dtype])
+        fits = _shared_fits(model, config, calibration, parallel, Path(args.out))
+        prepare_qat(model, config, args.method, fits=fits)
         qat_config = QATConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                grad_accum=args.grad_accum, lr_latent=args.lr_latent, lr_scale=args.lr_scale,
                                optimizer=args.optimizer, gamma=args.gamma, seed=args.seed,
                                eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                                gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
                                out_dir=str(args.out))
-        trainer = QATTrainer(model, teacher, qat_config, train, heldout)
+        trainer = QATTrainer(model, teacher, qat_config, train, heldout, parallel=parallel)
         checkpoint = Path(args.out) / "checkpoint"
         if args.resume and checkpoint.is_dir():
             trainer.load_checkpoint(checkpoint)
         run.update(history=trainer.train(), steps=trainer.step, tokens=trainer.tokens_seen())
+        if parallel.strategy != "none":
+            if not parallel.is_main:
+                return None
+            model, teacher = _gathered_models(args, fits, checkpoint)
         if args.diagnostics:
             layers = sorted(trainer.layers)[: args.diagnostics]
             run["diagnostics"] = [vars(d) for d in path_diagnostics(model, teacher, calibration[:2], layers=layers)]
@@ -111,6 +131,60 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any]:
     run["seconds"] = time.perf_counter() - started
     _save(model, tokenizer, config, Path(args.out), run)
     return run
+
+
+def _shared_fits(model: torch.nn.Module, config: RaBiTConfig, calibration: torch.Tensor, parallel: Parallel,
+                 out: Path) -> LinearFits:
+    """The initial fits: computed here in one process; distributed, computed by rank 0 and read by the others
+    from ``out/fits.safetensors``, so every rank starts from the same bits."""
+    if parallel.strategy == "none":
+        return fit_linears(model, config, calibration)
+    path = out / "fits.safetensors"
+    if parallel.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_fits(fit_linears(model, config, calibration), path)
+    parallel.barrier()
+    return load_fits(path)
+
+
+def _gathered_models(args: argparse.Namespace, fits: LinearFits, checkpoint: Path) -> tuple[torch.nn.Module,
+                                                                                              torch.nn.Module]:
+    """Rank 0, after distributed QAT: a fresh (unsharded) student with the trained tensors of the final
+    ``checkpoint``, and a fresh teacher, for the diagnostics, conversion and evaluation."""
+    from safetensors.torch import load_file
+
+    teacher, _ = load_model(args.model)
+    student = copy.deepcopy(teacher)
+    prepare_qat(student, RaBiTConfig(paths=args.paths, anchor_margin=args.anchor_margin), args.method, fits=fits,
+                progress=False)
+    unexpected = student.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"the checkpoint {checkpoint} holds tensors the student lacks: {unexpected[:5]}")
+    return student, teacher
+
+
+def print_memory_plan(args: argparse.Namespace) -> None:
+    """``--dry-run``: the per-GPU memory table of :mod:`rabit_compiler.memory` for 1, 2, 4 and 8 GPUs, from the
+    model's config alone (``llama2-7b-shapes``, a model directory's config.json, or SmolLM2's)."""
+    if args.model == LLAMA2_7B_SHAPES:
+        config = llama2_7b_config()
+    elif args.model == "smollm2":
+        config = load_model(args.model)[0].config
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    strategy = "fsdp" if args.distributed in ("auto", "none") else args.distributed
+    compute = args.compute_dtype
+    shape = TrainingShape(batch_size=args.batch_size, seq_len=args.seq_len, optimizer=args.optimizer,
+                          strategy=strategy, teacher=args.teacher_placement,
+                          gradient_checkpointing=args.gradient_checkpointing, teacher_dtype=args.teacher_dtype,
+                          compute_dtype=compute, gamma=args.gamma)
+    print(f"per-GPU memory estimate ({strategy}, teacher {args.teacher_placement} in {args.teacher_dtype}, "
+          f"{args.optimizer}, global batch {args.batch_size} x {args.seq_len} tokens, compute {compute}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; formula: "
+          "rabit_compiler/memory.py)")
+    print(memory_table(config, shape, rabit_config=RaBiTConfig(paths=args.paths)))
 
 
 def _save(model: torch.nn.Module, tokenizer: Any, config: RaBiTConfig, out: Path, run: dict[str, Any]) -> None:
@@ -146,12 +220,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = QATConfig()
-    parser.add_argument("--model", default="smollm2", help="'smollm2' or a model directory")
-    parser.add_argument("--text", nargs="+", required=True, help="training / calibration text files")
+    parser.add_argument("--model", default="smollm2",
+                        help=f"'smollm2', a model directory, or (with --dry-run) '{LLAMA2_7B_SHAPES}'")
+    parser.add_argument("--text", nargs="+", help="training / calibration text files (not needed by --dry-run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the per-GPU memory estimate for 1/2/4/8 GPUs from the model config; no training")
+    parser.add_argument("--distributed", choices=STRATEGIES, default="auto",
+                        help="auto: fsdp under torchrun with several processes, else one process")
+    parser.add_argument("--teacher-placement", choices=TEACHER_PLACEMENTS, default="replicate",
+                        help="the frozen teacher on every GPU, or sharded with FSDP")
+    parser.add_argument("--teacher-dtype", choices=tuple(TEACHER_DTYPES), default="fp32")
+    parser.add_argument("--compute-dtype", choices=tuple(DTYPE_BYTES), default="fp32",
+                        help="activation dtype assumed by --dry-run (training uses autocast bf16 on a bf16 GPU)")
+    parser.add_argument("--dist-timeout", type=float, default=DistributedConfig.timeout_s,
+                        help="seconds a collective waits for the other ranks before failing")
     parser.add_argument("--heldout", nargs="*", default=None, help="held-out text files (default: split --text)")
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
     parser.add_argument("--method", choices=METHODS, default="rabit")
-    parser.add_argument("--out", required=True, help="output directory (saved model, checkpoints, run record)")
+    parser.add_argument("--out", help="output directory (saved model, checkpoints, run record)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--paths", type=int, default=RaBiTConfig.paths)
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)

@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.distributed import DistributedConfig, Parallel, distributed_run
+from rabit_compiler.memory import measured_training_bytes
 from rabit_compiler.qat import load_fits, prepare_qat
 from rabit_compiler.train import QATConfig, QATTrainer
 
@@ -50,6 +51,15 @@ def make_trainer(teacher: LlamaForCausalLM, fits, windows: torch.Tensor, options
                       progress=False, parallel=parallel)
 
 
+def resident_bytes(run: QATTrainer) -> dict[str, int]:
+    """This rank's parameter, gradient and optimizer-state bytes with the gradients of one more batch."""
+    run.loss(run.parallel.local_rows(run.batch(0))).backward()
+    held = measured_training_bytes(run.student, run.optimizers)
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return held
+
+
 def equivalence(parallel: Parallel, workdir: Path) -> dict:
     teacher, fits, windows, options = load_inputs(workdir)
     sharded = dataclasses.replace(parallel, strategy="fsdp", teacher="shard")
@@ -59,6 +69,7 @@ def equivalence(parallel: Parallel, workdir: Path) -> dict:
     results["fsdp"] = [fsdp_run.train_step() for _ in range(2)]
     fsdp_run.save_checkpoint(workdir / "fsdp_checkpoint")
     results["fsdp"] += [fsdp_run.train_step() for _ in range(options["steps"] - 2)]
+    results["fsdp_bytes"] = resident_bytes(fsdp_run)
     ddp_run = make_trainer(teacher, fits, windows, options, ddp)
     results["ddp"] = [ddp_run.train_step() for _ in range(options["steps"])]
     muon_run = make_trainer(teacher, fits, windows, options, ddp, optimizer="muon", lr_latent=1e-2)

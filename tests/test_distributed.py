@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,11 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.memory import TrainingShape, meta_model, training_memory
 from rabit_compiler.qat import fit_linears, qat_layers, save_fits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_worker import make_trainer  # noqa: E402
+from distributed_worker import make_trainer, resident_bytes  # noqa: E402
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 VOCAB, SEQ, STEPS = 97, 16, 4
@@ -66,10 +68,11 @@ def single(inputs):
     losses = [run.train_step() for _ in range(2)]
     run.save_checkpoint(workdir / "single_checkpoint")
     losses += [run.train_step() for _ in range(STEPS - 2)]
+    held = resident_bytes(run)
     flips = sum(int((layer.current_paths().signs != fits.fits[name].signs).sum())
                 for name, layer in qat_layers(run.student).items())
     muon = make_trainer(teacher, fits, windows, OPTIONS, **MUON)
-    return {"adamw": losses, "flips": flips, "muon": [muon.train_step() for _ in range(STEPS)]}
+    return {"adamw": losses, "flips": flips, "bytes": held, "muon": [muon.train_step() for _ in range(STEPS)]}
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +122,50 @@ def test_a_failing_rank_is_reported_not_hung(inputs):
     assert "rabit: rank 1/2 failed: RuntimeError: injected failure in the loss of step 2" in result.stderr
     assert not (workdir / "results.json").exists()
     print(f"\nfailing rank reported after {elapsed:.1f} s (exit code {result.returncode})")
+
+
+def saved_tensor_bytes(compute, model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages, other than ``model``'s parameters, that autograd still holds for
+    backward after ``compute()``."""
+    saved = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(weakref.ref(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        result = compute()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    alive = [t for ref in saved if (t := ref()) is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+    assert result.requires_grad
+    return sum(size for pointer, size in storages.items() if pointer not in parameters)
+
+
+def test_dry_run_formula_matches_hand_count_and_measurements(inputs, single, distributed):
+    workdir, teacher, fits, windows = inputs
+    model = meta_model(teacher.config)
+    shape = TrainingShape(batch_size=4, seq_len=SEQ, optimizer="adamw", strategy="fsdp", teacher="shard")
+    one, two, four = (training_memory(model, w, shape) for w in (1, 2, 4))
+    # hand count: per layer q [64, 64], k [32, 64], v [32, 64], o [64, 64], gate/up [91, 64], down [64, 91];
+    # 2 paths: 2 row scales [N] and 2 column scales [K] each; fp32; 2 layers
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (91, 64), (91, 64), (64, 91)]
+    per_layer = sum(n * k + 2 * (n + k) for n, k in shapes)
+    assert one["latents + scales"] == 2 * per_layer * 4 == single["bytes"]["latents + scales"]
+    # 2 ranks keep ceil(rows / 2) of every tensor (latent [N, K], scales [2, N], [2, K]): rank 0's shards as
+    # measured in the FSDP run
+    rank0 = sum(-(-n // 2) * k + n + k for n, k in shapes) * 2 * 4
+    assert two["latents + scales"] == rank0 == distributed["fsdp_bytes"]["latents + scales"]
+    for term in ("gradients", "optimizer state"):
+        assert one[term] == single["bytes"][term] and two[term] == distributed["fsdp_bytes"][term], term
+    assert one["optimizer state"] == 2 * one["latents + scales"]  # AdamW: two moments
+    for term in ("latents + scales", "frozen student", "teacher", "activations", "total"):
+        assert one[term] > two[term] > four[term], term
+    assert one["derived weights"] == two["derived weights"] == four["derived weights"] > 0  # never sharded
+    # the estimated saved tensors (derived weights + activations) against what autograd really keeps
+    run = make_trainer(teacher, fits, windows, OPTIONS)
+    run.student.train(False)
+    measured = saved_tensor_bytes(lambda: run.loss(run.batch(0)), run.student)
+    estimated = one["derived weights"] + one["activations"]
+    print(f"\nsaved for backward, 1 process: measured {measured} B, formula {estimated} B")
+    assert abs(estimated - measured) < 0.1 * measured
