@@ -4,6 +4,7 @@
 from rabit_compiler import kernels as kernels  # registers the rabit:: torch.library ops
 from rabit_compiler.backend import rabit_backend, register
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.distributed import DistributedConfig, distributed_run
 from rabit_compiler.qat import convert, prepare_qat
 from rabit_compiler.quantize import QuantizeReport, RaBiTLinear, quantize_
 from rabit_compiler.serialization import RaBiTFormatError, load, save
@@ -12,6 +13,6 @@ from rabit_compiler.train import QATConfig, QATTrainer
 register()
 
 __all__ = [
-    "QATConfig", "QATTrainer", "QuantizeReport", "RaBiTConfig", "RaBiTFormatError", "RaBiTLinear", "convert", "load",
-    "prepare_qat", "quantize_", "rabit_backend", "save",
+    "DistributedConfig", "QATConfig", "QATTrainer", "QuantizeReport", "RaBiTConfig", "RaBiTFormatError", "RaBiTLinear",
+    "convert", "distributed_run", "load", "prepare_qat", "quantize_", "rabit_backend", "save",
 ]
