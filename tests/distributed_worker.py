@@ -8,8 +8,8 @@ Scenarios:
 - ``equivalence``: FSDP2 (teacher sharded) and DDP (teacher replicated) runs of ``steps`` steps recording the
   losses, an FSDP checkpoint after 2 steps (``WORKDIR/fsdp_checkpoint``), the next loss after loading the
   single-process checkpoint ``WORKDIR/single_checkpoint``, DDP + Muon losses, and the error of Muon + FSDP.
-- ``fail``: an FSDP run in which rank 1 raises during step 2 (the failure is injected here, by wrapping the
-  trainer's loss; no production code knows about it).
+- ``fail``: an FSDP run in which rank 1 raises during step 2; ``stall``: rank 1 sleeps there instead, and the
+  collective timeout is 5 s (both injected here, by wrapping the trainer's loss; no production code knows).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -99,10 +100,25 @@ def fail(parallel: Parallel, workdir: Path) -> dict:
     return {"losses": [run.train_step() for _ in range(options["steps"])]}
 
 
+def stall(parallel: Parallel, workdir: Path) -> dict:
+    teacher, fits, windows, options = load_inputs(workdir)
+    run = make_trainer(teacher, fits, windows, options, parallel)
+    loss = run.loss
+
+    def stalling_loss(ids: torch.Tensor) -> torch.Tensor:
+        if parallel.rank == 1 and run.step == 1:
+            time.sleep(600)
+        return loss(ids)
+
+    run.loss = stalling_loss
+    return {"losses": [run.train_step() for _ in range(options["steps"])]}
+
+
 def main() -> None:
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
-    with distributed_run(DistributedConfig(strategy="fsdp", timeout_s=60)) as parallel:
-        results = {"equivalence": equivalence, "fail": fail}[scenario](parallel, workdir)
+    timeout = 5 if scenario == "stall" else 60
+    with distributed_run(DistributedConfig(strategy="fsdp", timeout_s=timeout)) as parallel:
+        results = {"equivalence": equivalence, "fail": fail, "stall": stall}[scenario](parallel, workdir)
         if parallel.is_main:
             (workdir / "results.json").write_text(json.dumps(results))
 
