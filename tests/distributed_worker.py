@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,39 +88,34 @@ def equivalence(parallel: Parallel, workdir: Path) -> dict:
     return results
 
 
-def fail(parallel: Parallel, workdir: Path) -> dict:
+def faulty_run(parallel: Parallel, workdir: Path, fault: Callable[[], None]) -> dict:
+    """An FSDP run in which rank 1 calls ``fault()`` in the loss of step 2."""
     teacher, fits, windows, options = load_inputs(workdir)
     run = make_trainer(teacher, fits, windows, options, parallel)
     loss = run.loss
 
-    def failing_loss(ids: torch.Tensor) -> torch.Tensor:
+    def faulty_loss(ids: torch.Tensor) -> torch.Tensor:
         if parallel.rank == 1 and run.step == 1:
-            raise RuntimeError("injected failure in the loss of step 2")
+            fault()
         return loss(ids)
 
-    run.loss = failing_loss
+    run.loss = faulty_loss
     return {"losses": [run.train_step() for _ in range(options["steps"])]}
 
 
-def stall(parallel: Parallel, workdir: Path) -> dict:
-    teacher, fits, windows, options = load_inputs(workdir)
-    run = make_trainer(teacher, fits, windows, options, parallel)
-    loss = run.loss
+def raise_error() -> None:
+    raise RuntimeError("injected failure in the loss of step 2")
 
-    def stalling_loss(ids: torch.Tensor) -> torch.Tensor:
-        if parallel.rank == 1 and run.step == 1:
-            time.sleep(600)
-        return loss(ids)
 
-    run.loss = stalling_loss
-    return {"losses": [run.train_step() for _ in range(options["steps"])]}
+SCENARIOS = {"equivalence": equivalence, "fail": functools.partial(faulty_run, fault=raise_error),
+             "stall": functools.partial(faulty_run, fault=lambda: time.sleep(600))}
 
 
 def main() -> None:
     scenario, workdir = sys.argv[1], Path(sys.argv[2])
     timeout = 5 if scenario == "stall" else 60
     with distributed_run(DistributedConfig(strategy="fsdp", timeout_s=timeout)) as parallel:
-        results = {"equivalence": equivalence, "fail": fail, "stall": stall}[scenario](parallel, workdir)
+        results = SCENARIOS[scenario](parallel, workdir)
         if parallel.is_main:
             (workdir / "results.json").write_text(json.dumps(results))
 
