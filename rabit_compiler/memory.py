@@ -195,8 +195,8 @@ def activation_bytes(config: PretrainedConfig, local_batch: int, shape: Training
 
 def memory_table(config: PretrainedConfig, shape: TrainingShape, world_sizes: tuple[int, ...] = (1, 2, 4, 8),
                  rabit_config: RaBiTConfig | None = None) -> str:
-    """A Markdown table: one row per term (GiB per rank), one column per world size (``strategy`` ``"none"``
-    at world size 1 when ``shape.strategy`` is ``"fsdp"``/``"ddp"`` makes no difference to the numbers)."""
+    """A Markdown table: one row per term (GiB per rank), one column per world size that divides the global
+    batch (a line names the others); world size 1 is one process (no FSDP working set)."""
     model = meta_model(config)
     columns = {w: training_memory(model, w, shape, rabit_config) for w in world_sizes
                if shape.batch_size % w == 0}
@@ -206,4 +206,7 @@ def memory_table(config: PretrainedConfig, shape: TrainingShape, world_sizes: tu
     lines = [header, "|---|" + "---:|" * len(columns)]
     for term in next(iter(columns.values())):
         lines.append(f"| {term} | " + " | ".join(f"{c[term] / GIB:.2f}" for c in columns.values()) + " |")
+    left_out = [w for w in world_sizes if w not in columns]
+    if left_out:
+        lines.append(f"(left out: {left_out} GPUs, over which the global batch of {shape.batch_size} does not split)")
     return "\n".join(lines)
