@@ -140,14 +140,21 @@ class LinearFits:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def save_fits(fits: LinearFits, path: str | os.PathLike) -> None:
-    """Write ``fits`` to one safetensors file (signs as int8; skipped layers in the metadata)."""
+def save_fits(fits: LinearFits, path: str | os.PathLike, settings: dict | None = None) -> None:
+    """Write ``fits`` to one safetensors file (signs as int8; skipped layers and the JSON-able ``settings``
+    that produced the fits, if given, in the metadata)."""
     tensors = {}
     for name, fit in fits.fits.items():
         tensors[f"{name}.signs"] = fit.signs.to(torch.int8).contiguous()
         tensors[f"{name}.row_scales"] = fit.row_scales.contiguous()
         tensors[f"{name}.col_scales"] = fit.col_scales.contiguous()
-    save_file(tensors, str(path), metadata={"skipped": json.dumps(fits.skipped)})
+    save_file(tensors, str(path), metadata={"skipped": json.dumps(fits.skipped), "settings": json.dumps(settings)})
+
+
+def fits_settings(path: str | os.PathLike) -> dict | None:
+    """The ``settings`` a fits file was saved with (None if none were given)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata().get("settings", "null"))
 
 
 def load_fits(path: str | os.PathLike) -> LinearFits:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,10 @@ from rabit_compiler.distributed import STRATEGIES, TEACHER_PLACEMENTS, Distribut
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.memory import DTYPE_BYTES, LLAMA2_7B_SHAPES, TrainingShape, llama2_7b_config, memory_table
 from rabit_compiler.qat import METHODS as QAT_METHODS
-from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
+from rabit_compiler.qat import LinearFits, convert, fit_linears, fits_settings, load_fits, prepare_qat, rtn_, save_fits
 from rabit_compiler.train import QATConfig, QATTrainer
+
+logger = logging.getLogger("rabit_compiler")
 
 METHODS = (*QAT_METHODS, "ptq", "ptq-greedy", "rtn")
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -106,7 +110,7 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
         convert(model, config)
     else:
         teacher = copy.deepcopy(model).to(TEACHER_DTYPES[args.teacher_dtype])
-        fits = _shared_fits(model, config, calibration, parallel, Path(args.out))
+        fits = _shared_fits(model, config, calibration, parallel, Path(args.out), args.resume)
         prepare_qat(model, config, args.method, fits=fits)
         qat_config = QATConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                grad_accum=args.grad_accum, lr_latent=args.lr_latent, lr_scale=args.lr_scale,
@@ -134,15 +138,20 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
 
 
 def _shared_fits(model: torch.nn.Module, config: RaBiTConfig, calibration: torch.Tensor, parallel: Parallel,
-                 out: Path) -> LinearFits:
-    """The initial fits: computed here in one process; distributed, computed by rank 0 and read by the others
-    from ``out/fits.safetensors``, so every rank starts from the same bits."""
-    if parallel.strategy == "none":
-        return fit_linears(model, config, calibration)
+                 out: Path, reuse: bool) -> LinearFits:
+    """The initial fits, written to ``out/fits.safetensors`` by rank 0 (the one process when not distributed)
+    and read back by every rank, so all start from the same bits. With ``reuse`` (``--resume``), a file there
+    from the same config and calibration tokens is read instead of fitting again (the fit is the slow part of
+    a CPU run)."""
     path = out / "fits.safetensors"
+    settings = {"config": config.to_json_dict(),
+                "calibration_sha256": hashlib.sha256(calibration.cpu().numpy().tobytes()).hexdigest()}
+    if reuse and path.is_file() and fits_settings(path) == settings:
+        logger.info("rabit: reusing the initial fits in %s", path)
+        return load_fits(path)
     if parallel.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_fits(fit_linears(model, config, calibration), path)
+        save_fits(fit_linears(model, config, calibration), path, settings)
     parallel.barrier()
     return load_fits(path)
 

@@ -212,7 +212,7 @@ def test_bad_inputs_raise_clear_errors(teacher, fits, windows, tmp_path):
         token_windows(tokenizer, tmp_path / "missing.txt", SEQ)
 
 
-def test_cli_quantize_then_eval(teacher, tmp_path, capsys):
+def test_cli_quantize_then_eval(teacher, tmp_path, capsys, monkeypatch):
     from rabit_compiler.cli import main
 
     words = [f"w{i}" for i in range(VOCAB - 2)]
@@ -235,3 +235,16 @@ def test_cli_quantize_then_eval(teacher, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("| model | method") and len(table) == 5
     assert "| rabit | 2 | 64 |" in table[3] and "| rtn | 0 | 0 |" in table[4]
+
+    def no_refit(*args, **kwargs):
+        raise AssertionError("--resume fitted the model again instead of reading OUT/fits.safetensors")
+
+    from rabit_compiler import workflows
+
+    monkeypatch.setattr(workflows, "fit_linears", no_refit)
+    main(["quantize", *common, "--method", "rabit", "--steps", "3", "--optimizer", "adamw", "--batch-size", "2",
+          "--diagnostics", "0", "--resume", "--out", str(tmp_path / "rabit")])
+    assert "rabit: 3 steps, 96 tokens" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="fitted the model again"):  # other settings: the file is not reused
+        main(["quantize", *common, "--method", "rabit", "--steps", "3", "--paths", "1", "--resume",
+              "--out", str(tmp_path / "rabit")])
