@@ -4,10 +4,15 @@
     python benchmarks/cpu_layers.py --rows 1 2 4 8 16 128 --repeats 7
 
 Each measurement calls one graph of ``--layers`` distinct layers of a shape, all applied to the same input
-(the Python/guard overhead of a call is shared, as in a whole model, and the weights do not all stay in
-L1/L2), and reports time / layers: the median over ``--runs`` calls (fewer for a slow variant, see
-``--seconds``), best of ``--repeats`` rounds (the CPU is shared; the load average is printed). Random
-weights and signs (speed does not depend on the values).
+(the Python/guard overhead of a call is shared, as in a whole model), and reports time / layers: the median
+over ``--runs`` calls (fewer for a slow variant, see ``--seconds``), best of ``--repeats`` rounds (the CPU
+is shared; the load average is printed). Random weights and signs (speed does not depend on the values).
+
+Cold caches by default: before every timed call a buffer of ``--flush-mb`` (default twice the last-level
+cache) is written, so each layer's weights come from DRAM, as in decoding a whole model, whose weights
+(424 MB of fp32 linears for SmolLM2-135M) never fit in cache. ``--warm`` times back-to-back calls instead,
+where a small fp32 weight (a 192x576 layer is 442 KB) stays in L2/L3 and the matmul library's GEMV runs
+from cache.
 
 Variants, measured in the same run with ``torch.set_num_threads(--threads)``:
 
@@ -16,8 +21,10 @@ Variants, measured in the same run with ``torch.set_num_threads(--threads)``:
 * ``lowered bitwise`` / ``lowered dense``: :func:`rabit_compiler.passes.lower_for_cpu` with that form, then
   Inductor (:mod:`rabit_compiler.kernels.cpu_lowering`).
 
-Weight bytes per layer: fp32 ``4 N K``; packed ``4 k N ceil(K/32) + 2 k (N + K)`` (fp16 scales). GB/s is
-those bytes over the time.
+Weight bytes per layer: fp32 ``4 N K``; packed ``4 k N ceil(K/32) + 2 k (N + S K)`` (fp16 scales, S sibling
+members). GB/s is those bytes over the time. The two "fused" shapes are what the backend runs for q/k/v and
+gate/up (one siblings call) against what the fp32 model runs (one ``F.linear`` per member); their time is per
+group, not per member.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,46 +43,57 @@ from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
 from tqdm import tqdm
 
-SMOLLM2_SHAPES = {  # (N, K): q/o_proj, k/v_proj, gate/up_proj, down_proj
-    "q/o 576x576": (576, 576),
-    "k/v 192x576": (192, 576),
-    "gate/up 1536x576": (1536, 576),
-    "down 576x1536": (576, 1536),
+SMOLLM2_SHAPES = {  # (out_features of each member, K); several members: siblings sharing x, fused into one call
+    "q/o 576x576": ((576,), 576),
+    "k/v 192x576": ((192,), 576),
+    "gate/up 1536x576": ((1536,), 576),
+    "down 576x1536": ((576,), 1536),
+    "q+k+v fused (576+192+192)x576": ((576, 192, 192), 576),
+    "gate+up fused (2x1536)x576": ((1536, 1536), 576),
 }
 
 
 class FloatLayers(torch.nn.Module):
-    """``layers`` fp32 linears ``[N, K]`` applied to the same ``x``."""
+    """``layers`` groups of fp32 linears ``[N_s, K]`` (one ``F.linear`` per member, as the fp32 model runs
+    them), all applied to the same ``x``."""
 
-    def __init__(self, layers: int, out_features: int, in_features: int):
+    def __init__(self, layers: int, out_features: tuple[int, ...], in_features: int):
         super().__init__()
         self.weights = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5, requires_grad=False)
-            for _ in range(layers))
+            torch.nn.Parameter(torch.randn(n, in_features) / in_features**0.5, requires_grad=False)
+            for _ in range(layers) for n in out_features)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [F.linear(x, weight) for weight in self.weights]
 
 
 class PackedLayers(torch.nn.Module):
-    """``layers`` packed k-path linears ``[N, K]`` (fp16 scales) applied to the same ``x``."""
+    """``layers`` packed k-path linears (fp16 scales) applied to the same ``x``: one member ``[N, K]`` is one
+    ``rabit::residual_binary_linear`` call, several are one ``rabit::residual_binary_linear_siblings`` call
+    (the form the backend's fuse pass gives q/k/v and gate/up)."""
 
-    def __init__(self, layers: int, out_features: int, in_features: int, paths: int):
+    def __init__(self, layers: int, out_features: tuple[int, ...], in_features: int, paths: int):
         super().__init__()
         self.in_features = in_features
+        self.out_features = list(out_features)
         self.layers = layers
+        total = sum(out_features)
         for i in range(layers):
-            self.register_buffer(f"packed_signs_{i}", pack_signs(torch.randn(paths, out_features, in_features)))
-            self.register_buffer(f"row_scale_{i}", torch.rand(paths, out_features).half())
-            self.register_buffer(f"col_scale_{i}", torch.rand(paths, in_features).half())
+            self.register_buffer(f"packed_signs_{i}", pack_signs(torch.randn(paths, total, in_features)))
+            self.register_buffer(f"row_scale_{i}", torch.rand(paths, total).half())
+            col_shape = (paths, in_features) if len(out_features) == 1 else (len(out_features), paths, in_features)
+            self.register_buffer(f"col_scale_{i}", torch.rand(col_shape).half())
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [
-            torch.ops.rabit.residual_binary_linear(x, getattr(self, f"packed_signs_{i}"),
-                                                   getattr(self, f"row_scale_{i}"),
-                                                   getattr(self, f"col_scale_{i}"), None, self.in_features)
-            for i in range(self.layers)
-        ]
+        outputs = []
+        for i in range(self.layers):
+            tensors = (getattr(self, f"packed_signs_{i}"), getattr(self, f"row_scale_{i}"),
+                       getattr(self, f"col_scale_{i}"), None, self.in_features)
+            if len(self.out_features) == 1:
+                outputs.append(torch.ops.rabit.residual_binary_linear(x, *tensors))
+            else:
+                outputs.append(torch.ops.rabit.residual_binary_linear_siblings(x, *tensors, self.out_features))
+        return outputs
 
 
 def lowering_backend(form: str) -> Callable:
@@ -89,10 +108,21 @@ def lowering_backend(form: str) -> Callable:
     return backend
 
 
-def median_time(fn: Callable[[], object], runs: int, repeats: int, seconds: float) -> float:
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (sysfs), or 32 MiB when it cannot be read."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 * 2**20)
+
+
+def median_time(fn: Callable[[], object], runs: int, repeats: int, seconds: float,
+                flush: torch.Tensor | None) -> float:
     """Best over ``repeats`` rounds of the median of ``runs`` timed calls (fewer, at least 5, if a round
-    would take over ``seconds``), in seconds. With one thread the clock is the thread's CPU time (robust to
-    the other jobs on a shared CPU), else wall time."""
+    would take over ``seconds``), in seconds; ``flush`` (if given) is overwritten before each timed call,
+    untimed, to evict the weights from the caches. With one thread the clock is the thread's CPU time
+    (robust to the other jobs on a shared CPU), else wall time."""
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     start = time.perf_counter()
     for _ in range(3):
@@ -102,6 +132,8 @@ def median_time(fn: Callable[[], object], runs: int, repeats: int, seconds: floa
     for _ in range(repeats):
         times = []
         for _ in range(runs):
+            if flush is not None:
+                flush.add_(1)
             start = clock()
             fn()
             times.append(clock() - start)
@@ -110,8 +142,8 @@ def median_time(fn: Callable[[], object], runs: int, repeats: int, seconds: floa
     return best
 
 
-def packed_bytes(out_features: int, in_features: int, paths: int) -> int:
-    return 4 * paths * out_features * words_per_row(in_features) + 2 * paths * (out_features + in_features)
+def packed_bytes(out_features: int, in_features: int, paths: int, members: int = 1) -> int:
+    return 4 * paths * out_features * words_per_row(in_features) + 2 * paths * (out_features + members * in_features)
 
 
 def main() -> None:
@@ -124,12 +156,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget of one round of one variant")
     parser.add_argument("--shapes", nargs="*", choices=sorted(SMOLLM2_SHAPES), default=list(SMOLLM2_SHAPES))
+    parser.add_argument("--warm", action="store_true", help="no cache flush between calls (weights stay cached)")
+    parser.add_argument("--flush-mb", type=int, default=2 * last_level_cache_bytes() // 2**20,
+                        help="size of the buffer written before each timed call (default: 2x last-level cache)")
     args = parser.parse_args()
+    flush = None if args.warm else torch.zeros(args.flush_mb * 2**20 // 4)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, commit {commit}, "
-          f"load average before: {os.getloadavg()}")
+          f"load average before: {os.getloadavg()}; "
+          + ("warm caches" if flush is None else f"cold caches ({args.flush_mb} MB written before each call)"))
     print(f"{args.layers} layers per call, k={args.paths}, median of {args.runs} calls, best of {args.repeats}; "
           "times per layer in microseconds (speed-up vs fp32 eager)")
     print("| shape | rows | fp32 eager | fp32 inductor | rabit op (eager) | lowered bitwise | lowered dense | "
@@ -137,11 +174,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     jobs = [(name, rows) for name in args.shapes for rows in args.rows]
     for name, rows in tqdm(jobs, desc="layers", leave=False):
-        out_features, in_features = SMOLLM2_SHAPES[name]
+        members, in_features = SMOLLM2_SHAPES[name]
+        out_features = sum(members)
         torch.compiler.reset()  # every job compiles new modules with the same forward: no recompile limit
         x = torch.randn(rows, in_features)
-        dense_model = FloatLayers(args.layers, out_features, in_features)
-        packed_model = PackedLayers(args.layers, out_features, in_features, args.paths)
+        dense_model = FloatLayers(args.layers, members, in_features)
+        packed_model = PackedLayers(args.layers, members, in_features, args.paths)
         variants = {
             "fp32 eager": dense_model,
             "fp32 inductor": torch.compile(dense_model, dynamic=False),
@@ -155,12 +193,13 @@ def main() -> None:
             error = max((g - e).abs().max().item() / e.abs().max().item() for g, e in zip(got, expected, strict=True))
             if error > 1e-4:
                 raise AssertionError(f"{variant} differs from the op by {error:.3g} (relative) on {name}")
-        times = {label: median_time(lambda fn=fn, x=x: fn(x), args.runs, args.repeats, args.seconds) / args.layers
+        times = {label: median_time(lambda fn=fn, x=x: fn(x), args.runs, args.repeats, args.seconds, flush)
+                 / args.layers
                  for label, fn in variants.items()}
         base = times["fp32 eager"]
         cells = [f"{times[label] * 1e6:.1f} ({base / times[label]:.2f}x)" for label in variants]
         fp32_rate = 4 * out_features * in_features / times["fp32 eager"] / 1e9
-        packed_rate = packed_bytes(out_features, in_features, args.paths) / times["bitwise"] / 1e9
+        packed_rate = packed_bytes(out_features, in_features, args.paths, len(members)) / times["bitwise"] / 1e9
         tqdm.write(f"| {name} | {rows} | " + " | ".join(cells) + f" | {fp32_rate:.1f} | {packed_rate:.2f} |")
     print(f"load average after: {os.getloadavg()}")
 
