@@ -11,9 +11,12 @@
    :mod:`rabit_compiler.kernels.aot`): registers, stack and spill instructions, the width of the sign-word loads,
    and the K loop's instruction count per packed int32 word and per sign bit of the tile (per thread: the loop
    body handles ``PATHS_P2 * BLOCK_N * BLOCK_KW / (32 * num_warps)`` words per iteration; k = 3 is padded to 4).
-4. For the batch-1 GEMV: the sign-byte rate its K loop can sustain, from those counts and the per-SM issue and
-   ALU-pipe rates (CUDA C++ Programming Guide throughput table; SM counts and boost clocks from NVIDIA's
-   whitepapers), against DRAM bandwidth: whether the roofline of table 1 is reachable at all.
+4. For the batch-1 GEMV, both inner loops (``LUT_BITS`` 0: a select per sign bit; 4: a table lookup per nibble):
+   the sign-byte rate its K loop can sustain, from those counts and the per-SM issue and ALU-pipe rates (CUDA C++
+   Programming Guide throughput table; SM counts and boost clocks from NVIDIA's whitepapers), against DRAM
+   bandwidth: whether the roofline of table 1 is reachable at all. Also the bytes each program reads besides the
+   sign words (x and h, or the LUT loop's tables), per sign byte: traffic served by L2 / L1, which the model does
+   not price (no NVIDIA document gives an L2 bandwidth).
 
 Prints markdown (the section recorded in benchmarks/RESULTS.md).
 """
@@ -32,7 +35,6 @@ GPU_CORES = {"RTX 4090": (89, 128, 2.52), "H100 SXM": (90, 132, 1.98)}
 # (LOP3), compares / selects (ISETP, FSEL) and shifts -- the ALU pipe.
 ISSUE_PER_SM_CLOCK = 128
 ALU_PER_SM_CLOCK = 64
-ALU_OPCODES = ("LOP3", "FSEL", "SEL", "ISETP", "SHF", "PLOP3", "LEA", "IADD3")
 LAYER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (14336, 4096)]  # W [N, K]
 ARCHS = (89, 90)
 
@@ -83,13 +85,35 @@ def pack_specs() -> list[dict]:
             for arch in ARCHS for dtype in ("float16", "bfloat16", "float32")]
 
 
+def other_bytes_per_sign_byte(r: dict) -> float:
+    """Bytes one GEMV program reads per K block besides the sign words (fp16 x and h for the select loop, the fp32
+    tables of all padded planes for the LUT loop), per sign byte it reads (batch 1)."""
+    c = r["constexprs"]
+    columns = 32 * c["BLOCK_KW"]
+    sign_bytes = 4 * c["PATHS_P2"] * c["BLOCK_N"] * c["BLOCK_KW"]
+    if c["LUT_BITS"]:
+        return c["PATHS_P2"] * columns // 4 * 16 * 4 / sign_bytes
+    return columns * 2 * (1 + c["NUM_PATHS"]) / sign_bytes
+
+
+def lut_specs() -> list[dict]:
+    """The LUT GEMV's table kernel for fp16 x, k = 1..4, per arch."""
+    from rabit_compiler.kernels.triton_gemv import lut_table_configs
+
+    return [dict(spec, dtype="float16", arch=arch) for arch in ARCHS for spec in lut_table_configs()
+            if str(spec["dtype"]) == "torch.float16"]
+
+
 def instruction_ceiling(results: list[dict]) -> list[str]:
-    """For each batch-1 GEMV variant: the sign-byte throughput the K loop's instructions allow (issue rate and
-    ALU pipe), against the DRAM bandwidth the roofline assumes."""
-    lines = ["| GPU | k | instr / useful sign bit | ALU instr / useful sign bit | issue-bound GB/s of signs | "
-             "ALU-bound GB/s of signs | DRAM GB/s | predicted bound |", "|---|---|---|---|---|---|---|---|"]
+    """For each batch-1 GEMV variant (both inner loops): the sign-byte throughput the K loop's instructions allow
+    (issue rate and ALU pipe), against the DRAM bandwidth the roofline assumes."""
+    from rabit_compiler.kernels.aot import ALU_OPCODES
+
+    lines = ["| GPU | k | inner loop | instr / useful sign bit | ALU instr / useful sign bit | issue-bound GB/s of "
+             "signs | ALU-bound GB/s of signs | DRAM GB/s | predicted bound | other bytes read / sign byte |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for gpu, (arch, sms, ghz) in GPU_CORES.items():
-        for r in results:
+        for r in sorted(results, key=lambda r: (r["constexprs"]["NUM_PATHS"], r["constexprs"].get("LUT_BITS", 0))):
             c = r["constexprs"]
             if r["arch"] != arch or r["kernel"] != "_rbl_gemv_kernel" or c["BLOCK_M"] != 1 or c["NUM_SEGMENTS"] != 1:
                 continue
@@ -101,9 +125,11 @@ def instruction_ceiling(results: list[dict]) -> list[str]:
             alu_gbs = sms * ALU_PER_SM_CLOCK * ghz / alu_per_bit / 8
             dram = BANDWIDTH_GBS[gpu]
             ceiling = min(issue_gbs, alu_gbs)
-            bound = "DRAM" if ceiling >= dram else f"instructions ({ceiling / dram:.0%} of DRAM)"
-            lines.append(f"| {gpu} | {c['NUM_PATHS']} | {per_bit:.2f} | {alu_per_bit:.2f} | {issue_gbs:.0f} | "
-                         f"{alu_gbs:.0f} | {dram:.0f} | {bound} |")
+            bound = (f"DRAM (instruction ceiling {ceiling / dram:.0%} of it)" if ceiling >= dram
+                     else f"instructions ({ceiling / dram:.0%} of DRAM)")
+            loop = "LUT (nibble lookups)" if c["LUT_BITS"] else "select per bit"
+            lines.append(f"| {gpu} | {c['NUM_PATHS']} | {loop} | {per_bit:.2f} | {alu_per_bit:.2f} | {issue_gbs:.0f} | "
+                         f"{alu_gbs:.0f} | {dram:.0f} | {bound} | {other_bytes_per_sign_byte(r):.2f} |")
     return lines
 
 
@@ -114,8 +140,10 @@ def aot_tables() -> list[str]:
     if reason:
         return [f"AOT section skipped: {reason}"]
     linear_specs = report_specs()
-    results = compile_variants(linear_specs + pack_specs())
-    results, packs = results[:len(linear_specs)], results[len(linear_specs):]
+    table_specs = lut_specs()
+    results = compile_variants(linear_specs + table_specs + pack_specs())
+    split = len(linear_specs) + len(table_specs)
+    results, tables, packs = results[:len(linear_specs)], results[len(linear_specs):split], results[split:]
     lines = ["| kernel | arch | k | S | BM x BN x BKW | warps / stages | regs | stack | LDL/STL | sign words "
              "per load | 128-bit loads | K-loop instr | instr / tile word | instr / tile bit / row | main opcodes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -124,12 +152,16 @@ def aot_tables() -> list[str]:
         words_per_thread = c["PATHS_P2"] * c["BLOCK_N"] * c["BLOCK_KW"] / (32 * r["num_warps"])
         per_word = r["loop"]["instructions"] / words_per_thread
         top = ", ".join(f"{op} {n}" for op, n in list(r["loop"]["opcodes"].items())[:4])
+        name = r["kernel"].removeprefix("_rbl_").removesuffix("_kernel") + (" LUT" if c.get("LUT_BITS") else "")
         lines.append(
-            f"| {r['kernel'].removeprefix('_rbl_').removesuffix('_kernel')} | sm_{r['arch']} | {c['NUM_PATHS']} | "
+            f"| {name} | sm_{r['arch']} | {c['NUM_PATHS']} | "
             f"{c['NUM_SEGMENTS']} | {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_KW']} | {r['num_warps']} / "
             f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['local_ops']} | "
             f"{sorted(set(r['sign_load_widths']))} | {r['wide_loads']} | {r['loop']['instructions']} | "
             f"{per_word:.1f} | {per_word / 32 / c['BLOCK_M']:.2f} | {top} |")
+    lines += ["", "LUT GEMV table kernel (fp16 x, per token before the GEMV): " + "; ".join(
+        f"sm_{r['arch']} k={r['constexprs']['NUM_PATHS']}: {r['regs']} regs, stack {r['stack']}, {r['local_ops']} "
+        f"LDL/STL" for r in tables)]
     lines += ["", "GPU pack kernel: " + "; ".join(
         f"sm_{r['arch']} {r['dtype']}: {r['regs']} regs, stack {r['stack']}, {r['local_ops']} LDL/STL, "
         f"{r['wide_loads']} 128-bit loads" for r in packs)]

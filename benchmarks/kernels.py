@@ -1,6 +1,6 @@
 """GPU timings of the packed residual-binary kernels against fp16 ``F.linear`` (cuBLAS), in one run.
 
-    python benchmarks/kernels.py [--paths 2] [--prefill 128] [--json out.json]
+    python benchmarks/kernels.py [--paths 2] [--prefill 128] [--lut-bits 0|4] [--json out.json]
 
 Needs a CUDA device (exits with status 2 and a message otherwise; ``benchmarks/kernel_report.py`` is the static
 report that runs anywhere). Every time is the median of ``triton.testing.do_bench``. It measures
@@ -13,7 +13,9 @@ report that runs anywhere). Every time is the median of ``triton.testing.do_benc
   K = 4096 at batch 1, one fused launch against one launch per sibling;
 * the GPU pack kernel: seconds to pack a 4096 x 11008 x k sign source.
 
-Each RaBiT result is checked against the dequantized fp32 weight before it is timed.
+Each RaBiT result is checked against the dequantized fp32 weight before it is timed. ``--lut-bits`` forces the
+batch-1 GEMV's inner loop (0: a select per sign bit, 4: nibble lookup tables, timed with their table kernel);
+default: the launcher's choice. Run both to compare them.
 """
 
 from __future__ import annotations
@@ -75,24 +77,29 @@ def _check(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> float:
     return error
 
 
-def bench_layer(num_rows: int, out_features: int, in_features: int, num_paths: int, device) -> dict:
-    from rabit_compiler.kernels.triton_gemv import choose_config, residual_binary_linear_triton
+def bench_layer(num_rows: int, out_features: int, in_features: int, num_paths: int, device,
+                lut_bits: int | None = None) -> dict:
+    from rabit_compiler.kernels.triton_gemv import GEMV_MAX_ROWS, choose_config, residual_binary_linear_triton
+
+    lut_bits = lut_bits if num_rows <= GEMV_MAX_ROWS else None  # an option of the GEMV only
 
     packed_signs, row_scale, col_scale = random_packed(num_paths, out_features, in_features, device)
     x = torch.randn(num_rows, in_features, device=device, dtype=torch.float16)
     out = torch.empty(num_rows, out_features, device=device, dtype=torch.float16)
     weight = dequantized(packed_signs, row_scale, col_scale, in_features)
     weight_fp16 = weight.half()
-    error = _check(residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, None, in_features), x, weight)
+    error = _check(residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, None, in_features,
+                                                 lut_bits=lut_bits), x, weight)
     rabit_ms = _median_ms(lambda: residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, None,
-                                                                in_features, out=out))
+                                                                in_features, out=out, lut_bits=lut_bits))
     fp16_ms = _median_ms(lambda: F.linear(x, weight_fp16))
     io_bytes = 2 * num_rows * (in_features + out_features)
     rabit_bytes = (packed_signs.numel() * 4 + (row_scale.numel() + col_scale.numel()) * 2) + io_bytes
     fp16_bytes = weight_fp16.numel() * 2 + io_bytes
     major, minor = torch.cuda.get_device_capability(device)
+    cfg = choose_config(num_rows, num_paths, x.dtype, arch=10 * major + minor, lut_bits=lut_bits)
     return dict(rows=num_rows, N=out_features, K=in_features, paths=num_paths,
-                kernel=choose_config(num_rows, num_paths, x.dtype, arch=10 * major + minor).kernel,
+                kernel=cfg.kernel + (" LUT" if cfg.lut_bits else ""),
                 rabit_ms=rabit_ms, fp16_ms=fp16_ms, speedup=fp16_ms / rabit_ms,
                 rabit_gbs=rabit_bytes / (rabit_ms * 1e-3) / 1e9, fp16_gbs=fp16_bytes / (fp16_ms * 1e-3) / 1e9,
                 rabit_tflops=2 * num_rows * out_features * in_features / (rabit_ms * 1e-3) / 1e12,
@@ -100,7 +107,7 @@ def bench_layer(num_rows: int, out_features: int, in_features: int, num_paths: i
                 max_rel_error=error)
 
 
-def bench_siblings(name: str, out_features: list[int], num_paths: int, device) -> dict:
+def bench_siblings(name: str, out_features: list[int], num_paths: int, device, lut_bits: int | None = None) -> dict:
     from rabit_compiler.kernels.triton_gemv import residual_binary_linear_siblings_triton, residual_binary_linear_triton
 
     packed_signs, row_scale, _ = random_packed(num_paths, sum(out_features), SIBLING_K, device)
@@ -113,17 +120,17 @@ def bench_siblings(name: str, out_features: list[int], num_paths: int, device) -
     members = [(packed_signs[:, a:b].contiguous(), row_scale[:, a:b].contiguous(), col_scale[s].contiguous(),
                 out[:, a:b].clone()) for s, (a, b) in enumerate(zip(starts, starts[1:], strict=True))]
     fused = residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, None, SIBLING_K,
-                                                   out_features)
+                                                   out_features, lut_bits=lut_bits)
     for s, (a, b) in enumerate(zip(starts, starts[1:], strict=True)):
         weight = dequantized(members[s][0], members[s][1], members[s][2], SIBLING_K)
         _check(fused[:, a:b], x, weight)
 
     def separate():
         for signs, rows, cols, part in members:
-            residual_binary_linear_triton(x, signs, rows, cols, None, SIBLING_K, out=part)
+            residual_binary_linear_triton(x, signs, rows, cols, None, SIBLING_K, out=part, lut_bits=lut_bits)
 
     fused_ms = _median_ms(lambda: residual_binary_linear_siblings_triton(
-        x, packed_signs, row_scale, col_scale, None, SIBLING_K, out_features, out=out))
+        x, packed_signs, row_scale, col_scale, None, SIBLING_K, out_features, out=out, lut_bits=lut_bits))
     separate_ms = _median_ms(separate)
     return dict(group=name, out_features=out_features, paths=num_paths, fused_ms=fused_ms, separate_ms=separate_ms,
                 speedup=separate_ms / fused_ms)
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", type=int, default=2, help="sign planes k (default 2)")
     parser.add_argument("--prefill", type=int, default=128, help="rows of the prefill GEMM (default 128)")
+    parser.add_argument("--lut-bits", type=int, choices=(0, 4), default=None,
+                        help="batch-1 GEMV inner loop: 0 = select per bit, 4 = lookup tables (default: launcher's)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -159,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
           f"measured copy bandwidth {results['copy_gbs']:.0f} GB/s")
     jobs = [(rows, n, k) for rows in (1, args.prefill) for n, k in LAYER_SHAPES]
     for rows, n, k in tqdm(jobs, desc="layers"):
-        results["layers"].append(bench_layer(rows, n, k, args.paths, device))
+        results["layers"].append(bench_layer(rows, n, k, args.paths, device, args.lut_bits))
     for name, out_features in tqdm(SIBLING_GROUPS.items(), desc="siblings"):
-        results["siblings"].append(bench_siblings(name, out_features, args.paths, device))
+        results["siblings"].append(bench_siblings(name, out_features, args.paths, device, args.lut_bits))
     results["pack"] = bench_pack(args.paths, device)
 
     print(f"\n| rows | W [N, K] | kernel | RaBiT k={args.paths} ms | fp16 F.linear ms | speedup | RaBiT GB/s "

@@ -24,16 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 _SCALAR_TYPES = {"M": "i32", "N": "i32", "K": "i32", "W": "i32", "stride_xm": "i32", "stride_ym": "i32",
                  "bound0": "i32", "bound1": "i32", "bound2": "i32", "bound3": "i32", "bound4": "i32",
-                 "segment_base": "i32", "R": "i32", "stride_src": "i32"}
-_POINTER_TYPES = {"signs_ptr": "*i32", "row_scale_ptr": "*fp16", "col_scale_ptr": "*fp16", "packed_ptr": "*i32"}
+                 "segment_base": "i32", "R": "i32", "stride_src": "i32", "num_groups": "i32"}
+_POINTER_TYPES = {"signs_ptr": "*i32", "row_scale_ptr": "*fp16", "col_scale_ptr": "*fp16", "packed_ptr": "*i32",
+                  "lut_ptr": "*fp32"}
 _X_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 # Arguments specialised as divisible by 16 (see the module docstring); M, W and R are not. The sibling segment
-# bounds of LLM layers (q/k/v: 0, 4096, 5120, 6144) are.
-_DIVISIBLE = {"x_ptr", "signs_ptr", "row_scale_ptr", "col_scale_ptr", "bias_ptr", "y_ptr", "N", "K",
-              "stride_xm", "stride_ym", "bound0", "bound1", "bound2", "bound3", "bound4", "segment_base",
+# bounds of LLM layers (q/k/v: 0, 4096, 5120, 6144) are, and so is num_groups (a multiple of 32 by construction).
+_DIVISIBLE = {"x_ptr", "signs_ptr", "row_scale_ptr", "col_scale_ptr", "bias_ptr", "y_ptr", "lut_ptr", "num_groups",
+              "N", "K", "stride_xm", "stride_ym", "bound0", "bound1", "bound2", "bound3", "bound4", "segment_base",
               "src_ptr", "packed_ptr", "stride_src"}
-_MODULES = {"_rbl_gemv_kernel": "triton_gemv", "_rbl_gemm_kernel": "triton_gemv",
+_MODULES = {"_rbl_gemv_kernel": "triton_gemv", "_rbl_gemm_kernel": "triton_gemv", "_rbl_lut_kernel": "triton_gemv",
             "_pack_signs_kernel": "triton_pack"}
+#: SASS opcodes issued to the ALU pipe of sm_89 / sm_90 (64 lanes per SM per clock, CUDA C++ Programming Guide,
+#: "Throughput of native arithmetic instructions": 32-bit bitwise ops, compares / selects, shifts, integer adds).
+ALU_OPCODES = ("LOP3", "FSEL", "SEL", "ISETP", "SHF", "PLOP3", "LEA", "IADD3")
 _WIDE_LOAD = re.compile(r"\b(LDG\.E(?:\.\w+)*\.128|LDGSTS\.E(?:\.\w+)*\.128)\b")
 
 
@@ -188,9 +192,13 @@ def label(r: dict) -> str:
     c = r["constexprs"]
     if r["kernel"] == "_pack_signs_kernel":
         return f"{r['kernel']} sm_{r['arch']} {r['dtype']} BR={c['BLOCK_R']} BW={c['BLOCK_W']} warps={r['num_warps']}"
+    if r["kernel"] == "_rbl_lut_kernel":
+        return (f"{r['kernel']} sm_{r['arch']} {r['dtype']} paths={c['NUM_PATHS']} BG={c['BLOCK_G']} "
+                f"warps={r['num_warps']}")
     return (f"{r['kernel']} sm_{r['arch']} {r['dtype']} paths={c['NUM_PATHS']} S={c['NUM_SEGMENTS']} "
             f"BM={c['BLOCK_M']} BN={c['BLOCK_N']} BKW={c['BLOCK_KW']} warps={r['num_warps']} "
-            f"stages={r['num_stages']}" + (" WORD_ALIGN=1" if r.get("unaligned") else ""))
+            f"stages={r['num_stages']}" + (f" LUT_BITS={c['LUT_BITS']}" if c.get("LUT_BITS") else "")
+            + (" WORD_ALIGN=1" if r.get("unaligned") else ""))
 
 
 

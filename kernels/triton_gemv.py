@@ -6,10 +6,14 @@ each, every size and option a ``tl.constexpr``:
 * :func:`_rbl_gemv_kernel` -- decode / small batch (CUDA cores, no multiplies by a weight). A program owns
   ``BLOCK_N`` output rows and walks K in blocks of ``BLOCK_KW`` words (``32 * BLOCK_KW`` columns). Per block it
   loads the sign words of all paths once (contiguous int32 along K: 16-byte vector loads when a row is 16-byte
-  aligned), reads x once per row, forms ``h_i * x`` per path in fp32, and for every bit picks ``+xh`` or ``-xh``
-  with a select (``tl.where``) before an fp32 add. Partial sums stay per (path, row, word column) in registers
-  (the bit axis is reduced inside a thread, no shuffles in the loop); the epilogue reduces them, applies
-  ``g_i`` and the bias, and stores in x's dtype. ``BLOCK_M`` rows of x share one load of the sign words.
+  aligned). Two inner loops, the constexpr ``LUT_BITS``: 0 reads x once per row, forms ``h_i * x`` per path in
+  fp32, and for every bit picks ``+xh`` or ``-xh`` with a select (``tl.where``) before an fp32 add; 4 (LUT)
+  takes, per nibble of a sign word, the signed sum of ``h_i * x`` over its 4 columns from tables that
+  :func:`_rbl_lut_kernel` writes just before (16 fp32 entries per path and group of 4 columns: ``64 k K`` bytes
+  per row of x), one shared-memory lookup (``tl.gather``) before an fp32 add. Partial sums stay per (path, row,
+  word column) in registers (a word's bits or nibbles are reduced inside a thread, no shuffles in the loop); the
+  epilogue reduces them, applies ``g_i`` and the bias, and stores in x's dtype. ``BLOCK_M`` rows of x share one
+  load of the sign words.
 * :func:`_rbl_gemm_kernel` -- small batches beyond :data:`GEMV_MAX_ROWS` rows and prefill (tensor cores, fp16 /
   bf16 x). Per K block it loads the sign words of all paths as ``[paths, BLOCK_N, 4]`` (16 bytes per row and
   path), splits them into word columns, and unpacks each column to a ``32 x BLOCK_N`` tile of the dequantized
@@ -63,6 +67,14 @@ MAX_PATHS = 4
 GEMV_MAX_ROWS = 2
 #: siblings (segments) one launch handles; the launcher splits more into launches of at most this many.
 MAX_SEGMENTS = 4
+#: the GEMV's inner loops: 0 = a select and an add per sign bit, 4 = a lookup and an add per nibble (LUT).
+LUT_BITS_CHOICES = (0, 4)
+#: the GEMV's inner loop by default, for batches of up to GEMV_MAX_ROWS rows: the select loop, as the static model
+#: does not predict the LUT loop faster on both sm_89 and sm_90 (see "Static cost" in the module docstring).
+GEMV_LUT_BITS = 0
+#: column groups (4 columns each) per program of the table kernel, and its warps.
+LUT_BLOCK_G = 64
+LUT_NUM_WARPS = 4
 _INT32_LIMIT = 2**31
 
 
@@ -98,18 +110,78 @@ def _segment_block(pid, bound0, bound1, bound2, bound3, bound4, BLOCK_N: tl.cons
 
 
 @triton.jit
+def _nibble_columns(ptrs, mask, group_col, K):
+    """The 4 columns ``group_col + j`` (j = 0..3) of nibble groups, loaded through ``ptrs`` (pointing at column
+    ``group_col``) as fp32; columns ``>= K`` (and ``mask`` false) read as 0."""
+    c0 = tl.load(ptrs, mask=mask & (group_col < K), other=0.0).to(tl.float32)
+    c1 = tl.load(ptrs + 1, mask=mask & (group_col + 1 < K), other=0.0).to(tl.float32)
+    c2 = tl.load(ptrs + 2, mask=mask & (group_col + 2 < K), other=0.0).to(tl.float32)
+    c3 = tl.load(ptrs + 3, mask=mask & (group_col + 3 < K), other=0.0).to(tl.float32)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _signed_pairs(v0, v1):
+    """``[P, G, 4]`` from ``[P, G]``: ``(bit 0 of q ? -v0 : v0) + (bit 1 of q ? -v1 : v1)`` for q = 0..3."""
+    q = tl.arange(0, 4)
+    first = tl.where((q & 1)[None, None, :] != 0, -v0[:, :, None], v0[:, :, None])
+    return first + tl.where((q & 2)[None, None, :] != 0, -v1[:, :, None], v1[:, :, None])
+
+
+@triton.jit
+def _rbl_lut_kernel(
+    x_ptr, col_scale_ptr, lut_ptr, M, K, num_groups, stride_xm, segment_base,
+    NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Nibble tables of the LUT GEMV (grid: blocks of BLOCK_G column groups x M rows x S segments), fp32
+    ``lut [S, M, PATHS_P2, num_groups, 16]``:
+
+        lut[s, m, i, g, q] = sum_{j<4} (bit j of q ? -1 : +1) * h_{s,i}[4 g + j] * x[m, 4 g + j]
+
+    columns ``>= K`` and paths ``>= NUM_PATHS`` add 0 (``num_groups``: 8 per sign word, padded to whole K blocks
+    of the GEMV, so that it reads whole tables without masks). Built as (q bits 2, 3) + (q bits 0, 1): two signed
+    pairs per group, then one add per entry.
+    """
+    pid_g = tl.program_id(0)
+    row = tl.program_id(1)
+    segment = tl.program_id(2)
+    offs_p = tl.arange(0, PATHS_P2)
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_q = tl.arange(0, 16)
+    col = offs_g * 4  # [G]: first column of each group
+    x0, x1, x2, x3 = _nibble_columns(x_ptr + row * stride_xm + col, col < K, col, K)  # 4 x [G]
+    h_ptrs = col_scale_ptr + (segment_base + segment) * (NUM_PATHS * K) + offs_p[:, None] * K + col[None, :]
+    h0, h1, h2, h3 = _nibble_columns(h_ptrs, (offs_p < NUM_PATHS)[:, None], col[None, :], K)  # 4 x [P, G]
+    low = _signed_pairs(x0[None, :] * h0, x1[None, :] * h1)  # [P, G, 4]: q bits 0, 1
+    high = _signed_pairs(x2[None, :] * h2, x3[None, :] * h3)  # [P, G, 4]: q bits 2, 3
+    table = tl.reshape(high[:, :, :, None] + low[:, :, None, :], [PATHS_P2, BLOCK_G, 16])  # q = 4 * hi + lo
+    plane = (segment * M + row) * PATHS_P2 + offs_p  # [P]
+    tl.store(lut_ptr + (plane[:, None, None] * num_groups + offs_g[None, :, None]) * 16 + offs_q[None, None, :],
+             table, mask=(offs_g < num_groups)[None, :, None])
+
+
+@triton.jit
 def _rbl_gemv_kernel(
-    x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr,
+    x_ptr, signs_ptr, row_scale_ptr, col_scale_ptr, bias_ptr, y_ptr, lut_ptr,
     M, N, K, W, stride_xm, stride_ym, bound0, bound1, bound2, bound3, bound4, segment_base,
     NUM_PATHS: tl.constexpr, PATHS_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KW: tl.constexpr, WORD_ALIGN: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr, LUT_BITS: tl.constexpr,
 ):
     """y[m, n] for m in a block of BLOCK_M rows and n in a block of BLOCK_N outputs of one segment (grid: blocks
-    of all segments x M blocks).
+    of all segments x M blocks). Two inner loops over a block's ``[paths, BLOCK_N, BLOCK_KW]`` sign words:
 
-    Tensors are laid out bit-major (``[32, paths, rows, words]``) so that the 32 bits of a word are handled by
-    one thread: the shifts are compile-time constants and the sum over bits needs no cross-lane reduction.
+    * ``LUT_BITS = 0``: per bit, ``+-h_i * x`` by a select, then an fp32 add. Tensors are bit-major
+      (``[32, paths, rows, words]``) so that the 32 bits of a word are handled by one thread: the shifts are
+      compile-time constants and the sum over bits needs no cross-lane reduction.
+    * ``LUT_BITS = 4``: per nibble (4 bits), one lookup in the row's tables ``lut_ptr`` (fp32
+      ``[S, M, PATHS_P2, groups, 16]`` from :func:`_rbl_lut_kernel`: the 16 signed sums of ``h_i * x`` over the
+      nibble's 4 columns), then an fp32 add; x and h are not read here. Per K block the block's tables
+      ``[paths, 8 * BLOCK_KW, 16]`` are loaded (16-byte loads) and handed to ``tl.gather``, which Triton lowers
+      to a store to shared memory, a barrier and one shared-memory load per lookup (a group's 16 entries lie in
+      16 banks and a warp's lanes look up the same group, so lookups are conflict-free wherever a warp holds
+      rows of one plane: every tile but BLOCK_M = 2 with 3 or 4 paths, up to 2-way there). Tensors are nibble-major
+      (``[8, words, paths, rows]``): a row's words and their 32 nibbles stay in one thread.
     """
     segment, block_start, segment_end = _segment_block(tl.program_id(0), bound0, bound1, bound2, bound3, bound4,
                                                        BLOCK_N, NUM_SEGMENTS)
@@ -128,27 +200,53 @@ def _rbl_gemv_kernel(
     col_scale_ptr += (segment_base + segment) * (NUM_PATHS * K)  # this segment's h [paths, K]
     row_start = (offs_p[:, None] * N + offs_n[None, :]) * W  # [P, BN]: word offset of row n in plane p
 
-    acc = tl.full([BLOCK_M, PATHS_P2, BLOCK_N, BLOCK_KW], 0.0, tl.float32)
+    if LUT_BITS == 0:
+        acc = tl.full([BLOCK_M, PATHS_P2, BLOCK_N, BLOCK_KW], 0.0, tl.float32)
+    else:
+        acc = tl.full([BLOCK_M, BLOCK_KW, PATHS_P2, BLOCK_N], 0.0, tl.float32)  # word-major, like the lookups
+        offs_j = tl.arange(0, 8)  # nibble of a word
+        GROUPS: tl.constexpr = BLOCK_KW * 8  # nibble groups (4 columns each) of a K block
+        # a row's tables: [PATHS_P2, 8 * W padded to whole K blocks, 16] (_rbl_lut_kernel); a block's: [P, G, 16]
+        lut_groups = (W + BLOCK_KW - 1) // BLOCK_KW * GROUPS
+        offs_t = tl.arange(0, PATHS_P2 * GROUPS * 16)
+        table_offs = (offs_t // (GROUPS * 16)) * (lut_groups * 16) + offs_t % (GROUPS * 16)
     for kb in range(0, (W + BLOCK_KW - 1) // BLOCK_KW):
         w_idx = kb * BLOCK_KW + offs_w
         words = tl.load(signs_ptr + row_start[:, :, None] + w_idx[None, None, :],
                         mask=pn_mask[:, :, None] & (w_idx < W)[None, None, :], other=0)  # [P, BN, BKW] int32
-        negative = ((words[None, :, :, :] >> bit[:, None, None, None]) & 1) != 0  # [32, P, BN, BKW]
-        k_idx = bit[:, None] + w_idx[None, :] * 32  # [32, BKW]: column of bit j of word w
-        k_mask = k_idx < K
-        h = tl.load(col_scale_ptr + offs_p[None, :, None] * K + k_idx[:, None, :],
-                    mask=p_mask[None, :, None] & k_mask[:, None, :], other=0.0).to(tl.float32)  # [32, P, BKW]
+        if LUT_BITS == 0:
+            negative = ((words[None, :, :, :] >> bit[:, None, None, None]) & 1) != 0  # [32, P, BN, BKW]
+            k_idx = bit[:, None] + w_idx[None, :] * 32  # [32, BKW]: column of bit j of word w
+            k_mask = k_idx < K
+            h = tl.load(col_scale_ptr + offs_p[None, :, None] * K + k_idx[:, None, :],
+                        mask=p_mask[None, :, None] & k_mask[:, None, :], other=0.0).to(tl.float32)  # [32, P, BKW]
+        else:
+            # entry of (nibble j, word w, path p, row n) in the block's tables: (p * G + 8 w + j) * 16 + nibble.
+            # The order [8, BKW, P, BN] keeps a row's 4 words and their 32 nibbles in one thread.
+            nibble = (tl.permute(words, (2, 0, 1))[None, :, :, :] >> (4 * offs_j)[:, None, None, None]) & 15
+            entry = tl.reshape(nibble + (offs_j[:, None, None, None] + offs_w[None, :, None, None] * 8
+                                         + offs_p[None, None, :, None] * GROUPS) * 16,
+                               [8 * BLOCK_KW * PATHS_P2 * BLOCK_N])
         for m in tl.static_range(BLOCK_M):
             # rows past M read row M - 1 (their results are never stored): no row mask on the load
             row = tl.minimum(pid_m * BLOCK_M + m, M - 1)
-            x = tl.load(x_ptr + row * stride_xm + k_idx, mask=k_mask, other=0.0).to(tl.float32)
-            xh = x[:, None, :] * h  # [32, P, BKW]
-            signed = tl.where(negative, -xh[:, :, None, :], xh[:, :, None, :])  # [32, P, BN, BKW]
-            part = tl.reduce(signed, 0, _SUM)  # [P, BN, BKW], reduced inside each thread
+            if LUT_BITS == 0:
+                x = tl.load(x_ptr + row * stride_xm + k_idx, mask=k_mask, other=0.0).to(tl.float32)
+                xh = x[:, None, :] * h  # [32, P, BKW]
+                signed = tl.where(negative, -xh[:, :, None, :], xh[:, :, None, :])  # [32, P, BN, BKW]
+                part = tl.reduce(signed, 0, _SUM)  # [P, BN, BKW], reduced inside each thread
+            else:
+                # this row's tables for the block's G nibble groups (_rbl_lut_kernel), one lookup per nibble
+                tables = tl.load(lut_ptr + ((segment * M + row) * PATHS_P2 * lut_groups + kb * GROUPS) * 16
+                                 + table_offs)  # [P * G * 16] fp32
+                looked_up = tl.reshape(tl.gather(tables, entry, 0), [8, BLOCK_KW, PATHS_P2, BLOCK_N])
+                part = tl.reduce(looked_up, 0, _SUM)  # [BKW, P, BN], reduced inside each thread
             if BLOCK_M == 1:
                 acc += part[None]
             else:
                 acc += tl.where((offs_m == m)[:, None, None, None], part[None], 0.0)
+    if LUT_BITS != 0:
+        acc = tl.permute(acc, (0, 2, 3, 1))  # [BM, P, BN, BKW]
 
     g = tl.load(row_scale_ptr + offs_p[:, None] * N + offs_n[None, :], mask=pn_mask, other=0.0).to(tl.float32)
     paths = tl.reduce(acc, 3, _SUM)  # [BM, P, BN]
@@ -242,7 +340,8 @@ def _rbl_gemm_kernel(
 @dataclass(frozen=True)
 class KernelConfig:
     """One launch configuration: which kernel and its constexpr tile sizes (the other constexprs follow from
-    the tensors: NUM_PATHS, PATHS_P2, WORD_ALIGN, HAS_BIAS)."""
+    the tensors: NUM_PATHS, PATHS_P2, WORD_ALIGN, HAS_BIAS). ``lut_bits`` picks the GEMV's inner loop: 0 = a
+    select per sign bit, 4 = one lookup per nibble in tables built by :func:`_rbl_lut_kernel` (GEMM: 0)."""
 
     kernel: str  # "gemv" or "gemm"
     block_m: int
@@ -250,6 +349,7 @@ class KernelConfig:
     block_kw: int
     num_warps: int
     num_stages: int = 2
+    lut_bits: int = 0
 
 
 def _next_pow2(n: int) -> int:
@@ -264,14 +364,20 @@ def word_align(num_words: int) -> int:
     return 1
 
 
-def gemv_config(rows: int, num_paths: int) -> KernelConfig:
+def gemv_config(rows: int, num_paths: int, lut_bits: int | None = None) -> KernelConfig:
     """GEMV tiles (any x dtype): a ``[paths, BLOCK_N, 4]`` word tile holds 4 words (one 16-byte load) per thread;
     BLOCK_M = 2 shares each sign bit between two rows. Larger BLOCK_M spill registers (measured with ptxas for
-    sm_89 / sm_90), so more rows take more programs along the grid's second axis."""
+    sm_89 / sm_90), so more rows take more programs along the grid's second axis. ``lut_bits`` (0 or 4): the
+    inner loop; default :data:`GEMV_LUT_BITS` up to :data:`GEMV_MAX_ROWS` rows, else 0 (the tables take
+    ``64 * k * K`` bytes per row of x)."""
+    if lut_bits is None:
+        lut_bits = GEMV_LUT_BITS if rows <= GEMV_MAX_ROWS else 0
+    if lut_bits not in LUT_BITS_CHOICES:
+        raise ValueError(f"lut_bits must be one of {LUT_BITS_CHOICES}, got {lut_bits!r}")
     paths_p2 = _next_pow2(num_paths)
     if rows <= 1:
-        return KernelConfig("gemv", block_m=1, block_n=128 // paths_p2, block_kw=4, num_warps=4)
-    return KernelConfig("gemv", block_m=2, block_n=64 // paths_p2, block_kw=4, num_warps=2)
+        return KernelConfig("gemv", block_m=1, block_n=128 // paths_p2, block_kw=4, num_warps=4, lut_bits=lut_bits)
+    return KernelConfig("gemv", block_m=2, block_n=64 // paths_p2, block_kw=4, num_warps=2, lut_bits=lut_bits)
 
 
 def gemm_config(rows: int, num_paths: int, arch: int = 90) -> KernelConfig:
@@ -285,9 +391,9 @@ def gemm_config(rows: int, num_paths: int, arch: int = 90) -> KernelConfig:
 
 
 def choose_config(rows: int, num_paths: int, dtype: torch.dtype, kernel: str | None = None,
-                  arch: int = 90) -> KernelConfig:
+                  arch: int = 90, lut_bits: int | None = None) -> KernelConfig:
     """The configuration the launcher uses for ``rows`` rows of x on compute capability ``arch`` (e.g. 89, 90;
-    ``kernel`` forces "gemv" or "gemm").
+    ``kernel`` forces "gemv" or "gemm"; ``lut_bits`` the GEMV's inner loop, see :func:`gemv_config`).
 
     fp32 always takes the GEMV kernel: an IEEE fp32 ``tl.dot`` runs on the FMA units anyway and needs so many
     registers that the GEMM tiles spill.
@@ -295,7 +401,9 @@ def choose_config(rows: int, num_paths: int, dtype: torch.dtype, kernel: str | N
     if kernel is None:
         kernel = "gemv" if rows <= GEMV_MAX_ROWS or dtype == torch.float32 else "gemm"
     if kernel == "gemv":
-        return gemv_config(rows, num_paths)
+        return gemv_config(rows, num_paths, lut_bits)
+    if lut_bits:
+        raise ValueError("lookup tables are an option of the GEMV kernel; the GEMM kernel takes lut_bits=0")
     if kernel == "gemm":
         if dtype == torch.float32:
             raise ValueError("the GEMM kernel takes fp16 / bf16 inputs; fp32 uses the GEMV kernel")
@@ -312,11 +420,13 @@ def launch_configs(arch: int = 90) -> list[dict]:
     out = []
     for dtype in SUPPORTED_DTYPES:
         for num_paths in range(1, MAX_PATHS + 1):
-            kernels = ["gemv"] if dtype == torch.float32 else ["gemv", "gemm"]
+            loops = [("gemv", bits) for bits in LUT_BITS_CHOICES] + ([] if dtype == torch.float32 else [("gemm", 0)])
             seen = set()
-            for kernel in kernels:
+            for kernel, lut_bits in loops:
                 for rows in (1, 2, 16, 17):
-                    cfg = choose_config(rows, num_paths, dtype, kernel, arch)
+                    if lut_bits and rows > GEMV_MAX_ROWS:
+                        continue
+                    cfg = choose_config(rows, num_paths, dtype, kernel, arch, lut_bits)
                     if cfg in seen:
                         continue
                     seen.add(cfg)
@@ -324,9 +434,19 @@ def launch_configs(arch: int = 90) -> list[dict]:
                         constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
                                           BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=4, HAS_BIAS=True,
                                           NUM_SEGMENTS=num_segments, INTERPRET_BF16=False)
+                        if kernel == "gemv":
+                            constexprs["LUT_BITS"] = cfg.lut_bits
                         out.append(dict(kernel=f"_rbl_{kernel}_kernel", dtype=dtype, constexprs=constexprs,
                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, config=cfg))
     return out
+
+
+def lut_table_configs() -> list[dict]:
+    """The table kernel :func:`_rbl_lut_kernel` of the LUT GEMV, per x dtype and number of paths (``kernel``,
+    ``dtype``, ``constexprs``, ``num_warps``, ``num_stages``), for ahead-of-time compile checks."""
+    return [dict(kernel="_rbl_lut_kernel", dtype=dtype, num_warps=LUT_NUM_WARPS, num_stages=1,
+                 constexprs=dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_G=LUT_BLOCK_G))
+            for dtype in SUPPORTED_DTYPES for num_paths in range(1, MAX_PATHS + 1)]
 
 
 def _check(x, packed_signs, row_scale, col_scale, bias, in_features, out_features):
@@ -362,6 +482,7 @@ def residual_binary_linear_siblings_triton(
     *,
     out: torch.Tensor | None = None,
     kernel: str | None = None,
+    lut_bits: int | None = None,
     config: KernelConfig | None = None,
     wrap: Callable | None = None,
 ) -> torch.Tensor:
@@ -375,7 +496,10 @@ def residual_binary_linear_siblings_triton(
 
     * ``out``: a contiguous ``[..., N_total]`` tensor of x's dtype to write into (returned).
     * ``kernel``: force "gemv" or "gemm" (default: GEMV for up to :data:`GEMV_MAX_ROWS` rows and for fp32,
-      GEMM otherwise); ``config``: force a whole :class:`KernelConfig`.
+      GEMM otherwise); ``lut_bits``: the GEMV's inner loop (0 or 4, default: see :func:`gemv_config`); ``config``:
+      force a whole :class:`KernelConfig`. With ``lut_bits=4`` the GEMV launch is preceded by a launch of
+      :func:`_rbl_lut_kernel` writing the row's nibble tables to a scratch tensor (``torch.empty`` on x's device,
+      ``64 * k * K`` bytes per row and sibling: no host synchronisation, CUDA graphs capture both launches).
     * ``wrap``: applied to the ``@triton.jit`` kernel before the launch, e.g. ``torch.library.wrap_triton``
       inside a ``torch.library.triton_op``.
 
@@ -408,29 +532,45 @@ def residual_binary_linear_siblings_triton(
     if x.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(x.device)
         arch = 10 * major + minor
-    cfg = config or choose_config(num_rows, num_paths, x.dtype, kernel, arch)
+    cfg = config or choose_config(num_rows, num_paths, x.dtype, kernel, arch, lut_bits)
     if cfg.kernel == "gemv":
         fn = _rbl_gemv_kernel
     elif cfg.kernel == "gemm":
         if x.dtype == torch.float32:
             raise ValueError("the GEMM kernel takes fp16 / bf16 inputs; fp32 uses the GEMV kernel")
+        if cfg.lut_bits:
+            raise ValueError("lookup tables are an option of the GEMV kernel; the GEMM kernel takes lut_bits=0")
         fn = _rbl_gemm_kernel
     else:
         raise ValueError(f"unknown kernel {cfg.kernel!r}")
+    if cfg.lut_bits not in LUT_BITS_CHOICES:
+        raise ValueError(f"lut_bits must be one of {LUT_BITS_CHOICES}, got {cfg.lut_bits!r}")
+    table_fn = _rbl_lut_kernel
     if wrap is not None:
-        fn = wrap(fn)
+        fn, table_fn = wrap(fn), wrap(table_fn)
     elif x.device.type == "cpu":
-        fn = interpreted(fn)
-    tensors = (rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale.contiguous(),
-               bias.contiguous() if bias is not None else rows,  # never read when HAS_BIAS is False
-               out_rows, num_rows, total_out, in_features, num_words, rows.stride(0), out_rows.stride(0))
-    constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=_next_pow2(num_paths), BLOCK_M=cfg.block_m,
+        fn, table_fn = interpreted(fn), interpreted(table_fn)
+    col_scale = col_scale.contiguous()
+    pointers = (rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale,
+                bias.contiguous() if bias is not None else rows,  # never read when HAS_BIAS is False
+                out_rows)
+    sizes = (num_rows, total_out, in_features, num_words, rows.stride(0), out_rows.stride(0))
+    paths_p2 = _next_pow2(num_paths)
+    constexprs = dict(NUM_PATHS=num_paths, PATHS_P2=paths_p2, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, WORD_ALIGN=word_align(num_words),
                       HAS_BIAS=bias is not None,
                       # Triton's interpreter (3.9) multiplies bf16 dot operands as their uint16 bit patterns and
                       # truncates fp32 -> bf16 casts; on CPU the kernels then round to nearest even by integer
                       # ops and run the (exact) bf16 products as an fp32 dot: the values the GPU computes.
                       INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16)
+    if cfg.kernel == "gemv":
+        constexprs["LUT_BITS"] = cfg.lut_bits
+    # LUT GEMV: tables [S, rows, paths_p2, groups, 16] fp32, groups = 8 per word padded to whole K blocks
+    lut_groups = triton.cdiv(num_words, cfg.block_kw) * cfg.block_kw * BITS_PER_WORD // 4
+    table_numel = min(len(out_features), MAX_SEGMENTS) * num_rows * paths_p2 * lut_groups * 16
+    if cfg.lut_bits and table_numel >= _INT32_LIMIT:
+        raise ValueError(f"the LUT GEMV's tables for {num_rows} rows would hold {table_numel} >= 2**31 elements; "
+                         "use lut_bits=0 for batches this large")
     starts = segment_starts(out_features)
     for first in range(0, len(out_features), MAX_SEGMENTS):
         last = min(first + MAX_SEGMENTS, len(out_features))
@@ -439,7 +579,18 @@ def residual_binary_linear_siblings_triton(
         if blocks == 0:  # siblings with no rows
             continue
         bounds = bounds + [bounds[-1]] * (MAX_SEGMENTS + 1 - len(bounds))
-        fn[(blocks, triton.cdiv(num_rows, cfg.block_m))](*tensors, *bounds, first, **constexprs,
+        launch_pointers = pointers
+        if cfg.kernel == "gemv":
+            tables = rows  # never read when LUT_BITS is 0
+            if cfg.lut_bits:
+                tables = torch.empty((last - first) * num_rows * paths_p2 * lut_groups * 16, dtype=torch.float32,
+                                     device=x.device)
+                table_fn[(triton.cdiv(lut_groups, LUT_BLOCK_G), num_rows, last - first)](
+                    rows, col_scale, tables, num_rows, in_features, lut_groups, rows.stride(0), first,
+                    NUM_PATHS=num_paths, PATHS_P2=paths_p2, BLOCK_G=LUT_BLOCK_G, num_warps=LUT_NUM_WARPS,
+                    num_stages=1)
+            launch_pointers = (*pointers, tables)
+        fn[(blocks, triton.cdiv(num_rows, cfg.block_m))](*launch_pointers, *sizes, *bounds, first, **constexprs,
                                                          NUM_SEGMENTS=last - first,
                                                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
@@ -455,6 +606,7 @@ def residual_binary_linear_triton(
     *,
     out: torch.Tensor | None = None,
     kernel: str | None = None,
+    lut_bits: int | None = None,
     config: KernelConfig | None = None,
     wrap: Callable | None = None,
 ) -> torch.Tensor:
@@ -463,16 +615,19 @@ def residual_binary_linear_triton(
     validate_packed(packed_signs, row_scale, col_scale, bias, in_features)
     return residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale.unsqueeze(0), bias,
                                                   in_features, [packed_signs.shape[1]], out=out, kernel=kernel,
-                                                  config=config, wrap=wrap)
+                                                  lut_bits=lut_bits, config=config, wrap=wrap)
 
 
 __all__ = [
     "BITS_PER_WORD",
+    "GEMV_LUT_BITS",
     "GEMV_MAX_ROWS",
+    "LUT_BITS_CHOICES",
     "MAX_SEGMENTS",
     "KernelConfig",
     "choose_config",
     "launch_configs",
+    "lut_table_configs",
     "gemm_config",
     "gemv_config",
     "residual_binary_linear_siblings_triton",

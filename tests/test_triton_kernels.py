@@ -36,7 +36,9 @@ from rabit_compiler.kernels.packing import pack_signs, unpack_signs, words_per_r
 
 triton = pytest.importorskip("triton")
 from rabit_compiler.kernels import triton_gemv  # noqa: E402
+from rabit_compiler.kernels.interpret import interpreted  # noqa: E402
 from rabit_compiler.kernels.triton_gemv import (  # noqa: E402
+    GEMV_LUT_BITS,
     MAX_SEGMENTS,
     KernelConfig,
     choose_config,
@@ -106,18 +108,18 @@ def _assert_within_bound(out, x, packed_signs, row_scale, col_scale, bias, k, us
     assert worst <= 1.0, f"error {error.max().item():.3g} exceeds the bound (worst ratio {worst:.3g})"
 
 
-def _run(x, packed_signs, row_scale, col_scale, bias, k, kernel=None, config=None):
+def _run(x, packed_signs, row_scale, col_scale, bias, k, kernel=None, config=None, lut_bits=None):
     out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype)
     result = residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, bias, k, out=out, kernel=kernel,
-                                           config=config)
+                                           config=config, lut_bits=lut_bits)
     assert result is out
     return out
 
 
-def _run_siblings(x, packed_signs, row_scale, col_scale, bias, k, out_features, kernel=None):
+def _run_siblings(x, packed_signs, row_scale, col_scale, bias, k, out_features, kernel=None, lut_bits=None):
     out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype)
     result = residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, bias, k, out_features,
-                                                    out=out, kernel=kernel)
+                                                    out=out, kernel=kernel, lut_bits=lut_bits)
     assert result is out
     return out
 
@@ -160,10 +162,83 @@ def test_sibling_kernels_match_float64_reference(paths, out_features, k, rows, d
     _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, k, used == "gemm", out_features)
 
 
-@pytest.mark.parametrize(("kernel", "dtype"), [("gemv", torch.float32), ("gemm", torch.bfloat16)])
-def test_more_siblings_than_one_launch_takes(kernel, dtype):
+@settings(deadline=None)
+@given(
+    paths=st.integers(1, 4), out_features=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+    k=st.integers(1, 300), rows=st.integers(1, 5), dtype=st.sampled_from(DTYPES), scale_dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(), seed=st.integers(0, 2**31),
+)
+def test_lut_gemv_matches_float64_reference(paths, out_features, k, rows, dtype, scale_dtype, bias, seed):
+    """The GEMV's lookup-table inner loop (lut_bits=4: a table kernel, then one lookup per nibble of sign bits):
+    1..3 siblings, 1..5 rows (BLOCK_M 1 and 2, several programs along M), K and N not multiples of 32 or of the
+    tiles. Same bound as the select loop: the tables are fp32 sums of 4 fp32 products."""
+    generator = torch.Generator().manual_seed(seed)
+    packed_signs, row_scale, col_scale, b = _packed_siblings(paths, out_features, k, bias, dtype, scale_dtype,
+                                                             generator)
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    assert choose_config(rows, paths, dtype, "gemv", lut_bits=4).lut_bits == 4
+    out = _run_siblings(x, packed_signs, row_scale, col_scale, b, k, out_features, kernel="gemv", lut_bits=4)
+    _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, k, False, out_features)
+
+
+def test_lut_tables_hold_the_signed_partial_sums():
+    """The table kernel alone: entry q of group g of path i is sum_j (bit j of q ? -1 : 1) h_i[4g+j] x[4g+j]
+    (fp32 sums of fp32 products, so within a few ulps of float64); columns >= K, groups past the row's words and
+    the padded path plane (k = 3 -> 4 planes) hold 0."""
+    generator = torch.Generator().manual_seed(7)
+    k, paths, rows, groups = 70, 3, 2, 32  # 3 words -> 24 groups, padded to one K block of 4 words
+    x = torch.randn(rows, k, generator=generator).to(torch.float16)
+    col_scale = (torch.rand(1, paths, k, generator=generator) + 0.1).to(torch.float16)
+    tables = torch.full((rows * 4 * groups * 16,), float("nan"))
+    interpreted(triton_gemv._rbl_lut_kernel)[(triton.cdiv(groups, triton_gemv.LUT_BLOCK_G), rows, 1)](
+        x, col_scale, tables, rows, k, groups, x.stride(0), 0, NUM_PATHS=paths, PATHS_P2=4,
+        BLOCK_G=triton_gemv.LUT_BLOCK_G)
+    tables = tables.view(rows, 4, groups, 16).double()
+    xh = torch.zeros(rows, 4, groups * 4, dtype=torch.float64)
+    xh[:, :paths, :k] = x.double()[:, None, :] * col_scale[0].double()[None]
+    signs = 1.0 - 2.0 * ((torch.arange(16)[:, None] >> torch.arange(4)[None, :]) & 1).double()  # [16, 4]
+    expected = torch.einsum("mpgj,qj->mpgq", xh.view(rows, 4, groups, 4), signs)
+    magnitude = torch.einsum("mpgj,qj->mpgq", xh.abs().view(rows, 4, groups, 4), signs.abs())
+    assert torch.all((tables - expected).abs() <= 4 * 2.0**-24 * magnitude)
+    assert torch.all(tables[:, paths:] == 0) and torch.all(tables[:, :, -(-k // 4):] == 0)
+
+
+def test_lut_launches_trace_with_wrap_triton(monkeypatch):
+    """The CUDA op path (kernels/ops.py passes ``wrap=torch.library.wrap_triton``) with tables, traced on fake
+    tensors: per group of at most MAX_SEGMENTS siblings a table-kernel launch writes a ``torch.empty`` scratch
+    that the GEMV launch after it reads; nothing else (no copy, no host synchronisation)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.library import wrap_triton
+    from triton.runtime.jit import JITFunction
+
+    for name, value in vars(triton_gemv).items():  # compiled kernels, though this module interprets them
+        if hasattr(value, "fn") and not isinstance(value, JITFunction) and callable(value.fn):
+            monkeypatch.setattr(triton_gemv, name, JITFunction(value.fn))
+    out_features = [5, 12, 3, 7, 1, 2]
+    packed_signs, row_scale, col_scale, b = _packed_siblings(2, out_features, 70, True, torch.float16,
+                                                             torch.float16, torch.Generator().manual_seed(4))
+
+    def body(x, packed_signs, row_scale, col_scale, bias):
+        return residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, bias, 70, out_features,
+                                                      lut_bits=4, wrap=wrap_triton)
+
+    gm = make_fx(body, tracing_mode="fake")(torch.randn(1, 70).half(), packed_signs, row_scale, col_scale, b)
+    launches = [node.kwargs["kwargs"] for node in gm.graph.nodes if node.op == "call_function"
+                and node.target is torch.ops.higher_order.triton_kernel_wrapper_mutation]
+    assert len(launches) == 2 * -(-len(out_features) // MAX_SEGMENTS)
+    for table_launch, gemv_launch in zip(launches[::2], launches[1::2], strict=True):
+        assert "num_groups" in table_launch and "LUT_BITS" in gemv_launch and gemv_launch["LUT_BITS"] == 4
+        assert table_launch["lut_ptr"] is gemv_launch["lut_ptr"]
+        assert table_launch["lut_ptr"].target is torch.ops.aten.empty.memory_format
+    assert not any("copy" in str(node.target) or "item" in str(node.target) for node in gm.graph.nodes)
+
+
+@pytest.mark.parametrize(("kernel", "dtype", "lut_bits"),
+                         [("gemv", torch.float32, 0), ("gemv", torch.float16, 4), ("gemm", torch.bfloat16, 0)])
+def test_more_siblings_than_one_launch_takes(kernel, dtype, lut_bits):
     """6 siblings (two launches of at most MAX_SEGMENTS), one of them empty, blocks of a segment spanning
-    several programs; the sibling scales differ, so a block reading another segment's h would fail."""
+    several programs; the sibling scales differ, so a block reading another segment's h (or, for the LUT GEMV,
+    another segment's tables) would fail."""
     out_features = [70, 3, 0, 33, 129, 1]
     assert len(out_features) > MAX_SEGMENTS
     generator = torch.Generator().manual_seed(11)
@@ -171,7 +246,7 @@ def test_more_siblings_than_one_launch_takes(kernel, dtype):
                                                              generator)
     col_scale *= torch.arange(1, len(out_features) + 1, dtype=col_scale.dtype)[:, None, None]
     x = torch.randn(3, 100, generator=generator).to(dtype)
-    out = _run_siblings(x, packed_signs, row_scale, col_scale, b, 100, out_features, kernel=kernel)
+    out = _run_siblings(x, packed_signs, row_scale, col_scale, b, 100, out_features, kernel=kernel, lut_bits=lut_bits)
     _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, 100, kernel == "gemm", out_features)
 
 
@@ -217,8 +292,8 @@ def test_multi_block_shapes(kernel, dtype, paths, rows, n, k):
     _assert_within_bound(out, x, packed_signs, row_scale, col_scale, b, k, kernel == "gemm")
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-def test_padding_bits_never_change_the_result(kernel):
+@pytest.mark.parametrize(("kernel", "lut_bits"), [("gemv", 0), ("gemv", 4), ("gemm", 0)])
+def test_padding_bits_never_change_the_result(kernel, lut_bits):
     """Set every bit past K in the last word of each row (the format stores 0 there): same output."""
     k = 70  # 3 words, 26 padding bits
     generator = torch.Generator().manual_seed(3)
@@ -228,8 +303,8 @@ def test_padding_bits_never_change_the_result(kernel):
     dirty[..., -1] |= torch.tensor(-(1 << (k % 32)), dtype=torch.int32)  # bits k % 32 .. 31 of the last word
     assert not torch.equal(dirty, packed_signs)
     assert torch.equal(unpack_signs(dirty, k), unpack_signs(packed_signs, k))
-    clean_out = _run(x, packed_signs, row_scale, col_scale, b, k, kernel=kernel)
-    dirty_out = _run(x, dirty, row_scale, col_scale, b, k, kernel=kernel)
+    clean_out = _run(x, packed_signs, row_scale, col_scale, b, k, kernel=kernel, lut_bits=lut_bits)
+    dirty_out = _run(x, dirty, row_scale, col_scale, b, k, kernel=kernel, lut_bits=lut_bits)
     assert torch.equal(clean_out, dirty_out)
 
 
@@ -277,6 +352,10 @@ def test_bad_inputs_raise_clear_errors():
         residual_binary_linear_triton(torch.randn(2, 40), *args, out=torch.empty(2, 9))
     with pytest.raises(ValueError, match="kernel must be"):
         residual_binary_linear_triton(torch.randn(2, 40), *args, kernel="conv")
+    with pytest.raises(ValueError, match="lut_bits must be one of"):
+        residual_binary_linear_triton(torch.randn(2, 40), *args, lut_bits=8)
+    with pytest.raises(ValueError, match="option of the GEMV"):
+        residual_binary_linear_triton(torch.randn(2, 40).half(), *args, kernel="gemm", lut_bits=4)
 
 
 def test_fp32_has_no_gemm_path():
@@ -290,7 +369,9 @@ def test_fp32_has_no_gemm_path():
 
 def test_config_choice():
     assert choose_config(1, 2, torch.float16).kernel == "gemv"
-    assert choose_config(2, 2, torch.float16) == KernelConfig("gemv", 2, 32, 4, 2)
+    assert choose_config(2, 2, torch.float16) == KernelConfig("gemv", 2, 32, 4, 2, lut_bits=GEMV_LUT_BITS)
+    assert choose_config(2, 2, torch.float16, lut_bits=0).lut_bits == 0
+    assert choose_config(64, 2, torch.float32).lut_bits == 0  # the tables grow with the rows of x
     assert choose_config(3, 2, torch.float16).kernel == "gemm"
     assert choose_config(16, 2, torch.float16, arch=89).num_stages == 1
     assert choose_config(17, 2, torch.bfloat16).block_m == 64
@@ -306,7 +387,8 @@ def test_every_launch_config_runs():
     for arch in (89, 90):
         for variant in triton_gemv.launch_configs(arch):
             cfg, dtype, constexprs = variant["config"], variant["dtype"], variant["constexprs"]
-            key = (cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_kw, cfg.num_warps, dtype, constexprs["NUM_PATHS"])
+            key = (cfg.kernel, cfg.block_m, cfg.block_n, cfg.block_kw, cfg.num_warps, cfg.lut_bits, dtype,
+                   constexprs["NUM_PATHS"])
             if key in seen:
                 continue
             seen.add(key)
