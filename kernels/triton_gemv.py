@@ -34,14 +34,24 @@ semantics, whether or not the variable was set when this module was imported), w
 them without a GPU; ``INTERPRET_BF16`` works around two bf16 bugs of the 3.9 interpreter (see the launcher).
 Only Triton APIs present in 3.6 and later are used. Offsets are int32: tensors stay below 2**31 elements.
 
-Static cost (SASS of the K loop, ptxas 12.9 / 13.x): the GEMV spends about 3.5 instructions per sign bit per
-path per row of x (one LOP3, one FSEL, one FADD per bit, the rest is loads and the shared-memory relayout of x),
-2.9 with two rows per program; the GEMM about 6.7 per bit per path for a whole 16-row tile. Those counts set
-:data:`GEMV_MAX_ROWS`; GPU timings should refine it. Two of the GEMV's instructions per bit (LOP3, FSEL) run on
-the ALU pipe (64 lanes per SM per clock on sm_89 / sm_90), which predicts an instruction-bound GEMV on the H100
-at about 1 TB/s of sign bytes (30% of its DRAM bandwidth) and a DRAM-bound one on the RTX 4090
-(``benchmarks/kernel_report.py``); reaching the H100's bandwidth needs fewer instructions per bit (e.g. a
-lookup table of signed partial sums per group of columns), not a different tiling.
+Static cost (SASS of the K loop, ptxas 12.9 / 13.x, fp16 x; ``benchmarks/kernel_report.py``, recorded in
+``benchmarks/RESULTS.md``): the select loop (``LUT_BITS = 0``) spends about 3.5 instructions per sign bit per
+path per row of x (3.3-3.7 for k = 1..4: one LOP3, one FSEL, one FADD per bit, the rest is loads and the
+shared-memory relayout of x), 2.8-3.2 with two rows per program, 2.1 of them on the ALU pipe (64 lanes per SM per
+clock on sm_89 / sm_90). The LUT loop (``LUT_BITS = 4``) spends 1.16-1.30 (sm_89: 1.20-1.29; sm_90: 1.16-1.30),
+0.9-1.2 with two rows, 0.52-0.59 of them on the ALU pipe: per nibble a SHF and a LOP3 (the nibble as a byte
+offset), one LDS, one FADD, and per K block the tables' 16-byte loads, their stores to shared memory and two
+barriers (k = 3 computes on a padded fourth plane: 1.7 per useful bit). The GEMM spends about 6.7 per bit per
+path for a whole 16-row tile. Those counts set :data:`GEMV_MAX_ROWS`; GPU timings should refine it. Against the
+per-SM issue and ALU rates, the select loop predicts an instruction-bound GEMV on the H100 at about 1 TB/s of
+sign bytes (30% of its DRAM bandwidth; k = 3: 22%) and a DRAM-bound one on the RTX 4090 (k = 3: 91%); the LUT
+loop predicts a DRAM-bound GEMV on both for k = 1, 2 and on the RTX 4090 for every k, and 97% (k = 4) and 72%
+(k = 3) of the H100's bandwidth. :data:`GEMV_LUT_BITS` is nevertheless 0: the LUT loop is predicted faster on
+sm_90 for every k but on sm_89 only for k = 3 (both loops DRAM-bound there otherwise), and the model prices
+neither its extra launch, nor its tables' reads from L2 (``128 / BLOCK_N`` bytes of fp32 table per sign byte:
+1 for k = 1, 2 for k = 2, 4 for k = 3, 4, against 0.25-0.6 bytes of x and h for the select loop), nor the
+occupancy of a batch-1 grid (N = 4096, k = 2: 64 programs of 4 warps for 132 SMs). GPU timings
+(``benchmarks/kernels.py --lut-bits 0`` / ``4``) should decide, e.g. a default per architecture.
 """
 
 from __future__ import annotations
