@@ -126,7 +126,7 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
         if parallel.strategy != "none":
             if not parallel.is_main:
                 return None
-            model, teacher = _gathered_models(args, fits, checkpoint)
+            model, teacher = _gathered_models(args, config, fits, checkpoint)
         if args.diagnostics:
             layers = sorted(trainer.layers)[: args.diagnostics]
             run["diagnostics"] = [vars(d) for d in path_diagnostics(model, teacher, calibration[:2], layers=layers)]
@@ -156,16 +156,15 @@ def _shared_fits(model: torch.nn.Module, config: RaBiTConfig, calibration: torch
     return load_fits(path)
 
 
-def _gathered_models(args: argparse.Namespace, fits: LinearFits, checkpoint: Path) -> tuple[torch.nn.Module,
-                                                                                              torch.nn.Module]:
+def _gathered_models(args: argparse.Namespace, config: RaBiTConfig, fits: LinearFits,
+                     checkpoint: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Rank 0, after distributed QAT: a fresh (unsharded) student with the trained tensors of the final
     ``checkpoint``, and a fresh teacher, for the diagnostics, conversion and evaluation."""
     from safetensors.torch import load_file
 
     teacher, _ = load_model(args.model)
     student = copy.deepcopy(teacher)
-    prepare_qat(student, RaBiTConfig(paths=args.paths, anchor_margin=args.anchor_margin), args.method, fits=fits,
-                progress=False)
+    prepare_qat(student, config, args.method, fits=fits, progress=False)
     unexpected = student.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"the checkpoint {checkpoint} holds tensors the student lacks: {unexpected[:5]}")
