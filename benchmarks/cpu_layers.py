@@ -17,14 +17,18 @@ from cache.
 Variants, measured in the same run with ``torch.set_num_threads(--threads)``:
 
 * ``fp32 eager``: ``F.linear`` (the matmul library); ``fp32 inductor``: the same graph through Inductor;
-* ``rabit op``: ``rabit::residual_binary_linear`` eagerly (its CPU kernel: unpack + one matmul per path);
-* ``lowered bitwise`` / ``lowered dense``: :func:`rabit_compiler.passes.lower_for_cpu` with that form, then
-  Inductor (:mod:`rabit_compiler.kernels.cpu_lowering`).
+* ``rabit op``: ``rabit::residual_binary_linear`` eagerly (its CPU kernel: the generated C++ kernel of
+  :mod:`rabit_compiler.kernels.cpu_kernel` up to ``KERNEL_MAX_ROWS`` rows, else unpack + one matmul per path);
+* ``rabit backend``: :func:`rabit_compiler.passes.lower_for_cpu` with the form it picks (``"kernel"`` for decode
+  rows: the op's C++ kernel called from the Inductor graph; ``"dense"`` for prefill), then Inductor: what
+  ``backend="rabit"`` runs;
+* ``lowered bitwise`` / ``lowered dense``: ``lower_for_cpu`` forced to that form, then Inductor
+  (:mod:`rabit_compiler.kernels.cpu_lowering`; ``bitwise`` is Inductor's own matmul-free loop nest).
 
 Weight bytes per layer: fp32 ``4 N K``; packed ``4 k N ceil(K/32) + 2 k (N + S K)`` (fp16 scales, S sibling
-members). GB/s is those bytes over the time. The two "fused" shapes are what the backend runs for q/k/v and
-gate/up (one siblings call) against what the fp32 model runs (one ``F.linear`` per member); their time is per
-group, not per member.
+members). GB/s is those bytes over the time (packed: of the ``rabit backend`` column). The two "fused" shapes
+are what the backend runs for q/k/v and gate/up (one siblings call) against what the fp32 model runs (one
+``F.linear`` per member); their time is per group, not per member.
 """
 
 from __future__ import annotations
@@ -96,12 +100,12 @@ class PackedLayers(torch.nn.Module):
         return outputs
 
 
-def lowering_backend(form: str) -> Callable:
-    """A ``torch.compile`` backend: :func:`lower_for_cpu` with ``form``, then Inductor."""
+def lowering_backend(form: str | None) -> Callable:
+    """A ``torch.compile`` backend: :func:`lower_for_cpu` with ``form`` (None: the form it picks), then Inductor."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         calls = lower_for_cpu(gm, example_inputs, form=form)
-        if not calls or any(call.form != form for call in calls):
+        if not calls or any(call.form is None or form not in (None, call.form) for call in calls):
             raise RuntimeError(f"lowering did not produce the {form} form: {calls}")
         return compile_fx(gm, example_inputs)
 
@@ -169,9 +173,9 @@ def main() -> None:
           + ("warm caches" if flush is None else f"cold caches ({args.flush_mb} MB written before each call)"))
     print(f"{args.layers} layers per call, k={args.paths}, median of {args.runs} calls, best of {args.repeats}; "
           "times per layer in microseconds (speed-up vs fp32 eager)")
-    print("| shape | rows | fp32 eager | fp32 inductor | rabit op (eager) | lowered bitwise | lowered dense | "
-          "fp32 GB/s | bitwise GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | rows | fp32 eager | fp32 inductor | rabit op (eager) | rabit backend | lowered bitwise | "
+          "lowered dense | fp32 GB/s | backend GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     jobs = [(name, rows) for name in args.shapes for rows in args.rows]
     for name, rows in tqdm(jobs, desc="layers", leave=False):
         members, in_features = SMOLLM2_SHAPES[name]
@@ -184,11 +188,12 @@ def main() -> None:
             "fp32 eager": dense_model,
             "fp32 inductor": torch.compile(dense_model, dynamic=False),
             "rabit op": packed_model,
+            "backend": torch.compile(packed_model, backend=lowering_backend(None), dynamic=False),
             "bitwise": torch.compile(packed_model, backend=lowering_backend("bitwise"), dynamic=False),
             "dense": torch.compile(packed_model, backend=lowering_backend("dense"), dynamic=False),
         }
         expected = packed_model(x)
-        for variant in ("bitwise", "dense"):
+        for variant in ("backend", "bitwise", "dense"):
             got = variants[variant](x)
             error = max((g - e).abs().max().item() / e.abs().max().item() for g, e in zip(got, expected, strict=True))
             if error > 1e-4:
@@ -199,7 +204,7 @@ def main() -> None:
         base = times["fp32 eager"]
         cells = [f"{times[label] * 1e6:.1f} ({base / times[label]:.2f}x)" for label in variants]
         fp32_rate = 4 * out_features * in_features / times["fp32 eager"] / 1e9
-        packed_rate = packed_bytes(out_features, in_features, args.paths, len(members)) / times["bitwise"] / 1e9
+        packed_rate = packed_bytes(out_features, in_features, args.paths, len(members)) / times["backend"] / 1e9
         tqdm.write(f"| {name} | {rows} | " + " | ".join(cells) + f" | {fp32_rate:.1f} | {packed_rate:.2f} |")
     print(f"load average after: {os.getloadavg()}")
 

@@ -17,9 +17,11 @@ Two forms, both accumulating in :func:`.reference.accumulation_dtype` (fp32, fp6
   (``N x K``) once per call and does one ``x @ W_hat.T``: the unpack is amortized over the rows and the
   matmul library beats a per-row bit loop there (see ``benchmarks/cpu_layers.py``).
 
-:func:`cpu_form` picks one from the number of rows (:data:`BITWISE_MAX_ROWS`, chosen by measurement). Every
-function here uses only ``in_features`` (and ``out_features`` for siblings) as static sizes and broadcasts
-over the leading dimensions of ``x``, so FX proxies with symbolic batch sizes trace through it.
+:func:`cpu_form` picks, from the number of rows, ``"kernel"`` (few rows: leave the op call, whose CPU kernel
+is the generated C++ loop of :mod:`.cpu_kernel`, faster than the ``"bitwise"`` loop nest Inductor makes of the
+form above) or ``"dense"``. Every function here uses only ``in_features`` (and ``out_features`` for siblings) as
+static sizes and broadcasts over the leading dimensions of ``x``, so FX proxies with symbolic batch sizes trace
+through it.
 """
 
 from __future__ import annotations
@@ -29,17 +31,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import KERNEL_MAX_ROWS
 from .packing import BITS_PER_WORD, segment_starts, words_per_row
 from .reference import accumulation_dtype
 
-# Largest number of rows (prod of x.shape[:-1]) for which the bitwise form is used. Measured (1 thread,
-# 576 x 576, k=2): bitwise costs ~100 us per row, dense ~230 us + ~15 us per row; they tie at 3 rows.
-BITWISE_MAX_ROWS = 2
-
 
 def cpu_form(rows: int) -> str:
-    """``"bitwise"`` for at most :data:`BITWISE_MAX_ROWS` rows, else ``"dense"``."""
-    return "bitwise" if rows <= BITWISE_MAX_ROWS else "dense"
+    """``"kernel"`` for at most :data:`.cpu_kernel.KERNEL_MAX_ROWS` rows (the op's C++ kernel), else ``"dense"``."""
+    return "kernel" if rows <= KERNEL_MAX_ROWS else "dense"
 
 
 def _bits(packed_signs: torch.Tensor) -> torch.Tensor:
@@ -91,13 +90,12 @@ def residual_binary_linear_cpu(
     col_scale: torch.Tensor,
     bias: torch.Tensor | None,
     in_features: int,
-    form: str | None = None,
+    form: str,
     accumulate: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The packed linear in the given ``form`` (``"bitwise"`` / ``"dense"``; default :func:`cpu_form` of the
-    rows of ``x``), accumulating in ``accumulate`` (default ``accumulation_dtype(x.dtype)``; give both
-    explicitly when ``x`` is an FX proxy). Shapes as in the module docstring; returns ``x.dtype``."""
-    form = form or cpu_form(x.numel() // max(x.shape[-1], 1))
+    """The packed linear in the given ``form`` (``"bitwise"`` / ``"dense"``), accumulating in ``accumulate``
+    (default ``accumulation_dtype(x.dtype)``; give it explicitly when ``x`` is an FX proxy). Shapes as in the
+    module docstring; returns ``x.dtype``."""
     if form not in _FORMS:
         raise ValueError(f"unknown CPU form {form!r}; expected one of {sorted(_FORMS)}")
     accumulate = accumulate or accumulation_dtype(x.dtype)
@@ -112,7 +110,7 @@ def residual_binary_linear_siblings_cpu(
     bias: torch.Tensor | None,
     in_features: int,
     out_features: Sequence[int],
-    form: str | None = None,
+    form: str,
     accumulate: torch.dtype | None = None,
 ) -> torch.Tensor:
     """S siblings sharing ``x`` (``packed_signs [k, N_total, W]``, ``row_scale [k, N_total]``,

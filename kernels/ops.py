@@ -11,8 +11,9 @@ Signatures (format: :mod:`.packing`; y in ``x.dtype``):
 
 Both are ``torch.library.triton_op`` s: on CUDA the body launches the Triton kernels through
 ``torch.library.wrap_triton`` (:mod:`.triton_gemv`), and AOTAutograd traces into it so Inductor sees the kernels;
-the CPU kernel is the float reference (:mod:`.reference`) and on CPU the op stays one opaque call under
-``torch.compile``. The same body, run on fake tensors, is the fake implementation (symbolic batch sizes
+the CPU kernel is the generated C++ kernel of :mod:`.cpu_kernel` for decode (at most ``KERNEL_MAX_ROWS`` rows of
+fp32/fp16/bf16) and the float reference (:mod:`.reference`) otherwise, and on CPU the op stays one opaque call
+under ``torch.compile``. The same body, run on fake tensors, is the fake implementation (symbolic batch sizes
 included). Autograd: gradients for x and the bias; the packed tensors are constants.
 """
 
@@ -24,6 +25,7 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
+from .cpu_kernel import residual_binary_linear_kernel, residual_binary_linear_siblings_kernel, uses_kernel
 from .packing import words_per_row
 from .reference import (
     residual_binary_linear_input_grad,
@@ -118,17 +120,33 @@ residual_binary_linear = triton_op(OP_NAME, _linear_body, mutates_args=())
 residual_binary_linear_siblings = triton_op(SIBLINGS_OP_NAME, _siblings_body, mutates_args=())
 
 
-def _cpu_kernel(op, body: Callable, reference: Callable, check: Callable) -> None:
-    """Register ``reference`` as ``op``'s CPU kernel, and keep the op opaque to AOTAutograd off CUDA.
+def _linear_cpu(x, packed_signs, row_scale, col_scale, bias, in_features):
+    """CPU: the generated C++ kernel for few rows of fp32/fp16/bf16 (:mod:`.cpu_kernel`), else the reference
+    (one unpack and a matmul per path: prefill, and exact fp64)."""
+    if uses_kernel(x, row_scale, col_scale):
+        return residual_binary_linear_kernel(x, packed_signs, row_scale, col_scale, bias, in_features)
+    return residual_binary_linear_reference(x, packed_signs, row_scale, col_scale, bias, in_features)
+
+
+def _siblings_cpu(x, packed_signs, row_scale, col_scale, bias, in_features, out_features):
+    """As :func:`_linear_cpu`, for S siblings."""
+    if uses_kernel(x, row_scale, col_scale):
+        return residual_binary_linear_siblings_kernel(x, packed_signs, row_scale, col_scale, bias, in_features,
+                                                      out_features)
+    return residual_binary_linear_siblings_reference(x, packed_signs, row_scale, col_scale, bias, in_features,
+                                                     out_features)
+
+
+def _cpu_kernel(op, body: Callable, cpu: Callable, check: Callable) -> None:
+    """Register ``cpu`` as ``op``'s CPU kernel, and keep the op opaque to AOTAutograd off CUDA.
 
     ``triton_op`` makes FunctionalTensorMode (AOTAutograd) trace into the op's body for every device; that is
-    what lets Inductor see the Triton kernels on CUDA. Elsewhere the body is the reference, so the op stays one
-    call that runs this CPU kernel.
+    what lets Inductor see the Triton kernels on CUDA. Elsewhere the op stays one call that runs this CPU kernel.
     """
 
     def cpu_kernel(*args):
         check(*args)
-        return reference(*args)
+        return cpu(*args)
 
     op.register_kernel("cpu", cpu_kernel)
 
@@ -178,8 +196,7 @@ def _bias_grad(ctx, grad_out):
     return grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
 
 
-_cpu_kernel(residual_binary_linear, _linear_body, residual_binary_linear_reference, _check_inputs)
-_cpu_kernel(residual_binary_linear_siblings, _siblings_body, residual_binary_linear_siblings_reference,
-            _check_sibling_inputs)
+_cpu_kernel(residual_binary_linear, _linear_body, _linear_cpu, _check_inputs)
+_cpu_kernel(residual_binary_linear_siblings, _siblings_body, _siblings_cpu, _check_sibling_inputs)
 residual_binary_linear.register_autograd(_backward, setup_context=_setup_context)
 residual_binary_linear_siblings.register_autograd(_siblings_backward, setup_context=_setup_siblings_context)

@@ -1,12 +1,19 @@
-"""FX pass 4b, *lower for CPU*: packed-linear calls on the CPU become plain aten ops that Inductor fuses.
+"""FX pass 4b, *lower for CPU*: each packed-linear call on the CPU gets the CPU form that is fastest for its rows.
 
-Every ``rabit::residual_binary_linear`` and ``rabit::residual_binary_linear_siblings`` call whose ``x`` and
-packed tensors are on the CPU is replaced by the decomposition of
-:mod:`rabit_compiler.kernels.cpu_lowering`, traced into the graph on FX proxies (its tensor constants become
-buffers of ``gm``), so Inductor's C++ backend fuses it with its neighbours instead of calling the opaque op.
-The form (matmul-free ``"bitwise"`` or ``"dense"``) is chosen by :func:`~rabit_compiler.kernels.cpu_lowering.
-cpu_form` from the rows of ``x`` at compile time; a symbolic row count uses its size hint (the example the
-graph was compiled for), and the chosen form stays correct for every row count, only its speed depends on it.
+For every ``rabit::residual_binary_linear`` and ``rabit::residual_binary_linear_siblings`` call whose ``x`` and
+packed tensors are on the CPU, :func:`~rabit_compiler.kernels.cpu_lowering.cpu_form` picks from the rows of ``x``
+at compile time (a symbolic row count uses its size hint, the example the graph was compiled for):
+
+* ``"kernel"`` (decode, few rows of fp32/fp16/bf16): the call becomes ``rabit::residual_binary_gemv_cpu``, the
+  generated matmul-free C++ loop of :mod:`rabit_compiler.kernels.cpu_kernel`, which Inductor calls as an extern
+  kernel (through the dispatcher's cheapest path: the checks were done here);
+* ``"dense"`` (prefill): the call is replaced by the decomposition of :mod:`rabit_compiler.kernels.cpu_lowering`,
+  traced into the graph on FX proxies (its tensor constants become buffers of ``gm``), so Inductor's C++
+  backend fuses the unpack with its neighbours and calls the matmul library once;
+* ``"bitwise"`` (only when forced): the same decomposition's matmul-free Inductor loop nest (slower than the
+  kernel; kept as the Inductor-generated alternative the benchmark measures).
+
+Every form is correct for every row count; only its speed depends on the rows.
 
 Use: ``lower_for_cpu(gm, example_inputs)`` after freeze/fuse and before ``compile_fx``. Calls that cannot be
 lowered (a CUDA tensor, an ``x`` whose dtype and shape are unknown) are left as they are, with the reason
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from rabit_compiler.kernels.cpu_kernel import gemv_call, supports
 from rabit_compiler.kernels.cpu_lowering import (
     cpu_form,
     residual_binary_linear_cpu,
@@ -42,7 +50,8 @@ _DECOMPOSITIONS = {
 
 @dataclass
 class LoweredCall:
-    """One op call the pass replaced (``form`` is ``"bitwise"`` or ``"dense"``) or left (``reason``)."""
+    """One op call and its CPU ``form`` (``"kernel"``: left to the op's C++ kernel; ``"bitwise"``/``"dense"``:
+    replaced by that decomposition), or the ``reason`` it was left for another device."""
 
     name: str
     form: str | None = None
@@ -54,9 +63,10 @@ class _ConstantTracer(fx.proxy.GraphAppendingTracer):
     positions), else a buffer of a ``rabit_cpu_constants`` submodule of ``gm`` (declared to Dynamo), shared by
     equal constants."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, weights: GraphWeights):
         super().__init__(gm.graph)
         self.gm = gm
+        self.weights = weights
         self.holder_name: str | None = None
         self.constants: dict[tuple, str] = {}
 
@@ -149,25 +159,41 @@ def _skip_reason(arguments: dict[str, object], weights: GraphWeights) -> str | N
     return None
 
 
-def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.Tensor, form: str | None) -> str:
+def _form(arguments: dict[str, object], weights: GraphWeights, x: torch.Tensor, form: str | None) -> str:
+    """The forced ``form``, or the one :func:`cpu_form` picks for the rows of ``x`` ("dense" for an unknown row
+    count, or dtypes the C++ kernel does not take, e.g. fp64)."""
+    row_scale, col_scale = (_example(arguments[name], weights) for name in ("row_scale", "col_scale"))
+    kernel_ok = supports(x, row_scale, col_scale)
+    if form == "kernel" and not kernel_ok:
+        raise ValueError(f"the CPU kernel takes fp32/fp16/bf16 x and scales of one dtype, got x {x.dtype}, "
+                         f"row_scale {row_scale.dtype}, col_scale {col_scale.dtype}")
+    if form is not None:
+        return form
+    rows = _rows(x)
+    return "dense" if rows is None or not kernel_ok else cpu_form(rows)
+
+
+def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.Tensor, form: str) -> None:
     arguments = _call_arguments(node)
-    if form is None:
-        rows = _rows(x)
-        form = "dense" if rows is None else cpu_form(rows)
     tensors = {
         name: None if arguments[name] is None else fx.Proxy(arguments[name], tracer)
         for name in ("x", "packed_signs", "row_scale", "col_scale", "bias")
     }
-    statics = {"in_features": arguments["in_features"]}
-    if op_name(node.target) == "rabit::residual_binary_linear_siblings":
-        statics["out_features"] = list(arguments["out_features"])
+    siblings = op_name(node.target) == "rabit::residual_binary_linear_siblings"
+    out_features = list(arguments["out_features"]) if siblings else [_example(arguments["packed_signs"],
+                                                                              tracer.weights).shape[1]]
     with gm.graph.inserting_before(node):
-        decomposition = _DECOMPOSITIONS[op_name(node.target)]
-        out = decomposition(**tensors, **statics, form=form, accumulate=accumulation_dtype(x.dtype))
+        if form == "kernel":
+            if not siblings:
+                tensors["col_scale"] = tensors["col_scale"].unsqueeze(0)
+            out = gemv_call(**tensors, in_features=arguments["in_features"], out_features=out_features)
+        else:
+            statics = {"in_features": arguments["in_features"], **({"out_features": out_features} if siblings else {})}
+            decomposition = _DECOMPOSITIONS[op_name(node.target)]
+            out = decomposition(**tensors, **statics, form=form, accumulate=accumulation_dtype(x.dtype))
     out.node.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace")})
     node.replace_all_uses_with(out.node)
     gm.graph.erase_node(node)
-    return form
 
 
 def lower_for_cpu(
@@ -178,11 +204,11 @@ def lower_for_cpu(
 
     ``example_inputs`` are the placeholders' values (what a ``torch.compile`` backend receives); without them
     the dtype and rows of ``x`` come from node meta (``val`` / ``example_value`` / ``tensor_meta``). ``form``
-    forces ``"bitwise"`` or ``"dense"`` for every call (default: by the rows of each call's ``x``). Returns one
-    :class:`LoweredCall` per op call: its form, or why it was left.
+    forces ``"kernel"``, ``"bitwise"`` or ``"dense"`` for every call (default: by the rows of each call's
+    ``x``). Returns one :class:`LoweredCall` per op call: its form, or why it was left.
     """
     weights = GraphWeights(gm, example_inputs)
-    tracer = _ConstantTracer(gm)
+    tracer = _ConstantTracer(gm, weights)
     calls = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or op_name(node.target) not in _DECOMPOSITIONS:
@@ -194,7 +220,9 @@ def lower_for_cpu(
             calls.append(LoweredCall(node.name, reason=reason))
             continue
         x = _example(arguments["x"], weights)
-        calls.append(LoweredCall(node.name, form=_lower(gm, node, tracer, x, form)))
+        chosen = _form(arguments, weights, x, form)
+        _lower(gm, node, tracer, x, chosen)
+        calls.append(LoweredCall(node.name, form=chosen))
     if calls:
         finish(gm)
     return calls

@@ -11,11 +11,8 @@ import torch
 import torch.fx as fx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rabit_compiler.kernels.cpu_lowering import (
-    BITWISE_MAX_ROWS,
-    residual_binary_linear_cpu,
-    residual_binary_linear_siblings_cpu,
-)
+from rabit_compiler.kernels.cpu_kernel import KERNEL_MAX_ROWS
+from rabit_compiler.kernels.cpu_lowering import residual_binary_linear_cpu, residual_binary_linear_siblings_cpu
 from rabit_compiler.kernels.packing import segment_starts
 from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
@@ -117,18 +114,22 @@ def test_sibling_decomposition_matches_float64(paths, k, sizes, rows, dtype, for
 @settings(max_examples=4)
 @given(
     paths=st.integers(1, 4), k=st.integers(1, 100), sizes=st.lists(st.integers(1, 40), min_size=2, max_size=3),
-    rows=st.sampled_from([1, 2, 3, 16]), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31),
+    rows=st.sampled_from([1, 2, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 16]), dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31),
 )
 def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, rows, dtype, seed):
-    """The pass removes every op call; the lowered graph, eager and through Inductor, equals the reference."""
+    """Decode rows turn every op call into the C++ kernel's op, prefill rows into the dense decomposition; the
+    graph, eager and through Inductor, equals the reference."""
     module = PackedLinears(paths, k, sizes, dtype, seed)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
     gm = fx.symbolic_trace(module)
     calls = lower_for_cpu(gm, [x])
     assert [call.reason for call in calls] == [None] * 3
-    assert {call.form for call in calls} == {"bitwise" if rows <= BITWISE_MAX_ROWS else "dense"}
-    assert not [node for node in gm.graph.nodes if node.target in OPS or getattr(node.target, "overloadpacket", None)
-                in OPS]
+    form = "kernel" if rows <= KERNEL_MAX_ROWS else "dense"
+    assert {call.form for call in calls} == {form}
+    targets = [getattr(node.target, "overloadpacket", node.target) for node in gm.graph.nodes]
+    assert not [target for target in targets if target in OPS]
+    assert targets.count(torch.ops.rabit.residual_binary_gemv_cpu) == (3 if form == "kernel" else 0)
     assert_outputs_close(gm(x), module, x, dtype)
     assert_outputs_close(compile_fx(gm, [x])(x), module, x, dtype)
 
@@ -162,7 +163,7 @@ def test_bitwise_form_is_one_vectorized_kernel_without_weight_sized_buffers():
     module = PackedLinears(2, in_features, [out_features, out_features], torch.float32, seed=5)
     x = torch.randn(1, in_features)
     gm = fx.symbolic_trace(module)
-    assert {call.form for call in lower_for_cpu(gm, [x])} == {"bitwise"}
+    assert {call.form for call in lower_for_cpu(gm, [x], form="bitwise")} == {"bitwise"}
     outputs, codes = run_and_get_code(lambda: compile_fx(gm, [x])(x))
     assert_outputs_close(outputs, module, x, torch.float32)
     code = "\n".join(codes)
