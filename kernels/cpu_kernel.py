@@ -163,11 +163,12 @@ def uses_kernel(x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tenso
 
 def _launch(rows: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
             bias: torch.Tensor | None, segment_starts: torch.Tensor, out: torch.Tensor) -> None:
-    """Run the kernel on contiguous ``rows [M, K]`` into ``out [M, N_total]``; no checks (callers check)."""
+    """Run the kernel on contiguous ``rows [M, K]`` into contiguous ``out [..., N_total]`` (M rows in memory); no
+    checks (callers check)."""
     _built_kernel(rows.dtype, row_scale.dtype)(
         rows, packed_signs, row_scale, col_scale, row_scale if bias is None else bias.to(torch.float32),
-        segment_starts, out, rows.shape[0], out.shape[1], rows.shape[1], col_scale.shape[0], packed_signs.shape[0],
-        int(bias is not None), torch.get_num_threads())
+        segment_starts, out, rows.shape[0], packed_signs.shape[1], rows.shape[1], col_scale.shape[0],
+        packed_signs.shape[0], int(bias is not None), torch.get_num_threads())
 
 
 def residual_binary_linear_siblings_kernel(
@@ -226,15 +227,15 @@ def _gemv_cpu(x: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tens
     """``rabit::residual_binary_gemv_cpu``: the siblings linear (``col_scale [S, k, K]``, rows of sibling s from
     ``starts[s]`` to ``starts[s + 1]``); more than :data:`KERNEL_MAX_ROWS` rows (a graph compiled for decode run
     on a prompt) take the reference, which unpacks the weight once."""
-    rows = x.reshape(-1, in_features).contiguous()
+    rows = (x if x.dim() == 2 else x.reshape(-1, in_features)).contiguous()  # reshape costs ~1 us: skip it if 2-D
     if rows.shape[0] > KERNEL_MAX_ROWS:
         from .reference import residual_binary_linear_siblings_reference
 
         return residual_binary_linear_siblings_reference(x, packed_signs, row_scale, col_scale, bias, in_features,
                                                          starts.diff().tolist())
-    out = torch.empty(rows.shape[0], packed_signs.shape[1], dtype=x.dtype)
+    out = torch.empty((*x.shape[:-1], packed_signs.shape[1]), dtype=x.dtype)  # contiguous: [rows, N] in memory
     _launch(rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, starts, out)
-    return out.view(*x.shape[:-1], packed_signs.shape[1])
+    return out
 
 
 def _gemv_fake(x, packed_signs, row_scale, col_scale, bias, starts, in_features):
