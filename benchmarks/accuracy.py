@@ -35,7 +35,7 @@ import torch
 from rabit_compiler.cache import cache_dir
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.data import lee_corpus, token_windows
-from rabit_compiler.diagnostics import path_diagnostics
+from rabit_compiler.diagnostics import path_diagnostics, sign_changes
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
 from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
@@ -167,6 +167,8 @@ def main() -> None:
                 for d in row["diagnostics"]:
                     print(f"  {d['layer']}: Corr(y1, y2) = {d['path_correlation']:.3f}, "
                           f"Corr(R1 x, y2) = {d['residual_alignment']:.3f}")
+            row["sign_changes"] = sign_changes(student, fits)
+            print(f"  signs flipped since the init, per path: {', '.join(f'{c:.4%}' for c in row['sign_changes'])}")
             convert(student, config)
             row.update(steps=trainer.step, tokens=trainer.tokens_seen(), ppl=history["eval"][-1][2],
                        history=history, train_seconds=trained_seconds)

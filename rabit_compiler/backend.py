@@ -9,11 +9,12 @@ real tensors. The backend:
    :func:`rabit_compiler.quantize_` has no fp linears left and passes through unchanged);
 3. *fuse*s packed linears that share an input (q/k/v, gate/up) into one ``residual_binary_linear_siblings``
    call (:mod:`rabit_compiler.passes.fuse`; ``options={"fuse_siblings": False}`` turns it off);
-4. on the CPU, *lower*s the packed calls to plain aten ops that Inductor fuses into C++ loops
-   (:mod:`rabit_compiler.passes.lower`: matmul-free for a few rows, unpack + matmul for prefill); on CUDA the
-   ops stay ``triton_op`` calls that Inductor traces into the Triton kernels;
+4. on the CPU, *lower*s the packed calls (:mod:`rabit_compiler.passes.lower`): for a few rows (decode) to the
+   generated matmul-free C++ kernel (:mod:`rabit_compiler.kernels.cpu_kernel`), for prefill to unpack + matmul
+   aten ops that Inductor fuses; on CUDA the ops stay ``triton_op`` calls that Inductor traces into the Triton
+   kernels;
 5. hands the graph to Inductor (``options={"inductor": False}`` runs the packed graph eagerly instead, on
-   the reference op); ``mode`` is passed on (``"reduce-overhead"``: CUDA graphs on a GPU).
+   the op's own CPU kernel); ``mode`` is passed on (``"reduce-overhead"``: CUDA graphs on a GPU).
 
 The returned callable checks, on every call, that the weight tensors it receives are the ones that
 were packed (same tensor object, same version counter). If not (another module instance, an in-place

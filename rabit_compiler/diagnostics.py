@@ -8,6 +8,10 @@ weight ``W [N, K]`` (from the teacher), on the layer's real inputs ``x [M, K]``:
   leaves (the RaBiT paper reports ~0.6 for coupled training vs ~0.25 for standard residual QAT).
 
 ``Corr`` is the Pearson correlation over all ``M * N`` output elements, accumulated in fp64 over batches.
+
+And, against the initial fits, the fraction of each path's signs that training has flipped
+(:func:`sign_changes`): how far QAT moved away from the init (few flips on path 1 make coupled training and
+path freezing nearly the same thing).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rabit_compiler.qat import ResidualBinaryTrainLinear, qat_layers
+from rabit_compiler.qat import LinearFits, ResidualBinaryTrainLinear, qat_layers
 
 
 class _Correlation:
@@ -89,3 +93,21 @@ def path_diagnostics(student: torch.nn.Module, teacher: torch.nn.Module, windows
         for handle in handles:
             handle.remove()
     return [PathDiagnostics(name, pair[0].value(), pair[1].value()) for name, pair in sums.items()]
+
+
+def sign_changes(student: torch.nn.Module, fits: LinearFits) -> list[float]:
+    """Per path i, the fraction of all QAT layers' signs ``B_i`` (as the forward derives them now) that differ
+    from the initial fits the student was prepared from: ``sum |B_i != B_i^init| / sum N K``."""
+    layers = qat_layers(student)
+    if not layers:
+        raise ValueError("the student has no ResidualBinaryTrainLinear layers (call prepare_qat first)")
+    changed, total = None, 0
+    for name, layer in layers.items():
+        if name not in fits.fits:
+            raise ValueError(f"no initial fit for {name}")
+        current = layer.current_paths().signs
+        initial = fits.fits[name].signs.to(current.device)
+        flips = (current != initial).flatten(1).sum(1).double()
+        changed = flips if changed is None else changed + flips
+        total += current[0].numel()
+    return (changed / total).tolist()

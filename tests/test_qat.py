@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.data import token_windows
-from rabit_compiler.diagnostics import path_diagnostics
+from rabit_compiler.diagnostics import path_diagnostics, sign_changes
 from rabit_compiler.math import ResidualBinaryPaths, binary_path, hard_sign, rtn_dequantized
 from rabit_compiler.qat import (
     ResidualBinaryTrainLinear,
@@ -187,6 +187,23 @@ def test_diagnostics_are_correlations(teacher, fits, windows):
         assert d.residual_alignment > 0.1  # the second path fits the first one's error
     with pytest.raises(ValueError, match="not QAT layers"):
         path_diagnostics(model, teacher, windows[:2], layers=["lm_head"])
+
+
+@pytest.mark.parametrize("method", ["standard", "frozen"])
+def test_sign_changes_count_flips_from_the_init(teacher, fits, method):
+    """Zero right after prepare_qat (these methods take the init's signs as they are); flipping one row of path 1
+    (its latent for standard, the frozen signs for frozen) changes exactly that row's signs of path 1."""
+    model = student(teacher, fits, method)
+    assert sign_changes(model, fits) == [0.0, 0.0]
+    layer = model.model.layers[0].mlp.up_proj
+    total = sum(fit.signs[0].numel() for fit in fits.fits.values())
+    with torch.no_grad():
+        if method == "standard":
+            layer.latents[0][0].neg_()
+            assert sign_changes(model, fits)[0] == layer.in_features / total
+        else:
+            layer.frozen_signs[0][0].neg_()  # a frozen buffer: the forward's path 1 follows it
+            assert sign_changes(model, fits)[0] == layer.in_features / total
 
 
 def test_bad_inputs_raise_clear_errors(teacher, fits, windows, tmp_path):
