@@ -10,8 +10,8 @@ at compile time (a symbolic row count uses its size hint, the example the graph 
 * ``"dense"`` (prefill): the call is replaced by the decomposition of :mod:`rabit_compiler.kernels.cpu_lowering`,
   traced into the graph on FX proxies (its tensor constants become buffers of ``gm``), so Inductor's C++
   backend fuses the unpack with its neighbours and calls the matmul library once;
-* ``"bitwise"`` (only when forced): the same decomposition's matmul-free Inductor loop nest (slower than the
-  kernel; kept as the Inductor-generated alternative the benchmark measures).
+* ``"bitwise"`` (1-2 rows of a small layer): the same decomposition's matmul-free Inductor loop nest, inside
+  the graph (slower per weight than the kernel, but with no extern call: faster on small layers).
 
 Every form is correct for every row count; only its speed depends on the rows.
 
@@ -160,9 +160,10 @@ def _skip_reason(arguments: dict[str, object], weights: GraphWeights) -> str | N
 
 
 def _form(arguments: dict[str, object], weights: GraphWeights, x: torch.Tensor, form: str | None) -> str:
-    """The forced ``form``, or the one :func:`cpu_form` picks for the rows of ``x`` ("dense" for an unknown row
-    count, or dtypes the C++ kernel does not take, e.g. fp64)."""
-    row_scale, col_scale = (_example(arguments[name], weights) for name in ("row_scale", "col_scale"))
+    """The forced ``form``, or the one :func:`cpu_form` picks for the rows of ``x`` and the layer's size ("dense"
+    for an unknown row count; "kernel" turns into "dense" for dtypes the C++ kernel does not take, e.g. fp64)."""
+    packed_signs, row_scale, col_scale = (_example(arguments[name], weights)
+                                          for name in ("packed_signs", "row_scale", "col_scale"))
     kernel_ok = supports(x, row_scale, col_scale)
     if form == "kernel" and not kernel_ok:
         raise ValueError(f"the CPU kernel takes fp32/fp16/bf16 x and scales of one dtype, got x {x.dtype}, "
@@ -170,7 +171,10 @@ def _form(arguments: dict[str, object], weights: GraphWeights, x: torch.Tensor, 
     if form is not None:
         return form
     rows = _rows(x)
-    return "dense" if rows is None or not kernel_ok else cpu_form(rows)
+    if rows is None:
+        return "dense"
+    chosen = cpu_form(rows, packed_signs.shape[1], arguments["in_features"])
+    return "dense" if chosen == "kernel" and not kernel_ok else chosen
 
 
 def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.Tensor, form: str) -> None:

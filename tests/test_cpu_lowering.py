@@ -12,7 +12,11 @@ import torch.fx as fx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rabit_compiler.kernels.cpu_kernel import KERNEL_MAX_ROWS
-from rabit_compiler.kernels.cpu_lowering import residual_binary_linear_cpu, residual_binary_linear_siblings_cpu
+from rabit_compiler.kernels.cpu_lowering import (
+    cpu_form,
+    residual_binary_linear_cpu,
+    residual_binary_linear_siblings_cpu,
+)
 from rabit_compiler.kernels.packing import segment_starts
 from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
@@ -111,27 +115,36 @@ def test_sibling_decomposition_matches_float64(paths, k, sizes, rows, dtype, for
     assert_close_scaled(out, expected, scale, dtype)
 
 
-@settings(max_examples=4)
+@settings(max_examples=6)
 @given(
     paths=st.integers(1, 4), k=st.integers(1, 100), sizes=st.lists(st.integers(1, 40), min_size=2, max_size=3),
     rows=st.sampled_from([1, 2, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 16]), dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**31),
+    form=st.sampled_from([None, "kernel", "bitwise", "dense"]), seed=st.integers(0, 2**31),
 )
-def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, rows, dtype, seed):
-    """Decode rows turn every op call into the C++ kernel's op, prefill rows into the dense decomposition; the
-    graph, eager and through Inductor, equals the reference."""
+def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, rows, dtype, form, seed):
+    """Every op call becomes its form (forced, or :func:`cpu_form` of its rows and size): the C++ kernel's op or
+    a decomposition; the graph, eager and through Inductor, equals the reference."""
     module = PackedLinears(paths, k, sizes, dtype, seed)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
     gm = fx.symbolic_trace(module)
-    calls = lower_for_cpu(gm, [x])
+    calls = lower_for_cpu(gm, [x], form=form)
     assert [call.reason for call in calls] == [None] * 3
-    form = "kernel" if rows <= KERNEL_MAX_ROWS else "dense"
-    assert {call.form for call in calls} == {form}
+    layer_sizes = [sizes[0], sizes[1], sum(sizes)]  # first, second, the siblings call
+    assert [call.form for call in calls] == [form or cpu_form(rows, n, k) for n in layer_sizes]
     targets = [getattr(node.target, "overloadpacket", node.target) for node in gm.graph.nodes]
     assert not [target for target in targets if target in OPS]
-    assert targets.count(torch.ops.rabit.residual_binary_gemv_cpu) == (3 if form == "kernel" else 0)
+    kernel_calls = [call for call in calls if call.form == "kernel"]
+    assert targets.count(torch.ops.rabit.residual_binary_gemv_cpu) == len(kernel_calls)
     assert_outputs_close(gm(x), module, x, dtype)
     assert_outputs_close(compile_fx(gm, [x])(x), module, x, dtype)
+
+
+def test_cpu_form_by_rows_and_size():
+    """Small layers at 1-2 rows stay in Inductor's graph; larger ones, or up to KERNEL_MAX_ROWS rows, take the
+    C++ kernel; more rows the dense form."""
+    assert cpu_form(1, 576, 576) == cpu_form(2, 192, 576) == "bitwise"
+    assert cpu_form(1, 1536, 576) == cpu_form(3, 192, 576) == cpu_form(KERNEL_MAX_ROWS, 576, 1536) == "kernel"
+    assert cpu_form(KERNEL_MAX_ROWS + 1, 576, 576) == cpu_form(128, 1536, 576) == "dense"
 
 
 def test_dynamo_backend_with_symbolic_rows():
