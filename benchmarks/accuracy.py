@@ -116,10 +116,13 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, default=None,
                         help="results.json of an earlier run (same settings) whose other methods' rows to include")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/accuracy_cpu"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the teacher and every student run (default: cuda if available)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_smollm2()
+    model.to(args.device)
     train_text, heldout_text = lee_corpus()
     heldout = token_windows(tokenizer, heldout_text, 512, max_windows=args.eval_windows)
     calibration = token_windows(tokenizer, train_text, 512, max_windows=args.calibration_windows)
@@ -132,7 +135,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "commit": commit,
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                          + (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"),
                "tokens_per_step": args.batch_size * args.seq_len, "train_windows": train_windows.shape[0],
                "heldout_tokens": heldout.numel(), "qat_config": asdict(qat_config), "methods": {}}
     print(f"held-out {tuple(heldout.shape)}, train windows {tuple(train_windows.shape)}, "
