@@ -159,9 +159,14 @@ def supports(x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) 
             and col_scale.dtype == row_scale.dtype)
 
 
+def _few_rows(x: torch.Tensor) -> bool:
+    """At most :data:`KERNEL_MAX_ROWS` rows (prod of ``x.shape[:-1]``): the kernel beats unpack + matmul."""
+    return x.numel() <= KERNEL_MAX_ROWS * max(x.shape[-1], 1)
+
+
 def uses_kernel(x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) -> bool:
-    """The op's CPU kernel runs this kernel: supported dtypes and at most :data:`KERNEL_MAX_ROWS` rows."""
-    return supports(x, row_scale, col_scale) and x.numel() <= KERNEL_MAX_ROWS * max(x.shape[-1], 1)
+    """The op's CPU kernel runs this kernel: supported dtypes and few rows (:func:`_few_rows`)."""
+    return supports(x, row_scale, col_scale) and _few_rows(x)
 
 
 def _launch(rows: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
@@ -230,12 +235,12 @@ def _gemv_cpu(x: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tens
     """``rabit::residual_binary_gemv_cpu``: the siblings linear (``col_scale [S, k, K]``, rows of sibling s from
     ``starts[s]`` to ``starts[s + 1]``); more than :data:`KERNEL_MAX_ROWS` rows (a graph compiled for decode run
     on a prompt) take the reference, which unpacks the weight once."""
-    rows = (x if x.dim() == 2 else x.reshape(-1, in_features)).contiguous()  # reshape costs ~1 us: skip it if 2-D
-    if rows.shape[0] > KERNEL_MAX_ROWS:
+    if not _few_rows(x):
         from .reference import residual_binary_linear_siblings_reference
 
         return residual_binary_linear_siblings_reference(x, packed_signs, row_scale, col_scale, bias, in_features,
                                                          starts.diff().tolist())
+    rows = (x if x.dim() == 2 else x.reshape(-1, in_features)).contiguous()  # reshape costs ~1 us: skip it if 2-D
     out = torch.empty((*x.shape[:-1], packed_signs.shape[1]), dtype=x.dtype)  # contiguous: [rows, N] in memory
     _launch(rows, packed_signs.contiguous(), row_scale.contiguous(), col_scale.contiguous(), bias, starts, out)
     return out

@@ -50,8 +50,8 @@ _DECOMPOSITIONS = {
 
 @dataclass
 class LoweredCall:
-    """One op call and its CPU ``form`` (``"kernel"``: left to the op's C++ kernel; ``"bitwise"``/``"dense"``:
-    replaced by that decomposition), or the ``reason`` it was left for another device."""
+    """One op call and the CPU ``form`` it was replaced by (``"kernel"``: ``rabit::residual_binary_gemv_cpu``;
+    ``"bitwise"``/``"dense"``: that decomposition), or the ``reason`` it was left for another device."""
 
     name: str
     form: str | None = None
