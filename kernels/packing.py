@@ -93,9 +93,11 @@ class PackedResidualBinary:
         return unpack_signs(self.packed_signs, self.in_features, dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W_hat [N, K] = sum_i g_i * B_i * h_i``, computed in fp32 then cast to ``dtype``."""
-        signs = self.signs(torch.float32)
-        paths = self.row_scale.float()[:, :, None] * signs * self.col_scale.float()[:, None, :]
+        """``W_hat [N, K] = sum_i g_i * B_i * h_i``, computed in fp32 (fp64 when ``dtype`` is fp64) then cast to
+        ``dtype``."""
+        compute = torch.promote_types(dtype, torch.float32)
+        signs = self.signs(compute)
+        paths = self.row_scale.to(compute)[:, :, None] * signs * self.col_scale.to(compute)[:, None, :]
         return paths.sum(dim=0).to(dtype)
 
     def nbytes(self) -> int:
