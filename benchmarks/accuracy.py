@@ -42,7 +42,7 @@ from rabit_compiler.diagnostics import path_diagnostics, sign_changes
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
 from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
-from rabit_compiler.train import QATConfig, QATTrainer
+from rabit_compiler.train import OPTIMIZERS, QATConfig, QATTrainer
 
 QAT_METHODS = ("frozen", "standard", "rabit")
 ALL_METHODS = ("fp32", "rtn", "ptq-greedy", "ptq", *QAT_METHODS)
@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--optimizer", default="adamw", choices=("muon", "adamw"),
-                        help="default adamw (fused): Muon's Newton-Schulz iterations are costly on a CPU")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                        help="default adamw (fused); on a CPU use muon-fp32 for Muon (bf16 is emulated there)")
     parser.add_argument("--lr-latent", type=float, default=QATConfig.lr_latent)
     parser.add_argument("--lr-scale", type=float, default=QATConfig.lr_scale)
     parser.add_argument("--warmup-steps", type=int, default=10)

@@ -135,7 +135,7 @@ def training_memory(model: torch.nn.Module, world_size: int, shape: TrainingShap
     terms["frozen student"] = sum(_shard_bytes(s, student_bytes, world_size, fsdp) for _, s in frozen)
     terms["gradients"] = terms["latents + scales"]
     other_bytes = terms["latents + scales"] - latent_bytes
-    terms["optimizer state"] = (latent_bytes + 2 * other_bytes if shape.optimizer == "muon"
+    terms["optimizer state"] = (latent_bytes + 2 * other_bytes if shape.optimizer.startswith("muon")
                                 else 2 * terms["latents + scales"])
     teacher_sharded = fsdp and shape.teacher == "shard"
     terms["teacher"] = sum(_shard_bytes(p.shape, teacher_bytes, world_size, teacher_sharded)

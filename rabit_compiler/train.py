@@ -5,11 +5,12 @@ Loss per batch of token windows ``ids [B, T]``::
     KL(teacher || student) = mean over the B*T positions of sum_v p_t(v) (log p_t(v) - log p_s(v))
     loss = KL + gamma * sum_l MSE(h_l^student, h_l^teacher)        (l over the decoder layers' outputs)
 
-Optimizer: ``torch.optim.Muon`` for the 2-D latents and AdamW for the scales and biases (``"muon"``), or
-AdamW for everything (``"adamw"``); linear warm-up then cosine / linear / constant decay. Checkpoints are
-safetensors (trainable tensors, QAT buffers, optimizer state flattened to named tensors) plus a JSON state
-(step, config, history, RNG state), never pickle. Batches are a pure function of (seed, step), so a
-resumed run continues exactly where it stopped.
+Optimizer: ``torch.optim.Muon`` for the 2-D latents and AdamW for the scales and biases (``"muon"``; its
+orthogonalisation runs in bf16), the same with :class:`~rabit_compiler.muon.Float32Muon` (``"muon-fp32"``:
+fp32 orthogonalisation, for CPUs), or AdamW for everything (``"adamw"``); linear warm-up then cosine /
+linear / constant decay. Checkpoints are safetensors (trainable tensors, QAT buffers, optimizer state
+flattened to named tensors) plus a JSON state (step, config, history, RNG state), never pickle. Batches
+are a pure function of (seed, step), so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from tqdm.auto import tqdm
 
 from rabit_compiler.distributed import Parallel
 from rabit_compiler.evaluate import perplexity
+from rabit_compiler.muon import Float32Muon
 from rabit_compiler.qat import qat_layers
 
 logger = logging.getLogger("rabit_compiler")
 
-OPTIMIZERS = ("muon", "adamw")
+OPTIMIZERS = ("muon", "muon-fp32", "adamw")
 SCHEDULES = ("cosine", "linear", "constant")
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": None}
-MUON_FSDP_ERROR = ("torch.optim.Muon does not orthogonalize FSDP-sharded (DTensor) latents as whole matrices "
+MUON_FSDP_ERROR = ("Muon does not orthogonalize FSDP-sharded (DTensor) latents as whole matrices "
                    "(measured: after 2 steps on 2 ranks the weights differ from one process by a third of the "
                    "update); use optimizer='adamw' with FSDP, or the 'ddp' strategy with Muon")
 
@@ -161,7 +163,7 @@ class QATTrainer:
         if config.batch_size % self.parallel.world_size:
             raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of the "
                              f"{self.parallel.world_size} ranks")
-        if config.optimizer == "muon" and self.parallel.strategy == "fsdp":
+        if config.optimizer.startswith("muon") and self.parallel.strategy == "fsdp":
             raise ValueError(MUON_FSDP_ERROR)
         self.student, self.teacher, self.config = student, teacher, config
         self.train_windows, self.eval_windows, self.progress = train_windows, eval_windows, progress
@@ -190,20 +192,22 @@ class QATTrainer:
         for name, p in self._trainable().items():
             is_latent = name.rsplit(".", 1)[-1] == "latent" or ".latents." in name
             (latents if is_latent and p.dim() == 2 else others).append(p)
-        if config.optimizer == "muon":
-            if self.device.type == "cpu":
-                logger.warning("rabit: torch.optim.Muon runs its Newton-Schulz iterations in bf16, which CPUs "
-                               "without bf16 matmul units emulate slowly (measured: 88 s per step of one "
-                               "1536x576 matrix on a shared 2-core EPYC, vs 0.08 s for fused AdamW); consider "
-                               "optimizer='adamw' on CPU")
-            optimizers = [torch.optim.Muon(latents, lr=config.lr_latent, weight_decay=config.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"),
-                          torch.optim.AdamW(others, lr=config.lr_scale, weight_decay=0.0, fused=True)]
-        else:
+        if config.optimizer == "adamw":
             optimizers = [torch.optim.AdamW([{"params": latents, "lr": config.lr_latent,
                                               "weight_decay": config.weight_decay},
                                              {"params": others, "lr": config.lr_scale, "weight_decay": 0.0}],
                                             fused=True)]
+        else:
+            if config.optimizer == "muon-fp32":
+                muon = Float32Muon(latents, lr=config.lr_latent, weight_decay=config.weight_decay)
+            else:
+                if self.device.type == "cpu":
+                    logger.warning("rabit: torch.optim.Muon orthogonalises in bf16, which CPUs without bf16 "
+                                   "matrix units emulate slowly (measured on a 2-core EPYC: 4.2-4.4 s per step of "
+                                   "one 1536x576 latent, 0.09 s in fp32); use optimizer='muon-fp32' on CPU")
+                muon = torch.optim.Muon(latents, lr=config.lr_latent, weight_decay=config.weight_decay,
+                                        adjust_lr_fn="match_rms_adamw")
+            optimizers = [muon, torch.optim.AdamW(others, lr=config.lr_scale, weight_decay=0.0, fused=True)]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["base_lr"] = group["lr"]

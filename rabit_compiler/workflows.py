@@ -26,7 +26,7 @@ from rabit_compiler.evaluate import perplexity
 from rabit_compiler.memory import DTYPE_BYTES, LLAMA2_7B_SHAPES, TrainingShape, llama2_7b_config, memory_table
 from rabit_compiler.qat import METHODS as QAT_METHODS
 from rabit_compiler.qat import LinearFits, convert, fit_linears, fits_settings, load_fits, prepare_qat, rtn_, save_fits
-from rabit_compiler.train import QATConfig, QATTrainer
+from rabit_compiler.train import OPTIMIZERS, QATConfig, QATTrainer
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -252,7 +252,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum)
     parser.add_argument("--calibration-windows", type=int, default=16)
-    parser.add_argument("--optimizer", choices=("muon", "adamw"), default=defaults.optimizer)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     parser.add_argument("--lr-latent", type=float, default=defaults.lr_latent)
     parser.add_argument("--lr-scale", type=float, default=defaults.lr_scale)
     parser.add_argument("--gamma", type=float, default=defaults.gamma, help="weight of the hidden-state MSE")

@@ -122,14 +122,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(teacher, fits,
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_checkpoint_resume_gives_the_same_next_loss(teacher, fits, windows, tmp_path):
-    first = trainer(student(teacher, fits, "rabit"), teacher, windows, optimizer="muon", eval_every=1)
+@pytest.mark.parametrize("optimizer", ["muon", "muon-fp32"])
+def test_checkpoint_resume_gives_the_same_next_loss(teacher, fits, windows, tmp_path, optimizer):
+    first = trainer(student(teacher, fits, "rabit"), teacher, windows, optimizer=optimizer, eval_every=1)
     first.eval_windows = windows[:2]
     first.train_step()
     first.train_step()
     first.save_checkpoint(tmp_path / "ckpt")
     expected = first.train_step()
-    second = trainer(student(teacher, fits, "rabit"), teacher, windows, optimizer="muon")
+    second = trainer(student(teacher, fits, "rabit"), teacher, windows, optimizer=optimizer)
     second.load_checkpoint(tmp_path / "ckpt")
     assert second.step == 2
     assert second.train_step() == expected
