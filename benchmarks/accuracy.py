@@ -29,7 +29,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -76,7 +76,8 @@ def plot(results: dict, path: Path) -> None:
     for method, row in results["methods"].items():
         if row.get("history"):
             points = [(e[0], e[2]) for e in row["history"]["eval"] if e[2] is not None]
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+            label = f"{method} (lr {row['lr_latent']:g})" if "lr_latent" in row else method
+            axis.plot(*zip(*points, strict=True), marker="o", label=label)
         elif method != "fp32":
             axis.axhline(row["ppl"], linestyle="--", linewidth=1, label=f"{method} (no training)", color="gray"
                          if method == "rtn" else None)
@@ -91,6 +92,17 @@ def plot(results: dict, path: Path) -> None:
     print(f"plot: {path}")
 
 
+def latent_learning_rate(text: str) -> tuple[str | None, float]:
+    """``"3e-3"`` -> ``(None, 0.003)`` (every QAT method), ``"standard=5e-3"`` -> ``("standard", 0.005)``."""
+    method, _, value = text.rpartition("=")
+    if method and method not in QAT_METHODS:
+        raise argparse.ArgumentTypeError(f"{method!r} is not a QAT method ({', '.join(QAT_METHODS)})")
+    try:
+        return method or None, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a learning rate") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
@@ -100,7 +112,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                         help="default adamw (fused); on a CPU use muon-fp32 for Muon (bf16 is emulated there)")
-    parser.add_argument("--lr-latent", type=float, default=QATConfig.lr_latent)
+    parser.add_argument("--lr-latent", nargs="+", type=latent_learning_rate, default=[(None, QATConfig.lr_latent)],
+                        metavar="[METHOD=]LR", help="one lr for every QAT method, and/or METHOD=LR for one of them "
+                                                    "(e.g. 3e-3 standard=5e-3)")
     parser.add_argument("--lr-scale", type=float, default=QATConfig.lr_scale)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--gamma", type=float, default=0.0)
@@ -119,6 +133,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the teacher and every student run (default: cuda if available)")
     args = parser.parse_args()
+    learning_rates = dict(args.lr_latent)
+    default_lr = learning_rates.pop(None, QATConfig.lr_latent)
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_smollm2()
@@ -129,7 +145,7 @@ def main() -> None:
     train_windows = token_windows(tokenizer, train_text, args.seq_len)
     config = RaBiTConfig(anchor_margin=args.anchor_margin)
     qat_config = QATConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                           eval_every=args.eval_every, optimizer=args.optimizer, lr_latent=args.lr_latent,
+                           eval_every=args.eval_every, optimizer=args.optimizer, lr_latent=default_lr,
                            lr_scale=args.lr_scale, warmup_steps=args.warmup_steps, gamma=args.gamma,
                            compile=args.compile, seed=args.seed, eval_batch_size=heldout.shape[0])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -162,7 +178,8 @@ def main() -> None:
             row["ppl"] = perplexity(student, heldout)
         else:
             prepare_qat(student, config, method, fits=fits)
-            trainer = QATTrainer(student, model, qat_config, train_windows, heldout)
+            method_config = replace(qat_config, lr_latent=learning_rates.get(method, default_lr))
+            trainer = QATTrainer(student, model, method_config, train_windows, heldout)
             if args.init_eval and init_ppl is None:  # every method starts from the same function: eval once
                 init_ppl = trainer.evaluate()
             trainer.history["eval"] = [[0, 0, init_ppl]] if args.init_eval else [[0, 0, None]]
@@ -178,6 +195,7 @@ def main() -> None:
             print(f"  signs flipped since the init, per path: {', '.join(f'{c:.4%}' for c in row['sign_changes'])}")
             convert(student, config)
             row.update(steps=trainer.step, tokens=trainer.tokens_seen(), ppl=history["eval"][-1][2],
+                       lr_latent=method_config.lr_latent,
                        history=history, train_seconds=trained_seconds)
             if args.packed_eval:
                 row["packed_ppl"] = perplexity(student, heldout)
@@ -191,10 +209,12 @@ def main() -> None:
         reused = {m: row | {"reused_from": str(args.reuse)} for m, row in earlier.items() if m not in args.methods}
         results["methods"] = reused | results["methods"]
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n| method | steps | tokens | held-out PPL | packed PPL | wall |\n|---|---|---|---|---|---|")
+    print("\n| method | latent lr | steps | tokens | held-out PPL | packed PPL | wall |\n|---|---|---|---|---|---|---|")
     for method, row in results["methods"].items():
         packed = f"{row['packed_ppl']:.2f}" if "packed_ppl" in row else "—"
-        print(f"| {method} | {row['steps']} | {row['tokens']} | {row['ppl']:.2f} | {packed} | {row['seconds']:.0f} s |")
+        lr = f"{row['lr_latent']:g}" if "lr_latent" in row else "—"
+        print(f"| {method} | {lr} | {row['steps']} | {row['tokens']} | {row['ppl']:.2f} | {packed} | "
+              f"{row['seconds']:.0f} s |")
     if "fp32" in results["methods"]:
         plot(results, args.out / "ppl_vs_steps.png")
 
