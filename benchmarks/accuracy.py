@@ -72,21 +72,24 @@ def plot(results: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, (axis, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, row in results["methods"].items():
+        color = f"C{ALL_METHODS.index(method)}"
         if row.get("history"):
             points = [(e[0], e[2]) for e in row["history"]["eval"] if e[2] is not None]
             label = f"{method} (lr {row['lr_latent']:g})" if "lr_latent" in row else method
-            axis.plot(*zip(*points, strict=True), marker="o", label=label)
+            for target in (axis, zoom):
+                target.plot(*zip(*points, strict=True), marker="o", label=label, color=color)
         elif method != "fp32":
-            axis.axhline(row["ppl"], linestyle="--", linewidth=1, label=f"{method} (no training)", color="gray"
-                         if method == "rtn" else None)
+            axis.axhline(row["ppl"], linestyle="--", linewidth=1, label=f"{method} (no training)", color=color)
     axis.axhline(results["methods"]["fp32"]["ppl"], color="black", linewidth=1, label="fp32")
     axis.set_yscale("log")
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("held-out perplexity (lee.cor)")
     axis.set_title(f"SmolLM2-135M, 2-bit, {results['tokens_per_step']} tokens/step")
-    axis.legend(fontsize=8)
+    zoom.set_title("QAT methods only (linear scale)")
+    for target in (axis, zoom):
+        target.set_xlabel("optimizer step")
+        target.set_ylabel("held-out perplexity (lee.cor)")
+        target.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"plot: {path}")
