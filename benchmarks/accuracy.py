@@ -8,12 +8,13 @@ latents) and ``rabit`` (coupled residual paths from one latent).
 Text: ``lee_background.cor`` for calibration (the first windows) and training, ``lee.cor`` held out (DATA.md).
 The initial fit (minutes on a CPU) is cached under the user cache dir, keyed by its settings.
 
-    python benchmarks/accuracy.py --steps 100 --eval-every 25 --lr-latent 2e-3 --out benchmarks/accuracy_cpu
+    python benchmarks/accuracy.py --steps 100 --eval-every 25 --lr-latent 3e-3 --out benchmarks/accuracy_cpu
 
-(the CPU budget: 100 steps x 512 tokens per QAT method, 6-9 s per step on 2 cores; on a quiet machine one QAT
-method with its 4 evaluations took 645-678 s, so every method ~36 min; 57 min with evaluations every 20 steps
-on a partly shared machine) writes ``results.json`` and ``ppl_vs_steps.png`` (if matplotlib is installed) into
-``--out`` and prints a Markdown table for RESULTS.md. The larger GPU budget:
+(the CPU budget: 100 steps x 512 tokens per QAT method, ~6 s per step on 2 cores with AdamW; on a quiet
+machine one QAT method with its 4 evaluations took 561-689 s, so every method ~35 min; 3e-3 was the best
+latent lr measured for both coupled and standard QAT at this budget; ``--optimizer muon-fp32`` for Muon adds
+~8 s per step per latent set on this CPU) writes ``results.json`` and ``ppl_vs_steps.png`` (if matplotlib is
+installed) into ``--out`` and prints a Markdown table for RESULTS.md. The larger GPU budget:
 
     python benchmarks/accuracy.py --steps 1000 --batch-size 8 --seq-len 512 --eval-every 100 --optimizer muon \
         --lr-latent 2e-3 --lr-scale 1e-4 --warmup-steps 50 --out benchmarks/accuracy_gpu
