@@ -11,8 +11,9 @@ gradient ``G``::
     W = W * (1 - lr * weight_decay) - lr * 0.2 * sqrt(max(A, B)) * O
 
 (the ``"match_rms_adamw"`` learning-rate scaling of ``torch.optim.Muon``, so AdamW learning rates carry
-over). The iteration and its coefficients are Keller Jordan's (kellerjordan.github.io/posts/muon): it maps
-the singular values of ``U / ||U||_F`` to roughly [0.7, 1.2] rather than exactly 1.
+over). The iteration and its coefficients are Keller Jordan's (kellerjordan.github.io/posts/muon): each
+singular value of ``U / ||U||_F`` goes through the same quintic, which puts all but the smallest in about
+[0.7, 1.2] rather than at exactly 1 (measured on Gaussian matrices).
 """
 
 from __future__ import annotations
