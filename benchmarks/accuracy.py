@@ -19,8 +19,9 @@ installed) into ``--out`` and prints a Markdown table for RESULTS.md. The larger
     python benchmarks/accuracy.py --steps 1000 --batch-size 8 --seq-len 512 --eval-every 100 --optimizer muon \
         --lr-latent 2e-3 --lr-scale 1e-4 --warmup-steps 50 --out benchmarks/accuracy_gpu
 
-(sweep the Muon lr there: on the CPU budget Muon at 3e-3 flipped ~40% as many signs as AdamW and ended at
-PPL 236.9 for coupled QAT vs AdamW's 170.2, seed 0).
+(sweep the Muon lr there: on the CPU budget, seed 0, Muon's best of 3e-3 / 5e-3 / 1e-2 was 5e-3 for both
+coupled (232.2) and standard QAT (242.8), far behind AdamW at 3e-3 (170.2 / 172.3); ``benchmarks/lr_sweep.py``
+plots PPL against the lr over many runs).
 """
 
 from __future__ import annotations
