@@ -22,7 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-METHODS = ("frozen", "standard", "rabit")
+from rabit_compiler.qat import METHODS
+
 # QATConfig fields that set the budget: runs compared on one plot must agree on all of them.
 BUDGET = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "schedule", "lr_scale", "gamma",
           "weight_decay")
@@ -99,16 +100,18 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
+    def color(method: str) -> str:
+        return f"C{METHODS.index(method)}"
+
     figure, axis = plt.subplots(figsize=(7, 4.5))
     optimizers = sorted({row["optimizer"] for row in rows})
     curves: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for (method, optimizer, lr), runs in by_setting(rows).items():
         curves[(method, optimizer)].append((lr, mean(r["ppl"] for r in runs)))
-        color = f"C{METHODS.index(method)}"
-        axis.scatter([lr] * len(runs), [r["ppl"] for r in runs], color=color, s=12, alpha=0.6)
+        axis.scatter([lr] * len(runs), [r["ppl"] for r in runs], color=color(method), s=12, alpha=0.6)
     for (method, optimizer), points in curves.items():
         style = ("-", "--", ":")[optimizers.index(optimizer) % 3]
-        axis.plot(*zip(*sorted(points), strict=True), style, marker="o", color=f"C{METHODS.index(method)}",
+        axis.plot(*zip(*sorted(points), strict=True), style, marker="o", color=color(method),
                   label=f"{method}, {optimizer}")
     budget = rows[0]["budget"]
     axis.set_xscale("log")
