@@ -43,11 +43,11 @@ import torch
 from rabit_compiler.cache import cache_dir
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.data import lee_corpus, token_windows
-from rabit_compiler.diagnostics import path_diagnostics, sign_changes
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
 from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
-from rabit_compiler.train import OPTIMIZERS, QATConfig, QATTrainer
+from rabit_compiler.qat.diagnostics import path_diagnostics, sign_changes
+from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
 
 QAT_METHODS = ("frozen", "standard", "rabit")
 ALL_METHODS = ("fp32", "rtn", "ptq-greedy", "ptq", *QAT_METHODS)

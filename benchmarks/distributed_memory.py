@@ -6,7 +6,7 @@
 Each rank trains a few AdamW steps, runs one more forward/backward, and reports the bytes it holds for the
 trainable parameters, their gradients and the optimizer state (local shards), its peak resident set
 (``ru_maxrss``, the whole process: Python, torch, the teacher, activations), and the formula's figures for
-the same terms (:func:`rabit_compiler.memory.training_memory`). Rank 0 prints a Markdown table.
+the same terms (:func:`rabit_compiler.qat.memory.training_memory`). Rank 0 prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rabit_compiler.config import RaBiTConfig
-from rabit_compiler.distributed import DistributedConfig, distributed_run
-from rabit_compiler.memory import TrainingShape, measured_training_bytes, meta_model, training_memory
 from rabit_compiler.qat import fit_linears, prepare_qat
-from rabit_compiler.train import QATConfig, QATTrainer
+from rabit_compiler.qat.distributed import DistributedConfig, distributed_run
+from rabit_compiler.qat.memory import TrainingShape, measured_training_bytes, meta_model, training_memory
+from rabit_compiler.qat.train import QATConfig, QATTrainer
 
 TERMS = ("latents + scales", "gradients", "optimizer state")
 

@@ -4,11 +4,9 @@
 from rabit_compiler import kernels as kernels  # registers the rabit:: torch.library ops
 from rabit_compiler.backend import rabit_backend, register
 from rabit_compiler.config import RaBiTConfig
-from rabit_compiler.distributed import DistributedConfig, distributed_run
-from rabit_compiler.qat import convert, prepare_qat
+from rabit_compiler.qat import DistributedConfig, QATConfig, QATTrainer, convert, distributed_run, prepare_qat
 from rabit_compiler.quantize import QuantizeReport, RaBiTLinear, quantize_
 from rabit_compiler.serialization import RaBiTFormatError, load, save
-from rabit_compiler.train import QATConfig, QATTrainer
 
 register()
 

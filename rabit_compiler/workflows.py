@@ -1,7 +1,7 @@
 """The ``rabit quantize`` and ``rabit eval`` workflows: load a model and text, run one method, save, compare.
 
 Methods: ``rabit`` / ``standard`` / ``frozen`` (QAT by distillation from the fp model, see
-:mod:`rabit_compiler.train`), ``ptq`` (iterative residual SVID + calibration preconditioning, no training),
+:mod:`rabit_compiler.qat.train`), ``ptq`` (iterative residual SVID + calibration preconditioning, no training),
 ``ptq-greedy`` (greedy residual SVID, data-free) and ``rtn`` (2-bit per-channel min/max, dense weights).
 """
 
@@ -20,13 +20,13 @@ import torch
 
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.data import token_windows
-from rabit_compiler.diagnostics import path_diagnostics
-from rabit_compiler.distributed import STRATEGIES, TEACHER_PLACEMENTS, DistributedConfig, Parallel, distributed_run
 from rabit_compiler.evaluate import perplexity
-from rabit_compiler.memory import DTYPE_BYTES, LLAMA2_7B_SHAPES, TrainingShape, llama2_7b_config, memory_table
 from rabit_compiler.qat import METHODS as QAT_METHODS
 from rabit_compiler.qat import LinearFits, convert, fit_linears, fits_settings, load_fits, prepare_qat, rtn_, save_fits
-from rabit_compiler.train import OPTIMIZERS, QATConfig, QATTrainer
+from rabit_compiler.qat.diagnostics import path_diagnostics
+from rabit_compiler.qat.distributed import STRATEGIES, TEACHER_PLACEMENTS, DistributedConfig, Parallel, distributed_run
+from rabit_compiler.qat.memory import DTYPE_BYTES, LLAMA2_7B_SHAPES, TrainingShape, llama2_7b_config, memory_table
+from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -172,7 +172,7 @@ def _gathered_models(args: argparse.Namespace, config: RaBiTConfig, fits: Linear
 
 
 def print_memory_plan(args: argparse.Namespace) -> None:
-    """``--dry-run``: the per-GPU memory table of :mod:`rabit_compiler.memory` for 1, 2, 4 and 8 GPUs, from the
+    """``--dry-run``: the per-GPU memory table of :mod:`rabit_compiler.qat.memory` for 1, 2, 4 and 8 GPUs, from the
     model's config alone (``llama2-7b-shapes``, a model directory's config.json, or SmolLM2's)."""
     if args.model == LLAMA2_7B_SHAPES:
         config = llama2_7b_config()

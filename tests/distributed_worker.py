@@ -28,10 +28,10 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rabit_compiler.config import RaBiTConfig
-from rabit_compiler.distributed import DistributedConfig, Parallel, distributed_run
-from rabit_compiler.memory import measured_training_bytes
 from rabit_compiler.qat import load_fits, prepare_qat
-from rabit_compiler.train import QATConfig, QATTrainer
+from rabit_compiler.qat.distributed import DistributedConfig, Parallel, distributed_run
+from rabit_compiler.qat.memory import measured_training_bytes
+from rabit_compiler.qat.train import QATConfig, QATTrainer
 
 
 def load_inputs(workdir: Path) -> tuple[LlamaForCausalLM, object, torch.Tensor, dict]:

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rabit_compiler.config import RaBiTConfig
-from rabit_compiler.memory import TrainingShape, meta_model, training_memory
 from rabit_compiler.qat import fit_linears, qat_layers, save_fits
+from rabit_compiler.qat.memory import TrainingShape, meta_model, training_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import make_trainer, resident_bytes  # noqa: E402

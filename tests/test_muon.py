@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rabit_compiler.muon import NS_COEFFICIENTS, Float32Muon, orthogonalize
+from rabit_compiler.qat.muon import NS_COEFFICIENTS, Float32Muon, orthogonalize
 
 sizes = st.integers(1, 70)
 

@@ -11,7 +11,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.data import token_windows
-from rabit_compiler.diagnostics import path_diagnostics, sign_changes
 from rabit_compiler.math import ResidualBinaryPaths, binary_path, hard_sign, rtn_dequantized
 from rabit_compiler.qat import (
     ResidualBinaryTrainLinear,
@@ -23,8 +22,9 @@ from rabit_compiler.qat import (
     rtn_,
     save_fits,
 )
+from rabit_compiler.qat.diagnostics import path_diagnostics, sign_changes
+from rabit_compiler.qat.train import QATConfig, QATTrainer
 from rabit_compiler.quantize import RaBiTLinear
-from rabit_compiler.train import QATConfig, QATTrainer
 
 VOCAB, SEQ = 96, 16
 

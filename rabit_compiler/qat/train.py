@@ -6,7 +6,7 @@ Loss per batch of token windows ``ids [B, T]``::
     loss = KL + gamma * sum_l MSE(h_l^student, h_l^teacher)        (l over the decoder layers' outputs)
 
 Optimizer: ``torch.optim.Muon`` for the 2-D latents and AdamW for the scales and biases (``"muon"``; its
-orthogonalisation runs in bf16), the same with :class:`~rabit_compiler.muon.Float32Muon` (``"muon-fp32"``:
+orthogonalisation runs in bf16), the same with :class:`~rabit_compiler.qat.muon.Float32Muon` (``"muon-fp32"``:
 fp32 orthogonalisation, for CPUs), or AdamW for everything (``"adamw"``); linear warm-up then cosine /
 linear / constant decay. Checkpoints are safetensors (trainable tensors, QAT buffers, optimizer state
 flattened to named tensors) plus a JSON state (step, config, history, RNG state), never pickle. Batches
@@ -31,10 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from rabit_compiler.distributed import Parallel
 from rabit_compiler.evaluate import perplexity
-from rabit_compiler.muon import Float32Muon
-from rabit_compiler.qat import qat_layers
+from rabit_compiler.qat.distributed import Parallel
+from rabit_compiler.qat.layers import qat_layers
+from rabit_compiler.qat.muon import Float32Muon
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -142,9 +142,9 @@ class QATTrainer:
     ``train_windows [num, seq_len]`` (token ids) feed the training batches; ``eval_windows`` (optional)
     give the held-out perplexity recorded every ``config.eval_every`` steps and at the end
     (``history["eval"]``: ``[step, tokens_seen, ppl]``; ``history["loss"]``: ``[step, loss]``).
-    ``parallel`` (from :func:`~rabit_compiler.distributed.distributed_run`) spreads the run over ranks: the
+    ``parallel`` (from :func:`~rabit_compiler.qat.distributed.distributed_run`) spreads the run over ranks: the
     student and teacher are wrapped here, each rank trains on its rows of every global batch, and only rank 0
-    shows progress and writes checkpoints (see :mod:`rabit_compiler.distributed`).
+    shows progress and writes checkpoints (see :mod:`rabit_compiler.qat.distributed`).
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, config: QATConfig,

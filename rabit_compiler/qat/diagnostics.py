@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rabit_compiler.qat import LinearFits, ResidualBinaryTrainLinear, qat_layers
+from rabit_compiler.qat.layers import LinearFits, ResidualBinaryTrainLinear, qat_layers
 
 
 class _Correlation:

@@ -1,0 +1,25 @@
+"""Quantization-aware training: the training form of a residual-binary linear (:mod:`.layers`), the
+distillation trainer (:mod:`.train`), Muon in fp32 (:mod:`.muon`), multi-process runs (:mod:`.distributed`),
+the memory formula (:mod:`.memory`) and path diagnostics (:mod:`.diagnostics`)."""
+
+from rabit_compiler.qat.distributed import DistributedConfig, distributed_run
+from rabit_compiler.qat.layers import (
+    METHODS,
+    LinearFits,
+    ResidualBinaryTrainLinear,
+    convert,
+    fit_linears,
+    fits_settings,
+    load_fits,
+    prepare_qat,
+    qat_layers,
+    rtn_,
+    save_fits,
+)
+from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
+
+__all__ = [
+    "METHODS", "OPTIMIZERS", "DistributedConfig", "LinearFits", "QATConfig", "QATTrainer", "ResidualBinaryTrainLinear",
+    "convert", "distributed_run", "fit_linears", "fits_settings", "load_fits", "prepare_qat", "qat_layers", "rtn_",
+    "save_fits",
+]
