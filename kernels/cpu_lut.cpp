@@ -1,0 +1,479 @@
+// rabit::lut_gemv: the lookup-table CPU kernel of the packed residual-binary linear (few rows: decode).
+// The math, the layouts and the error bounds are in cpu_lut.py's docstring; this file only implements them.
+//
+// Per row m of x, sibling s and path i, every group q of 4 columns gets a table of its 16 signed sums
+//     E[m, s, i, q][e] = sum_{j<4} (bit j of e ? -1 : +1) * h[s, i, 4q + j] * x[m, 4q + j]
+// and a 4-bit nibble of the sign planes (the signs of 4 columns of one output row) selects one entry:
+//     y[m, n] = b[n] + sum_i g[i, n] * sum_q E[m, s(n), i, q][nibble_i(n, q)]
+// Tables are fp32 (exact mode) or int8 with one scale per 32 columns (E ~= scale_w * T8). Output rows are processed
+// in tiles of 16; the signs come in the tiled layout [k, tiles, W, 16] (word w of the tile's 16 rows side by side).
+// One ISA path is chosen at run time (AVX-512 with VBMI and VNNI, AVX2 with FMA, or portable C++).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RABIT_X86 1
+#define RABIT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni,avx2,fma")))
+#define RABIT_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define RABIT_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kTileRows = 16;       // output rows per tile
+constexpr int64_t kWordColumns = 32;    // columns per packed word
+constexpr int64_t kGroupsPerWord = 8;   // 4-column groups per word
+constexpr int64_t kEntries = 16;        // table entries per group
+constexpr int64_t kInt8WordBytes = kGroupsPerWord * kEntries;
+
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int best_isa() {
+#if RABIT_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+std::atomic<int> g_isa{-1};
+
+int active_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = best_isa();
+    g_isa.store(isa, std::memory_order_relaxed);
+  }
+  return isa;
+}
+
+// Offset of group j (0..7) of a word inside its 128-byte int8 table block: the even groups' tables fill the first 64
+// bytes and the odd groups' the last 64, so that one 64-byte vector holds the four tables that the low (or high)
+// nibbles of a word's 4 bytes index.
+inline int64_t int8_table_offset(int64_t j) { return (j & 1) * 64 + (j >> 1) * kEntries; }
+
+struct Tile {
+  int64_t segment;
+  int64_t first_row;
+  int64_t rows;
+};
+
+// One call's operands, all contiguous. Tables are per job = (m, s, i).
+struct Problem {
+  int64_t rows, in_features, words, segments, paths, tiles, out_features;
+  bool int8_tables;
+  const int32_t* signs;     // [k, tiles, W, 16]
+  const float* row_scale;   // [k, tiles, 16]
+  const float* bias;        // [tiles, 16] or nullptr
+  const Tile* tile_map;     // [tiles]
+  const float* x;           // [M, 32 W], zero past K
+  float* products;          // [jobs, 32 W]: h * x
+  float* exact_tables;      // [jobs, 8 W, 16]
+  int8_t* int8_tables_data; // [jobs, W, 128]
+  float* word_scales;       // [jobs, W]
+  int64_t job(int64_t m, int64_t s, int64_t i) const { return (m * segments + s) * paths + i; }
+};
+
+// The calling thread's scratch, kept between calls (no allocation once it is large enough).
+struct Scratch {
+  std::vector<float> x, products, exact_tables, word_scales;
+  std::vector<int8_t> int8_tables;
+  std::vector<Tile> tiles;
+};
+thread_local Scratch t_scratch;
+
+template <typename T>
+void grow(std::vector<T>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+}
+
+template <typename scalar_t>
+void to_float(const scalar_t* in, int64_t count, float* out) {
+  for (int64_t c = 0; c < count; ++c) out[c] = static_cast<float>(in[c]);
+}
+
+void to_float(const at::Tensor& tensor, int64_t offset, int64_t count, float* out) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat: return to_float(tensor.const_data_ptr<float>() + offset, count, out);
+    case at::kHalf: return to_float(tensor.const_data_ptr<at::Half>() + offset, count, out);
+    case at::kBFloat16: return to_float(tensor.const_data_ptr<at::BFloat16>() + offset, count, out);
+    default: TORCH_CHECK(false, "rabit::lut_gemv: unsupported dtype ", tensor.scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tables. The entries are summed in the same order on every path: ((+-v0 +- v1) +- v2) +- v3.
+
+void group_entries_portable(const float* v, float* entries) {
+  for (int64_t e = 0; e < kEntries; ++e) {
+    float sum = (e & 1) ? -v[0] : v[0];
+    for (int64_t j = 1; j < 4; ++j) sum += ((e >> j) & 1) ? -v[j] : v[j];
+    entries[e] = sum;
+  }
+}
+
+#if RABIT_X86
+RABIT_AVX512 void group_entries_avx512(const float* v, float* entries) {
+  // lane e of term j is -v[j] where bit j of e is set
+  constexpr __mmask16 kNegative[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+  __m512 sum = _mm512_mask_sub_ps(_mm512_set1_ps(v[0]), kNegative[0], _mm512_setzero_ps(), _mm512_set1_ps(v[0]));
+  for (int j = 1; j < 4; ++j)
+    sum = _mm512_mask_sub_ps(_mm512_add_ps(sum, _mm512_set1_ps(v[j])), kNegative[j], sum, _mm512_set1_ps(v[j]));
+  _mm512_storeu_ps(entries, sum);
+}
+
+RABIT_AVX512 void quantize_word_avx512(const float* entries, float inverse, int8_t* out) {
+  for (int64_t j = 0; j < kGroupsPerWord; ++j) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(entries + j * kEntries), _mm512_set1_ps(inverse)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + int8_table_offset(j)), _mm512_cvtepi32_epi8(q));
+  }
+}
+#endif
+
+void quantize_word_portable(const float* entries, float inverse, int8_t* out) {
+  for (int64_t j = 0; j < kGroupsPerWord; ++j)
+    for (int64_t e = 0; e < kEntries; ++e)
+      out[int8_table_offset(j) + e] = static_cast<int8_t>(std::nearbyint(entries[j * kEntries + e] * inverse));
+}
+
+// Tables of job (m, s, i): v = h[s, i] * x[m], then 16 entries per group (fp32), or per word: scale = the largest
+// |entry| / 127 (= max over its groups of sum |v|) and entries rounded to int8 multiples of it.
+void build_tables(const Problem& p, const at::Tensor& col_scale, int64_t job, int isa) {
+  const int64_t i = job % p.paths, s = (job / p.paths) % p.segments, m = job / (p.paths * p.segments);
+  const int64_t padded = p.words * kWordColumns;
+  float* v = p.products + job * padded;
+  to_float(col_scale, (s * p.paths + i) * p.in_features, p.in_features, v);
+  const float* x = p.x + m * padded;
+  for (int64_t c = 0; c < p.in_features; ++c) v[c] *= x[c];
+  std::fill(v + p.in_features, v + padded, 0.0f);
+
+  const auto group_entries = [isa](const float* values, float* entries) {
+#if RABIT_X86
+    if (isa == kAvx512) return group_entries_avx512(values, entries);
+#endif
+    group_entries_portable(values, entries);
+  };
+  if (!p.int8_tables) {
+    float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
+    for (int64_t q = 0; q < p.words * kGroupsPerWord; ++q) group_entries(v + 4 * q, tables + q * kEntries);
+    return;
+  }
+  float entries[kGroupsPerWord * kEntries];
+  for (int64_t w = 0; w < p.words; ++w) {
+    const float* word_values = v + w * kWordColumns;
+    float largest = 0.0f;
+    for (int64_t j = 0; j < kGroupsPerWord; ++j) {
+      const float* g = word_values + 4 * j;
+      largest = std::max(largest, ((std::fabs(g[0]) + std::fabs(g[1])) + std::fabs(g[2])) + std::fabs(g[3]));
+      group_entries(g, entries + j * kEntries);
+    }
+    p.word_scales[job * p.words + w] = largest / 127.0f;
+    const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+    int8_t* out = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
+#if RABIT_X86
+    if (isa == kAvx512) {
+      quantize_word_avx512(entries, inverse, out);
+      continue;
+    }
+#endif
+    quantize_word_portable(entries, inverse, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Lookups: dot[r] = sum over the row's groups of the selected entries, for the 16 rows of one tile and one path.
+
+void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* dot) {
+  for (int64_t r = 0; r < kTileRows; ++r) dot[r] = 0.0f;
+  for (int64_t w = 0; w < p.words; ++w) {
+    const int32_t* tile_words = words + w * kTileRows;
+    if (p.int8_tables) {
+      const int8_t* tables = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
+      const float scale = p.word_scales[job * p.words + w];
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const uint32_t word = static_cast<uint32_t>(tile_words[r]);
+        int32_t sum = 0;
+        for (int64_t j = 0; j < kGroupsPerWord; ++j) sum += tables[int8_table_offset(j) + ((word >> (4 * j)) & 15)];
+        dot[r] += static_cast<float>(sum) * scale;
+      }
+    } else {
+      const float* tables = p.exact_tables + (job * p.words + w) * kGroupsPerWord * kEntries;
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const uint32_t word = static_cast<uint32_t>(tile_words[r]);
+        for (int64_t j = 0; j < kGroupsPerWord; ++j) dot[r] += tables[j * kEntries + ((word >> (4 * j)) & 15)];
+      }
+    }
+  }
+}
+
+#if RABIT_X86
+// AVX-512: a vector holds one word of each of the tile's 16 rows (one row per 32-bit lane). int8: the low nibbles of
+// its 4 bytes are groups 0, 2, 4, 6 of the word; adding 16 * byte position makes them indices into one 64-byte
+// vector of those 4 tables (vpermb: 64 lookups), and vpdpbusd adds each lane's 4 bytes into its int32 sum. The
+// high nibbles do the same with the odd groups' tables. fp32: vpermps looks up 16 rows of one group at a time.
+RABIT_AVX512 void dot_avx512(const Problem& p, const int32_t* words, int64_t job, float* dot) {
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+  if (p.int8_tables) {
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i position = _mm512_set1_epi32(0x30201000);
+    const __m512i ones = _mm512_set1_epi8(1);
+    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+    const float* scales = p.word_scales + job * p.words;
+    for (int64_t w = 0; w < p.words; ++w) {
+      const __m512i word = _mm512_loadu_si512(words + w * kTileRows);
+      const __m512i low = _mm512_ternarylogic_epi32(word, nibble, position, 0xEA);  // (word & nibble) | position
+      const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi32(word, 4), nibble, position, 0xEA);
+      const int8_t* word_tables = tables + w * kInt8WordBytes;
+      __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                        _mm512_permutexvar_epi8(low, _mm512_loadu_si512(word_tables)));
+      sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, _mm512_loadu_si512(word_tables + 64)));
+      __m512& accumulator = (w & 1) ? odd : even;
+      accumulator = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scales[w]), accumulator);
+    }
+  } else {
+    const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
+    for (int64_t w = 0; w < p.words; ++w) {
+      const __m512i word = _mm512_loadu_si512(words + w * kTileRows);
+      const float* word_tables = tables + w * kGroupsPerWord * kEntries;
+      for (int j = 0; j < kGroupsPerWord; j += 2) {
+        const __m512i first = _mm512_srli_epi32(word, 4 * j), second = _mm512_srli_epi32(word, 4 * j + 4);
+        even = _mm512_add_ps(even, _mm512_permutexvar_ps(first, _mm512_loadu_ps(word_tables + j * kEntries)));
+        odd = _mm512_add_ps(odd, _mm512_permutexvar_ps(second, _mm512_loadu_ps(word_tables + (j + 1) * kEntries)));
+      }
+    }
+  }
+  _mm512_storeu_ps(dot, _mm512_add_ps(even, odd));
+}
+
+// AVX2: 8 rows per vector. int8: vpshufb looks up one 16-entry table per 128-bit lane, so each of the 4 byte
+// positions of a lane's words is looked up in its own group's table (the other positions masked to give 0) and the
+// 4 results ORed; vpmaddubsw + vpmaddwd add each 32-bit lane's bytes. fp32: two vpermps (entries 0-7 and 8-15) and a
+// blend on the nibble's bit 3.
+RABIT_AVX2 void dot_avx2(const Problem& p, const int32_t* words, int64_t job, float* dot) {
+  for (int64_t half = 0; half < 2; ++half) {
+    __m256 accumulator = _mm256_setzero_ps();
+    if (p.int8_tables) {
+      const __m256i nibble = _mm256_set1_epi8(0x0F);
+      const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+      const __m256i other_positions[4] = {_mm256_set1_epi32(static_cast<int32_t>(0x80808000u)),
+                                          _mm256_set1_epi32(static_cast<int32_t>(0x80800080u)),
+                                          _mm256_set1_epi32(static_cast<int32_t>(0x80008080u)),
+                                          _mm256_set1_epi32(static_cast<int32_t>(0x00808080u))};
+      const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+      for (int64_t w = 0; w < p.words; ++w) {
+        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + w * kTileRows + 8 * half));
+        const __m256i low = _mm256_and_si256(word, nibble);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi32(word, 4), nibble);
+        const int8_t* word_tables = tables + w * kInt8WordBytes;
+        __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+        for (int position = 0; position < 4; ++position) {
+          const __m256i even_table = _mm256_broadcastsi128_si256(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(word_tables + int8_table_offset(2 * position))));
+          const __m256i odd_table = _mm256_broadcastsi128_si256(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(word_tables + int8_table_offset(2 * position + 1))));
+          even = _mm256_or_si256(even, _mm256_shuffle_epi8(even_table,
+                                                           _mm256_or_si256(low, other_positions[position])));
+          odd = _mm256_or_si256(odd, _mm256_shuffle_epi8(odd_table, _mm256_or_si256(high, other_positions[position])));
+        }
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, even), _mm256_maddubs_epi16(ones8, odd));
+        const __m256i sum = _mm256_madd_epi16(pairs, ones16);
+        accumulator = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(p.word_scales[job * p.words + w]),
+                                      accumulator);
+      }
+    } else {
+      const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
+      for (int64_t w = 0; w < p.words; ++w) {
+        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + w * kTileRows + 8 * half));
+        const float* word_tables = tables + w * kGroupsPerWord * kEntries;
+        for (int j = 0; j < kGroupsPerWord; ++j) {
+          const __m256i index = _mm256_srli_epi32(word, 4 * j);
+          const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries), index);
+          const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries + 8), index);
+          const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(word, 28 - 4 * j));
+          accumulator = _mm256_add_ps(accumulator, _mm256_blendv_ps(low, high, bit3));
+        }
+      }
+    }
+    _mm256_storeu_ps(dot + 8 * half, accumulator);
+  }
+}
+#endif
+
+using DotFn = void (*)(const Problem&, const int32_t*, int64_t, float*);
+
+DotFn dot_for(int isa) {
+#if RABIT_X86
+  if (isa == kAvx512) return dot_avx512;
+  if (isa == kAvx2) return dot_avx2;
+#endif
+  return dot_portable;
+}
+
+template <typename out_t>
+void write_rows(const float* values, int64_t count, out_t* out) {
+  for (int64_t r = 0; r < count; ++r) out[r] = static_cast<out_t>(values[r]);
+}
+
+// y[m, tile rows] = bias + sum_i g_i * dot_i, for every row m of x.
+void compute_tile(const Problem& p, int64_t t, DotFn dot_fn, at::Tensor& out) {
+  const Tile& tile = p.tile_map[t];
+  float dot[kTileRows], y[kTileRows];
+  for (int64_t m = 0; m < p.rows; ++m) {
+    for (int64_t r = 0; r < kTileRows; ++r) y[r] = p.bias ? p.bias[t * kTileRows + r] : 0.0f;
+    for (int64_t i = 0; i < p.paths; ++i) {
+      dot_fn(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, tile.segment, i), dot);
+      const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
+      for (int64_t r = 0; r < kTileRows; ++r) y[r] += g[r] * dot[r];
+    }
+    const int64_t offset = m * p.out_features + tile.first_row;
+    switch (out.scalar_type()) {
+      case at::kFloat: write_rows(y, tile.rows, out.data_ptr<float>() + offset); break;
+      case at::kHalf: write_rows(y, tile.rows, out.data_ptr<at::Half>() + offset); break;
+      default: write_rows(y, tile.rows, out.data_ptr<at::BFloat16>() + offset); break;
+    }
+  }
+}
+
+bool is_float_type(at::ScalarType type) {
+  return type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
+}
+
+// Checks the operands; returns (paths, words, tiles, total out_features).
+std::array<int64_t, 4> check_operands(const at::Tensor& x, const at::Tensor& tiled_signs,
+                                      const at::Tensor& tiled_row_scale, const at::Tensor& col_scale,
+                                      const std::optional<at::Tensor>& tiled_bias, at::IntArrayRef out_features,
+                                      int64_t in_features) {
+  TORCH_CHECK(x.device().is_cpu() && is_float_type(x.scalar_type()) && x.dim() >= 1 && x.size(-1) == in_features,
+              "rabit::lut_gemv: x must be a CPU float32/float16/bfloat16 tensor [..., ", in_features, "]");
+  TORCH_CHECK(col_scale.dim() == 3 && is_float_type(col_scale.scalar_type()) && col_scale.is_contiguous() &&
+                  col_scale.size(0) == static_cast<int64_t>(out_features.size()) && col_scale.size(2) == in_features,
+              "rabit::lut_gemv: col_scale must be a contiguous float [S, k, K] tensor, S = len(out_features)");
+  const int64_t paths = col_scale.size(1), words = (in_features + kWordColumns - 1) / kWordColumns;
+  int64_t tiles = 0, total = 0;
+  for (const int64_t size : out_features) {
+    TORCH_CHECK(size >= 0, "rabit::lut_gemv: out_features must be >= 0");
+    tiles += (size + kTileRows - 1) / kTileRows;
+    total += size;
+  }
+  TORCH_CHECK(tiled_signs.scalar_type() == at::kInt && tiled_signs.is_contiguous() &&
+                  tiled_signs.sizes() == at::IntArrayRef({paths, tiles, words, kTileRows}),
+              "rabit::lut_gemv: tiled_signs must be contiguous int32 [k=", paths, ", tiles=", tiles, ", W=", words,
+              ", 16], got ", tiled_signs.sizes());
+  TORCH_CHECK(tiled_row_scale.scalar_type() == at::kFloat && tiled_row_scale.is_contiguous() &&
+                  tiled_row_scale.sizes() == at::IntArrayRef({paths, tiles, kTileRows}),
+              "rabit::lut_gemv: tiled_row_scale must be contiguous float32 [k, tiles, 16]");
+  if (tiled_bias.has_value() && tiled_bias->defined())
+    TORCH_CHECK(tiled_bias->scalar_type() == at::kFloat && tiled_bias->is_contiguous() &&
+                    tiled_bias->sizes() == at::IntArrayRef({tiles, kTileRows}),
+                "rabit::lut_gemv: tiled_bias must be contiguous float32 [tiles, 16]");
+  return {paths, words, tiles, total};
+}
+
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t total) {
+  std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
+  sizes.back() = total;
+  return sizes;
+}
+
+at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, const at::Tensor& tiled_row_scale,
+                         const at::Tensor& col_scale, const std::optional<at::Tensor>& tiled_bias,
+                         at::IntArrayRef out_features, int64_t in_features, bool int8_tables, at::Tensor& out) {
+  const auto [paths, words, tiles, total] =
+      check_operands(x, tiled_signs, tiled_row_scale, col_scale, tiled_bias, out_features, in_features);
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_contiguous() && out.sizes() == out_sizes(x, total),
+              "rabit::lut_gemv: out must be a contiguous ", x.scalar_type(), " tensor of shape x.shape[:-1] + [",
+              total, "]");
+  const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
+  if (rows == 0 || total == 0) return out;
+  const at::Tensor input = x.contiguous();
+  const bool has_bias = tiled_bias.has_value() && tiled_bias->defined();
+
+  Scratch& scratch = t_scratch;
+  const int64_t padded = words * kWordColumns, segments = col_scale.size(0), jobs = rows * segments * paths;
+  grow(scratch.x, rows * padded);
+  grow(scratch.products, jobs * padded);
+  grow(scratch.tiles, tiles);
+  if (int8_tables) {
+    grow(scratch.int8_tables, jobs * words * kInt8WordBytes);
+    grow(scratch.word_scales, jobs * words);
+  } else {
+    grow(scratch.exact_tables, jobs * words * kGroupsPerWord * kEntries);
+  }
+  for (int64_t m = 0; m < rows; ++m) {
+    to_float(input, m * in_features, in_features, scratch.x.data() + m * padded);
+    std::fill(scratch.x.data() + m * padded + in_features, scratch.x.data() + (m + 1) * padded, 0.0f);
+  }
+  int64_t t = 0, first_row = 0;
+  for (int64_t s = 0; s < segments; ++s) {
+    for (int64_t start = 0; start < out_features[s]; start += kTileRows)
+      scratch.tiles[t++] = Tile{s, first_row + start, std::min(kTileRows, out_features[s] - start)};
+    first_row += out_features[s];
+  }
+
+  const Problem problem{rows, in_features, words, segments, paths, tiles, total, int8_tables,
+                        tiled_signs.const_data_ptr<int32_t>(), tiled_row_scale.const_data_ptr<float>(),
+                        has_bias ? tiled_bias->const_data_ptr<float>() : nullptr, scratch.tiles.data(),
+                        scratch.x.data(), scratch.products.data(), scratch.exact_tables.data(),
+                        scratch.int8_tables.data(), scratch.word_scales.data()};
+  const int isa = active_isa();
+  const DotFn dot_fn = dot_for(isa);
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max(jobs, tiles)));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, col_scale, job, isa);
+#pragma omp for schedule(static)
+    for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, dot_fn, out);
+  }
+  return out;
+}
+
+at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& tiled_signs, const at::Tensor& tiled_row_scale,
+                    const at::Tensor& col_scale, const std::optional<at::Tensor>& tiled_bias,
+                    at::IntArrayRef out_features, int64_t in_features, bool int8_tables) {
+  int64_t total = 0;
+  for (const int64_t size : out_features) total += size;
+  at::Tensor out = at::empty(out_sizes(x, total), x.options());
+  return lut_gemv_out(x, tiled_signs, tiled_row_scale, col_scale, tiled_bias, out_features, in_features,
+                      int8_tables, out);
+}
+
+}  // namespace
+
+// The ISA path (0 portable, 1 AVX2, 2 AVX-512 with VBMI and VNNI): the best this CPU runs, and the one in use.
+extern "C" int rabit_lut_best_isa() { return best_isa(); }
+extern "C" int rabit_lut_isa() { return active_isa(); }
+// Use path `isa` (<= the best this CPU runs) for every later call; returns the path in use afterwards.
+extern "C" int rabit_lut_set_isa(int isa) {
+  if (isa >= kPortable && isa <= best_isa()) g_isa.store(isa, std::memory_order_relaxed);
+  return active_isa();
+}
+
+TORCH_LIBRARY_FRAGMENT(rabit, m) {
+  m.def("lut_gemv(Tensor x, Tensor tiled_signs, Tensor tiled_row_scale, Tensor col_scale, Tensor? tiled_bias, "
+        "int[] out_features, int in_features, bool int8_tables) -> Tensor");
+  m.def("lut_gemv.out(Tensor x, Tensor tiled_signs, Tensor tiled_row_scale, Tensor col_scale, Tensor? tiled_bias, "
+        "int[] out_features, int in_features, bool int8_tables, *, Tensor(a!) out) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(rabit, CPU, m) {
+  m.impl("lut_gemv", &lut_gemv);
+  m.impl("lut_gemv.out", &lut_gemv_out);
+}

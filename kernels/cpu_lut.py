@@ -1,0 +1,176 @@
+"""The lookup-table (LUT) CPU kernel of the packed residual-binary linear for decode: the C++ operator
+``rabit::lut_gemv`` (source: ``cpu_lut.cpp``).
+
+For ``x [M, K]``, S siblings sharing it (format v1, :mod:`.packing`: ``packed_signs`` int32 ``[k, N, W = ceil(K/32)]``,
+bit ``j`` of word ``w`` is column ``32 w + j``, set = -1; ``row_scale g [k, N]``; ``col_scale h [S, k, K]``; sibling s
+owns rows ``N_1 + .. + N_{s-1} <= n < N_1 + .. + N_s``; bias ``b [N]`` or None)::
+
+    v[m, s, i, c]     = h[s, i, c] * x[m, c]                               (0 for K <= c < 32 W)
+    E[m, s, i, q][e]  = sum_{j<4} (-1)^(bit j of e) * v[m, s, i, 4 q + j]   (a table of 16 entries per 4 columns)
+    y[m, n]           = b[n] + sum_i g[i, n] * sum_q E[m, s(n), i, q][nibble_q(sign plane i, row n)]
+
+Nibble ``q`` of a row's signs (bits ``4q .. 4q+3``, columns ``4q .. 4q+3``) is exactly the index ``e`` of the entry
+with those signs, so one lookup replaces 4 sign flips and 4 additions. The tables are built once per call (per row
+of x, sibling and path: ``16 K / 4`` entries), then shared by every output row. Tables:
+
+* **fp32** (exact mode): each entry is summed in fp32 in one fixed order, ``((+-v0 +- v1) +- v2) +- v3``, and so are
+  the lookups: the error is fp32 accumulation error (the bound of the sign-flip kernel); with integer-valued
+  ``x``, ``h``, ``g`` and sums below ``2^24`` the result is exact.
+* **int8**: per 32 columns (one packed word ``w``, 8 groups) ``scale_w = max_q sum_j |v[4q + j]| / 127`` (the
+  largest ``|E|`` of the word) and each entry is rounded to the nearest integer multiple of it. A lookup is then
+  off by at most ``scale_w / 2``, so per output ``|y_int8 - y_fp32| <= sum_i |g[i, n]| * sum_w 4 scale_w[m, s(n), i]``
+  (8 lookups per word). On AVX-512 one ``vpermb`` does 64 lookups and ``vpdpbusd`` adds them in int32.
+
+The kernel reads the signs in a **tiled layout** derived once from format v1 by :func:`tiled_layout` (the on-disk
+format is unchanged): rows in tiles of 16 per sibling (zero rows pad each sibling to a multiple of 16), and within a
+tile word ``w`` of its 16 rows side by side, ``tiled_signs [k, tiles, W, 16]``, so that one 512-bit load holds one
+word of 16 rows, one row per 32-bit lane; ``g`` and ``b`` in the same tiles as fp32 (``[k, tiles, 16]``,
+``[tiles, 16]``). The compiled graph holds these (:mod:`rabit_compiler.passes.lower`), so a call does no layout work.
+
+ISA paths, picked at run time from the CPU: ``"avx512"`` (AVX-512 F/BW with VBMI and VNNI), ``"avx2"`` (AVX2 and FMA;
+``vpshufb``, one 16-entry table per 128-bit lane) and ``"portable"`` (plain C++); :func:`use_isa` forces a slower
+one (tests). The library is built on first use by Inductor's own C++ toolchain (``torch._inductor.cpp_builder``: the
+compiler, flags and OpenMP that ``torch.compile`` uses on the CPU), cached in Inductor's cache directory under a
+hash of the source, torch version and flags, and loaded with ``torch.ops.load_library``: the op is a real
+dispatcher operator with no Python in its call path. A failed build raises (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .packing import segment_starts
+
+logger = logging.getLogger("rabit_compiler")
+
+OP_NAME = "rabit::lut_gemv"
+TILE_ROWS = 16
+ISA_PATHS = ("portable", "avx2", "avx512")  # index = the C++ enum
+TABLE_PRECISIONS = ("fp32", "int8")
+_SOURCE = Path(__file__).with_name("cpu_lut.cpp")
+_LIBRARY: ctypes.CDLL | None = None
+
+
+def _build() -> Path:
+    """Build (or find in the cache) the shared library; its path."""
+    from torch._inductor.cpp_builder import CppBuilder, CppTorchOptions, get_cpp_compiler
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    from torch.utils._filelock import FileLock
+
+    source = _SOURCE.read_text()
+    options = CppTorchOptions(vec_isa=pick_vec_isa(), include_pytorch=True, shared=True)
+    flags = [torch.__version__, get_cpp_compiler(), *options.get_cflags(), *options.get_definitions(),
+             *options.get_ldflags(), *options.get_libraries()]
+    key = hashlib.sha256("\n".join([source, *flags]).encode()).hexdigest()[:20]
+    directory = Path(cache_dir()) / "rabit_lut" / key
+    library = directory / "rabit_lut.so"
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory / "build.lock"), timeout=600):
+        if not library.exists():
+            (directory / "rabit_lut.cpp").write_text(source)
+            logger.info("rabit: building the CPU LUT kernel into %s", directory)
+            try:
+                CppBuilder("rabit_lut_build", [str(directory / "rabit_lut.cpp")], options, str(directory)).build()
+            except Exception as error:
+                raise RuntimeError(
+                    "rabit: building the CPU LUT kernel (kernels/cpu_lut.cpp) with Inductor's C++ toolchain failed; "
+                    f"it needs the C++ compiler that torch.compile uses on the CPU: {error}") from error
+            (directory / "rabit_lut_build.so").rename(library)
+    return library
+
+
+def load_library() -> ctypes.CDLL:
+    """Build if needed and load ``rabit::lut_gemv`` (idempotent); the library, for the ISA controls."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        path = _build()
+        torch.ops.load_library(str(path))
+        torch.library.register_fake(OP_NAME, _lut_gemv_fake)
+        _LIBRARY = ctypes.CDLL(str(path))
+    return _LIBRARY
+
+
+def _lut_gemv_fake(x, tiled_signs, tiled_row_scale, col_scale, tiled_bias, out_features, in_features, int8_tables):
+    return x.new_empty(*x.shape[:-1], sum(out_features))
+
+
+def available_isas() -> tuple[str, ...]:
+    """The ISA paths this CPU runs, slowest first (the last is the default)."""
+    return ISA_PATHS[:load_library().rabit_lut_best_isa() + 1]
+
+
+def active_isa() -> str:
+    """The ISA path the kernel uses now."""
+    return ISA_PATHS[load_library().rabit_lut_isa()]
+
+
+@contextlib.contextmanager
+def use_isa(isa: str) -> Iterator[None]:
+    """Run the kernel on ``isa`` (one of :data:`ISA_PATHS` this CPU runs) inside the block."""
+    if isa not in available_isas():
+        raise ValueError(f"ISA path {isa!r} is not available here; this CPU runs {available_isas()}")
+    library = load_library()
+    previous = library.rabit_lut_isa()
+    library.rabit_lut_set_isa(ISA_PATHS.index(isa))
+    try:
+        yield
+    finally:
+        library.rabit_lut_set_isa(previous)
+
+
+@dataclass
+class TiledLayout:
+    """A packed (siblings) layer in the kernel's layout: ``signs`` int32 ``[k, tiles, W, 16]``, ``row_scale`` fp32
+    ``[k, tiles, 16]``, ``bias`` fp32 ``[tiles, 16]`` or None (zero in the padding rows)."""
+
+    signs: torch.Tensor
+    row_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _tiles(tensor: torch.Tensor, out_features: Sequence[int], dim: int) -> torch.Tensor:
+    """Split ``tensor`` along ``dim`` into the siblings' rows, pad each to a multiple of 16 with zeros, unflatten
+    ``dim`` into ``(tiles, 16)`` and concatenate the siblings' tiles."""
+    parts = []
+    for start, end in zip(segment_starts(out_features)[:-1], segment_starts(out_features)[1:], strict=True):
+        part = tensor.narrow(dim, start, end - start)
+        pad = -(end - start) % TILE_ROWS
+        shape = list(part.shape)
+        shape[dim] = pad
+        part = torch.cat([part, part.new_zeros(shape)], dim)
+        parts.append(part.unflatten(dim, (-1, TILE_ROWS)))
+    return torch.cat(parts, dim)
+
+
+def tiled_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+                 out_features: Sequence[int]) -> TiledLayout:
+    """The kernel's layout of ``packed_signs [k, N, W]``, ``row_scale [k, N]``, ``bias [N]`` (siblings of
+    ``out_features`` rows); see the module docstring."""
+    signs = _tiles(packed_signs, out_features, 1).transpose(-1, -2).contiguous()  # [k, tiles, W, 16]
+    scales = _tiles(row_scale.float(), out_features, 1).contiguous()
+    tiled_bias = None if bias is None else _tiles(bias.float(), out_features, 0).contiguous()
+    return TiledLayout(signs, scales, tiled_bias)
+
+
+def lut_gemv(x: torch.Tensor, layout: TiledLayout, col_scale: torch.Tensor, out_features: Sequence[int],
+             in_features: int, table_precision: str = "fp32", out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rabit::lut_gemv``: S siblings (``col_scale [S, k, K]``; one linear is ``S = 1``) on ``x [..., K]`` ->
+    ``[..., sum(out_features)]`` in ``x.dtype``, with ``table_precision`` ``"fp32"`` or ``"int8"``; written into
+    ``out`` (contiguous, that shape and dtype) if given."""
+    if table_precision not in TABLE_PRECISIONS:
+        raise ValueError(f"table_precision must be one of {TABLE_PRECISIONS}, got {table_precision!r}")
+    load_library()
+    args = (x, layout.signs, layout.row_scale, col_scale.contiguous(), layout.bias, list(out_features), in_features,
+            table_precision == "int8")
+    if out is None:
+        return torch.ops.rabit.lut_gemv(*args)
+    return torch.ops.rabit.lut_gemv.out(*args, out=out)

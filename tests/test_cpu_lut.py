@@ -1,0 +1,160 @@
+"""The lookup-table CPU kernel ``rabit::lut_gemv`` (kernels/cpu_lut.py, cpu_lut.cpp) against a float64 reference, on
+every ISA path this CPU runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from rabit_compiler.kernels import cpu_lut
+from rabit_compiler.kernels.packing import segment_starts, unpack_signs
+
+from .reference import RELATIVE_TOLERANCE, assert_close_scaled
+from .test_cpu_kernel import expected_siblings, random_siblings
+from .test_op import DTYPES
+
+ISAS = cpu_lut.available_isas()
+
+
+def run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, precision, isa, threads=1):
+    """The kernel's result, written into a NaN-poisoned output (so an element it never writes shows)."""
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, bias, sizes)
+    out = torch.full((*x.shape[:-1], sum(sizes)), float("nan"), dtype=x.dtype)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with cpu_lut.use_isa(isa):
+            result = cpu_lut.lut_gemv(x, layout, col_scale, sizes, in_features, precision, out=out)
+    finally:
+        torch.set_num_threads(previous_threads)
+    assert result.data_ptr() == out.data_ptr()
+    return out
+
+
+def int8_table_error_bound(x, row_scale, col_scale, in_features, sizes):
+    """``sum_i |g[i, n]| * sum_w 4 scale_w[m, s(n), i]`` with ``scale_w = max_{q in w} sum_j |h x|[4q + j] / 127``:
+    each int8 entry is within half a step (``scale_w / 2``) of the fp32 entry, and a row looks up 8 per word per
+    path. -> ``[M, N]`` float64."""
+    rows = x.reshape(-1, in_features).double()
+    words = -(-in_features // 32)
+    parts = []
+    for s, (start, end) in enumerate(zip(segment_starts(sizes)[:-1], segment_starts(sizes)[1:], strict=True)):
+        v = (rows[:, None, :] * col_scale[s].double()[None]).abs()                       # [M, k, K]
+        v = torch.nn.functional.pad(v, (0, 32 * words - in_features))
+        largest = v.unflatten(-1, (words, 8, 4)).sum(-1).amax(-1)                        # [M, k, W]
+        per_path = 4 * largest.sum(-1) / 127                                             # [M, k]
+        parts.append(per_path @ row_scale[:, start:end].double().abs())                  # [M, N_s]
+    return torch.cat(parts, -1)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("precision", cpu_lut.TABLE_PRECISIONS)
+@given(
+    paths=st.integers(1, 4), in_features=st.integers(1, 300),
+    sizes=st.lists(st.integers(0, 70), min_size=1, max_size=3), rows=st.integers(1, 4),
+    dtype=st.sampled_from(DTYPES), scale_dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+    threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**31),
+)
+def test_lut_kernel_matches_float64(paths, in_features, sizes, rows, dtype, scale_dtype, bias, threads, precision,
+                                    isa, seed):
+    """fp32 tables: within fp32 accumulation error of the float64 reference (the bound of the sign-flip kernel,
+    ``tests/reference.py``); int8 tables: within that plus the table-rounding bound of
+    :func:`int8_table_error_bound`. Every output is written (poisoned first)."""
+    generator = torch.Generator().manual_seed(seed)
+    packed_signs, row_scale, col_scale, bias_values = random_siblings(paths, sizes, in_features, bias, scale_dtype,
+                                                                      generator)
+    x = torch.randn(rows, in_features, generator=generator).to(dtype)
+    out = run_kernel(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes, precision, isa, threads)
+    expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes)
+    assert out.shape == expected.shape and out.dtype == dtype
+    if precision == "fp32":
+        assert_close_scaled(out, expected, scale, dtype)
+        return
+    bound = int8_table_error_bound(x, row_scale, col_scale, in_features, sizes)
+    error = (out.double() - expected).abs()
+    assert torch.isfinite(out).all()
+    assert (error <= bound * (1 + 1e-5) + RELATIVE_TOLERANCE[dtype] * scale).all(), \
+        f"int8 tables: error {error.max().item():.3g} exceeds the table-rounding bound"
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("scale_dtype", DTYPES)
+def test_fp32_tables_are_exact_on_integers(isa, scale_dtype):
+    """Integer-valued x, h, g and bias keep every table entry and partial sum an exact fp32 integer (all below
+    2^24): the result equals the float64 reference bit for bit, so one misread nibble anywhere shows."""
+    generator = torch.Generator().manual_seed(11)
+    paths, sizes, in_features = 3, [37, 16, 5], 203
+    packed_signs, _, _, _ = random_siblings(paths, sizes, in_features, False, torch.float32, generator)
+    row_scale = torch.randint(-3, 4, (paths, sum(sizes)), generator=generator).to(scale_dtype)
+    col_scale = torch.randint(-3, 4, (len(sizes), paths, in_features), generator=generator).to(scale_dtype)
+    bias = torch.randint(-50, 51, (sum(sizes),), generator=generator).float()
+    x = torch.randint(-4, 5, (3, in_features), generator=generator).float()
+    out = run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, "fp32", isa, threads=2)
+    expected, _ = expected_siblings(x, packed_signs, row_scale, col_scale, bias, in_features, sizes)
+    assert torch.equal(out.double(), expected)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_lookups_read_the_right_entries(isa):
+    """One nonzero column per group of 4, at position ``q mod 4`` in group q, with h = g = 1 and the same integer
+    value ``a`` in every group of a word (int8 tables have one scale per word): each table is ``+-a``, the word's
+    largest entry, which int8 stores exactly (``+-127``, scale ``a/127``).
+    The result is then the reference up to fp32 rounding of the scales (rtol 1e-6), while one misread nibble moves
+    a sum by ``2a >= 2``; every bit position of the nibble is exercised."""
+    in_features, sizes = 250, [40, 9]
+    generator = torch.Generator().manual_seed(5)
+    packed_signs, _, _, _ = random_siblings(2, sizes, in_features, False, torch.float32, generator)
+    row_scale, col_scale = torch.ones(2, sum(sizes)), torch.ones(len(sizes), 2, in_features)
+    columns = torch.arange(in_features)
+    x = torch.where(columns % 4 == (columns // 4) % 4, 1.0 + (columns // 32) % 7, 0.0).repeat(2, 1)
+    out = run_kernel(x, packed_signs, row_scale, col_scale, None, in_features, sizes, "int8", isa)
+    expected, _ = expected_siblings(x, packed_signs, row_scale, col_scale, None, in_features, sizes)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-4)
+
+
+def test_tiled_layout_places_each_word():
+    """``tiled_signs[i, t, w, r]`` is word w of sibling row ``16 t' + r`` (t' counted within the sibling), zero in
+    the rows that pad each sibling to a multiple of 16; row scales and bias follow the same tiles."""
+    generator = torch.Generator().manual_seed(2)
+    sizes = [20, 3]
+    packed_signs, row_scale, _, bias = random_siblings(2, sizes, 70, True, torch.float16, generator)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, bias, sizes)
+    assert layout.signs.shape == (2, 3, 3, 16) and layout.row_scale.shape == (2, 3, 16)
+    assert torch.equal(layout.signs[:, 1, :, 3], packed_signs[:, 19])
+    assert torch.equal(layout.signs[:, 2, :, 2], packed_signs[:, 22])
+    assert not layout.signs[:, 1, :, 4:].any() and not layout.signs[:, 2, :, 3:].any()
+    assert torch.equal(layout.row_scale[:, 2, :3], row_scale[:, 20:].float())
+    assert torch.equal(layout.bias[1, :4], bias[16:20]) and not layout.bias[1, 4:].any()
+    unpacked = unpack_signs(layout.signs.transpose(-1, -2), 70)
+    assert unpacked.shape == (2, 3, 16, 70)
+
+
+def test_opcheck():
+    """Schema, fake implementation and dispatch agree (``torch.library.opcheck``)."""
+    generator = torch.Generator().manual_seed(3)
+    sizes = [20, 13]
+    packed_signs, row_scale, col_scale, bias = random_siblings(2, sizes, 45, True, torch.float16, generator)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, bias, sizes)
+    for precision in (False, True):
+        torch.library.opcheck(torch.ops.rabit.lut_gemv.default,
+                              (torch.randn(2, 45, generator=generator), layout.signs, layout.row_scale, col_scale,
+                               layout.bias, sizes, 45, precision))
+
+
+def test_bad_inputs_raise_clear_errors():
+    generator = torch.Generator().manual_seed(0)
+    packed_signs, row_scale, col_scale, _ = random_siblings(2, [8], 40, False, torch.float32, generator)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, None, [8])
+    with pytest.raises(RuntimeError, match="x must be"):
+        cpu_lut.lut_gemv(torch.randn(1, 40, dtype=torch.float64), layout, col_scale, [8], 40)
+    with pytest.raises(RuntimeError, match="tiled_signs must be"):
+        cpu_lut.lut_gemv(torch.randn(1, 40), cpu_lut.TiledLayout(packed_signs, layout.row_scale, None), col_scale,
+                         [8], 40)
+    with pytest.raises(RuntimeError, match="out must be"):
+        cpu_lut.lut_gemv(torch.randn(2, 40), layout, col_scale, [8], 40, out=torch.empty(1, 8))
+    with pytest.raises(ValueError, match="table_precision"):
+        cpu_lut.lut_gemv(torch.randn(1, 40), layout, col_scale, [8], 40, "int4")
+    with pytest.raises(ValueError, match="not available"):
+        with cpu_lut.use_isa("neon"):
+            pass
