@@ -4,6 +4,7 @@
 from rabit_compiler import kernels as kernels  # registers the rabit:: torch.library ops
 from rabit_compiler.backend import rabit_backend, register
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.integrations import transformers as _transformers  # noqa: F401  (registers quant_method "rabit")
 from rabit_compiler.qat import DistributedConfig, QATConfig, QATTrainer, convert, distributed_run, prepare_qat
 from rabit_compiler.quantize import QuantizeReport, RaBiTLinear, quantize_
 from rabit_compiler.serialization import RaBiTFormatError, load, save

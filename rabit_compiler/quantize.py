@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -23,41 +24,74 @@ from tqdm.auto import tqdm
 
 from rabit_compiler.calibration import CapturedLinear, capture_linears
 from rabit_compiler.config import RaBiTConfig
-from rabit_compiler.kernels import PackedResidualBinary
-from rabit_compiler.passes import PackedLinearWeights, freeze_and_pack
+from rabit_compiler.kernels import PackedResidualBinary, words_per_row
+from rabit_compiler.passes import freeze_and_pack
 from rabit_compiler.quantizer import fit_weight, pack_fit
 
 logger = logging.getLogger("rabit_compiler")
 
 
-class RaBiTLinear(PackedLinearWeights):
+class RaBiTLinear(torch.nn.Module):
     """A packed residual-binary linear layer: ``y = sum_i g_i * (B_i @ (h_i * x)) + b``.
 
-    Buffers ``packed_signs`` int32 ``[k, N, ceil(K/32)]``, ``row_scale [k, N]``, ``col_scale [k, K]``;
-    ``bias [N]`` (a parameter, as it was) or None.
+    Buffers ``weight``: the packed sign words, int32 ``[k, N, ceil(K/32)]`` (also readable as
+    ``packed_signs``), ``row_scale [k, N]``, ``col_scale [k, K]``; ``bias [N]`` (a parameter, as it was) or None.
+    The sign words sit under the name ``weight`` so that a checkpoint of this layer, loaded by a model that
+    expects a float ``weight [N, K]``, fails on the shape instead of silently keeping random weights.
     """
 
     def __init__(self, packed: PackedResidualBinary, bias: torch.Tensor | None = None):
-        super().__init__(packed)
+        super().__init__()
+        self.in_features = packed.in_features
         self.out_features = packed.out_features
         self.num_paths = packed.num_paths
+        self.register_buffer("weight", packed.packed_signs)
+        self.register_buffer("row_scale", packed.row_scale)
+        self.register_buffer("col_scale", packed.col_scale)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+
+    @property
+    def packed_signs(self) -> torch.Tensor:
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.rabit.residual_binary_linear(
-            x, self.packed_signs, self.row_scale, self.col_scale, self.bias, self.in_features
+            x, self.weight, self.row_scale, self.col_scale, self.bias, self.in_features
         )
 
     def packed(self) -> PackedResidualBinary:
-        return PackedResidualBinary(self.packed_signs, self.row_scale, self.col_scale, self.bias, self.in_features)
+        return PackedResidualBinary(self.weight, self.row_scale, self.col_scale, self.bias, self.in_features)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W_hat [N, K]``."""
         return self.packed().dequantize(dtype)
 
+    def metadata(self) -> dict[str, Any]:
+        """What :meth:`from_metadata` needs to rebuild this layer empty: k, N, K and the dtypes."""
+        return {"paths": self.num_paths, "out_features": self.out_features, "in_features": self.in_features,
+                "scale_dtype": dtype_name(self.row_scale.dtype),
+                "bias_dtype": None if self.bias is None else dtype_name(self.bias.dtype)}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> RaBiTLinear:
+        """An uninitialised layer of the recorded shapes and dtypes, on the current default device (the meta
+        device when a checkpoint is about to fill it)."""
+        k, n, kk = metadata["paths"], metadata["out_features"], metadata["in_features"]
+        scale_dtype = getattr(torch, metadata["scale_dtype"])
+        packed = PackedResidualBinary(torch.empty(k, n, words_per_row(kk), dtype=torch.int32),
+                                      torch.empty(k, n, dtype=scale_dtype), torch.empty(k, kk, dtype=scale_dtype),
+                                      None, kk)
+        bias_dtype = metadata["bias_dtype"]
+        return cls(packed, None if bias_dtype is None else torch.empty(n, dtype=getattr(torch, bias_dtype)))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, paths={self.num_paths}, "
                 f"bias={self.bias is not None}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -119,7 +153,9 @@ def quantize_(
     for name, reason in report.skipped.items():
         logger.info("rabit: left in full precision: %s (%s)", name, reason)
     capture.linears.clear()
-    model.rabit_config = config  # what rabit_compiler.save records
+    from rabit_compiler.integrations.transformers import mark_quantized  # imports this module
+
+    mark_quantized(model, config)  # what save / save_pretrained record
     torch.compiler.reset()
     report.bytes_after = model_bytes(model)
     logger.info("rabit: quantized %d linears; parameters+buffers %.1f MB -> %.1f MB", len(report.quantized),

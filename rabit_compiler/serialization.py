@@ -1,21 +1,22 @@
-"""Save and load RaBiT-quantized models: safetensors for every tensor, JSON for everything else; never unpickled.
+"""Save and load RaBiT-quantized models in one on-disk format: the one Hugging Face transformers reads and writes.
 
 A saved directory holds:
 
-- ``rabit_model.safetensors``: every parameter and buffer of the model (non-persistent buffers included, so
-  nothing has to be recomputed) under its dotted name. A packed layer ``L`` contributes ``L.packed_signs``
-  int32 ``[k, N, ceil(K/32)]``, ``L.row_scale [k, N]``, ``L.col_scale [k, K]`` and ``L.bias [N]`` if it has
-  one. A tensor reachable under several names (a tied lm_head) is stored once, under its first name.
-- ``rabit.json``: the file-format version and the packed-format version
-  (:data:`rabit_compiler.kernels.FORMAT_VERSION`), the :class:`RaBiTConfig` used, every packed layer's k, N, K
-  and dtypes, every stored tensor's dtype, shape and kind, the tied names, the sha256 and size of the tensor
-  file, and for a Hugging Face model its class, config and generation config.
-- the tokenizer's files, when one was given to :func:`save`.
+- ``model.safetensors`` (or the shards ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``
+  that ``save_pretrained`` writes for big models): every parameter and persistent buffer under its dotted name,
+  tied duplicates once. A packed layer ``L`` contributes ``L.weight``, its packed sign words int32
+  ``[k, N, ceil(K/32)]`` (a plain load of the fp architecture fails on that shape instead of keeping random
+  weights), ``L.row_scale [k, N]``, ``L.col_scale [k, K]`` and ``L.bias [N]`` if it has one. The header
+  metadata ``rabit_sha256`` holds the sha256 of every tensor's bytes.
+- ``config.json``: for a Hugging Face model its config, whose ``quantization_config`` (``quant_method:
+  "rabit"``, see :func:`quantization_record`) records the format versions, the :class:`RaBiTConfig`, every
+  packed layer's module type and shapes (k, N, K, dtypes) and the linears left in full precision; for any
+  other model a ``config.json`` holding only that ``quantization_config``.
+- ``generation_config.json`` and the tokenizer's files, when there are any.
 
-:func:`load` rebuilds a Hugging Face model from the saved config on the meta device (no weight
-initialisation), swaps the packed layers for :class:`RaBiTLinear` of the recorded shapes and assigns every
-tensor from the file; or fills a model the caller passes. Anything that does not match raises
-:class:`RaBiTFormatError` naming what is wrong.
+Packed module types are registered in :data:`PACKED_MODULES` (name -> class); a class provides
+``metadata() -> dict`` (JSON) and ``from_metadata(dict)`` (an uninitialised module of those shapes), which is
+all saving and loading need of it. Every check raises :class:`RaBiTFormatError` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -33,31 +34,43 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rabit_compiler.config import RaBiTConfig
-from rabit_compiler.kernels import FORMAT_VERSION, PackedResidualBinary, words_per_row
+from rabit_compiler.kernels import FORMAT_VERSION
 from rabit_compiler.passes import PackedLinearWeights
-from rabit_compiler.quantize import RaBiTLinear, set_submodule
+from rabit_compiler.quantize import RaBiTLinear, dtype_name, set_submodule
 
-FILE_FORMAT_VERSION = 1
-MANIFEST_FILE = "rabit.json"
-TENSOR_FILE = "rabit_model.safetensors"
-_PACKED_TENSORS = ("packed_signs", "row_scale", "col_scale")
-_HASH_CHUNK = 1 << 24
+FILE_FORMAT_VERSION = 2
+QUANT_METHOD = "rabit"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+DIGESTS_KEY = "rabit_sha256"
+_CHUNK = 1 << 24
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_RECORD_KEYS = ("quant_method", "file_format_version", "packed_format_version", "library_version", "rabit_config",
+                "layers", "modules_to_not_convert")
+
+PACKED_MODULES: dict[str, type[torch.nn.Module]] = {"rabit_linear": RaBiTLinear}
 
 
 class RaBiTFormatError(ValueError):
-    """A saved RaBiT model cannot be loaded: wrong version, missing or unexpected tensor, wrong shape or
-    dtype, truncated or corrupted file. The message names the file and what is wrong."""
+    """A saved RaBiT model cannot be loaded: wrong version, invalid quantization_config, missing or unexpected
+    tensor, wrong shape or dtype, truncated or corrupted file. The message names the file and what is wrong."""
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def register_packed_module(kind: str) -> Callable[[type[torch.nn.Module]], type[torch.nn.Module]]:
+    """Class decorator: save and load modules of this class as packed layers of type ``kind`` (the class
+    provides ``metadata()`` and ``from_metadata(metadata)``, see the module docstring)."""
 
+    def register(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
+        if PACKED_MODULES.get(kind, cls) is not cls:
+            raise ValueError(f"packed module type {kind!r} is already registered for {PACKED_MODULES[kind]}")
+        PACKED_MODULES[kind] = cls
+        return cls
 
-def _dtype(name: str, where: str) -> torch.dtype:
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise RaBiTFormatError(f"{where}: unknown dtype {name!r}")
-    return dtype
+    return register
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -65,33 +78,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
-    """``(name, tensor, is_parameter)`` for every parameter and buffer, duplicates (ties) included."""
-    tensors = [(name, p, True) for name, p in model.named_parameters(remove_duplicate=False)]
-    tensors += [(name, b, False) for name, b in model.named_buffers(remove_duplicate=False) if b is not None]
-    return tensors
+def _library_version() -> str:
+    try:
+        return version("rabit-compiler")
+    except PackageNotFoundError:
+        return "unknown"
 
 
-def _tensor_identity(tensor: torch.Tensor) -> tuple:
-    """Two names hold the same tensor when they view the same memory the same way."""
-    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-            tensor.stride(), tensor.dtype)
-
-
-def _layers(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
-    """Each :class:`RaBiTLinear`'s name -> its k, N, K and dtypes. Raises for packed weights held in
-    other modules (generic owners frozen as FX graphs by ``quantize_``), which cannot be rebuilt."""
-    layers = {}
-    frozen = []
+def packed_layers(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Each packed module's name -> ``{"module": its registered type, **module.metadata()}``. Raises for packed
+    weights held in other modules (generic owners frozen as FX graphs by ``quantize_``): they cannot be rebuilt."""
+    kinds = {cls: kind for kind, cls in PACKED_MODULES.items()}
+    layers, frozen = {}, []
     for name, module in model.named_modules():
-        if isinstance(module, RaBiTLinear):
-            layers[name] = {
-                "paths": module.num_paths,
-                "out_features": module.out_features,
-                "in_features": module.in_features,
-                "scale_dtype": _dtype_name(module.row_scale.dtype),
-                "bias_dtype": None if module.bias is None else _dtype_name(module.bias.dtype),
-            }
+        if type(module) in kinds:
+            layers[name] = {"module": kinds[type(module)], **module.metadata()}
         elif isinstance(module, PackedLinearWeights):
             frozen.append(name.rpartition(".")[0] or "<root>")
     if frozen:
@@ -102,278 +103,341 @@ def _layers(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def _hf_metadata(model: torch.nn.Module) -> dict[str, Any] | None:
-    from transformers import PreTrainedModel
+def _full_precision_linears(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"]
 
-    if not isinstance(model, PreTrainedModel):
-        return None
-    generation = getattr(model, "generation_config", None)
+
+def quantization_record(model: torch.nn.Module, config: RaBiTConfig | None) -> dict[str, Any]:
+    """The ``quantization_config`` of ``model`` as saved: ``quant_method`` ``"rabit"``, ``file_format_version``,
+    ``packed_format_version`` (:data:`rabit_compiler.kernels.FORMAT_VERSION`), ``library_version``,
+    ``rabit_config`` (the :class:`RaBiTConfig` used, or None), ``layers`` (:func:`packed_layers`) and
+    ``modules_to_not_convert`` (the linears left in full precision)."""
+    model = _unwrap(model)
     return {
-        "class": type(model).__name__,
-        "config": json.loads(model.config.to_json_string(use_diff=False)),
-        "generation_config": None if generation is None else json.loads(generation.to_json_string(use_diff=True)),
+        "quant_method": QUANT_METHOD,
+        "file_format_version": FILE_FORMAT_VERSION,
+        "packed_format_version": FORMAT_VERSION,
+        "library_version": _library_version(),
+        "rabit_config": None if config is None else config.to_json_dict(),
+        "layers": packed_layers(model),
+        "modules_to_not_convert": _full_precision_linears(model),
     }
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
+def check_record(record: dict[str, Any], where: str) -> None:
+    """Raise :class:`RaBiTFormatError` unless ``record`` is a quantization_config this version can load
+    (``where`` names it in the message): known keys only, the versions it reads, a valid RaBiTConfig and
+    layers that rebuild."""
+    unknown = sorted(set(record) - set(_RECORD_KEYS))
+    missing = [key for key in _RECORD_KEYS if key not in record]
+    if unknown or missing:
+        raise RaBiTFormatError(f"{where}: unknown entries {unknown}, missing entries {missing}")
+    for key, expected in (("file_format_version", FILE_FORMAT_VERSION), ("packed_format_version", FORMAT_VERSION)):
+        if record[key] != expected:
+            raise RaBiTFormatError(
+                f"{where}: {key} is {record[key]!r}, but this rabit_compiler ({_library_version()}) reads version "
+                f"{expected}; the file was written by rabit_compiler {record['library_version']}"
+            )
+    rabit_config(record, where)
+    if not isinstance(record["layers"], dict):
+        raise RaBiTFormatError(f"{where}: layers must map layer names to their records, got {record['layers']!r}")
+    with torch.device("meta"):
+        build_packed_layers(record["layers"], where)
+
+
+def rabit_config(record: dict[str, Any], where: str) -> RaBiTConfig | None:
+    """The :class:`RaBiTConfig` a quantization_config records (None if none was)."""
+    if record["rabit_config"] is None:
+        return None
+    try:
+        return RaBiTConfig.from_options(record["rabit_config"])
+    except (ValueError, TypeError, AttributeError) as error:
+        raise RaBiTFormatError(f"{where}: invalid rabit_config ({error})") from error
+
+
+def build_packed_layers(layers: dict[str, dict[str, Any]], where: str) -> dict[str, torch.nn.Module]:
+    """Uninitialised packed modules of the recorded types and shapes, on the current default device."""
+    built = {}
+    for name, layer in layers.items():
+        kind = layer.get("module") if isinstance(layer, dict) else None
+        if kind not in PACKED_MODULES:
+            raise RaBiTFormatError(f"{where}: layer {name} has module type {kind!r}, not one of "
+                                   f"{sorted(PACKED_MODULES)}")
+        metadata = {key: value for key, value in layer.items() if key != "module"}
+        try:
+            built[name] = PACKED_MODULES[kind].from_metadata(metadata)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise RaBiTFormatError(f"{where}: layer {name} {metadata} is not a valid {kind} "
+                                   f"({type(error).__name__}: {error})") from error
+    return built
+
+
+def place_packed_layers(model: torch.nn.Module, layers: dict[str, torch.nn.Module]) -> None:
+    """Put each packed module at its name in ``model`` (replacing the fp linear there)."""
+    for name, module in layers.items():
+        try:
+            set_submodule(model, name, module)
+        except AttributeError as error:
+            raise RaBiTFormatError(f"packed layer {name} has no place in the {type(model).__name__} model") from error
+
+
+def expected_tensors(layers: dict[str, torch.nn.Module]) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """Every tensor the packed modules need from a checkpoint -> its dtype and shape."""
+    return {f"{name}.{key}": (tensor.dtype, list(tensor.shape))
+            for name, module in layers.items() for key, tensor in module.state_dict().items()}
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hex sha256 of the tensor's bytes as safetensors stores them (C order, little endian)."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(data.numpy()).hexdigest()
+
+
+def digest_metadata(state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors header metadata that lets :func:`verify_checkpoint` check every tensor."""
+    return {DIGESTS_KEY: json.dumps({name: tensor_digest(tensor) for name, tensor in state_dict.items()})}
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a saved model: ``model.safetensors`` or the shards its index names."""
+    directory = Path(directory)
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    index = directory / WEIGHTS_INDEX_FILE
+    if not index.is_file():
+        raise RaBiTFormatError(f"{directory} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise RaBiTFormatError(f"{index} is not a valid safetensors index ({error})") from error
+    return [directory / name for name in sorted(set(weight_map.values()))]
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header of ``path`` and where its data starts; checks the file holds all the data."""
+    if not path.is_file():
+        raise RaBiTFormatError(f"tensor file {path} not found")
+    size = path.stat().st_size
     with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        raw = handle.read(length) if length is not None and length <= size else b""
+    if length is None or len(raw) != length:
+        raise RaBiTFormatError(f"tensor file {path} is truncated: {size} bytes, shorter than its header")
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RaBiTFormatError(f"tensor file {path} is not a safetensors file: its header is not JSON") from error
+    start = 8 + length
+    end = start + max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != end:
+        kind = "truncated" if size < end else "longer than its header says"
+        raise RaBiTFormatError(f"tensor file {path} is {kind}: {size} bytes, its header needs {end}")
+    return header, start
+
+
+def _file_digests(path: Path, entries: dict[str, dict[str, Any]], start: int) -> dict[str, str]:
+    digests = {}
+    with open(path, "rb") as handle:
+        for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            handle.seek(start + begin)
+            digest = hashlib.sha256()
+            while begin < end:
+                chunk = handle.read(min(_CHUNK, end - begin))
+                digest.update(chunk)
+                begin += len(chunk)
+            digests[name] = digest.hexdigest()
+    return digests
+
+
+def verify_checkpoint(files: list[Path], expected: dict[str, tuple[torch.dtype, list[int]]]) -> None:
+    """Check the tensor files of a checkpoint before anything is loaded from them: each is complete (not
+    truncated) and every tensor's bytes match the sha256 recorded in its header; every tensor in ``expected``
+    (see :func:`expected_tensors`) is present with its dtype and shape. Raises :class:`RaBiTFormatError`."""
+    found: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path in files:
+        header, start = _read_header(Path(path))
+        metadata = header.pop("__metadata__", None) or {}
+        try:
+            recorded = json.loads(metadata[DIGESTS_KEY])
+        except (KeyError, json.JSONDecodeError) as error:
+            raise RaBiTFormatError(f"tensor file {path} has no valid {DIGESTS_KEY} checksums in its header: it was "
+                                   "not written by rabit_compiler (or the header was edited)") from error
+        unrecorded = sorted(set(header) - set(recorded))
+        if unrecorded:
+            raise RaBiTFormatError(f"tensor file {path} holds tensors {unrecorded} that its checksums do not cover")
+        for name, digest in _file_digests(Path(path), header, start).items():
+            if digest != recorded[name]:
+                raise RaBiTFormatError(f"tensor {name} in {path} is corrupted: sha256 {digest} does not match the "
+                                       f"{recorded[name]} recorded when it was saved")
+        found.update({name: (Path(path), entry) for name, entry in header.items()})
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise RaBiTFormatError(f"the checkpoint {[str(f) for f in files]} lacks the packed tensors {missing}")
+    for name, (dtype, shape) in expected.items():
+        path, entry = found[name]
+        stored = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if stored != dtype or entry["shape"] != shape:
+            stored_name = entry["dtype"] if stored is None else dtype_name(stored)
+            raise RaBiTFormatError(f"tensor {name} in {path} is {stored_name} {entry['shape']}; its packed layer "
+                                   f"needs {dtype_name(dtype)} {shape}")
+
+
+def read_quantization_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The RaBiT ``quantization_config`` in ``directory/config.json``, checked (:func:`check_record`)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise RaBiTFormatError(f"{path} not found: {directory} is not a model saved by rabit_compiler.save")
+    try:
+        record = json.loads(path.read_text()).get("quantization_config")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise RaBiTFormatError(f"{path} is not a valid JSON object ({error})") from error
+    if not isinstance(record, dict) or record.get("quant_method") != QUANT_METHOD:
+        raise RaBiTFormatError(f"{path} has no quantization_config with quant_method {QUANT_METHOD!r}: {directory} "
+                               "is not a model saved by rabit_compiler.save")
+    check_record(record, f"{path} quantization_config")
+    return record
+
+
+def is_saved_model(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a model saved with a RaBiT quantization_config (not checked further)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(record, dict) and record.get("quant_method") == QUANT_METHOD
 
 
 def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = None,
          config: RaBiTConfig | None = None) -> Path:
     """Write ``model`` (quantized by :func:`rabit_compiler.quantize_`; a ``torch.compile`` wrapper is
-    unwrapped) to ``directory``: ``rabit_model.safetensors`` + ``rabit.json`` (see the module docstring),
-    and ``tokenizer.save_pretrained(directory)`` when a tokenizer is given. ``config`` defaults to the one
-    ``quantize_`` recorded on the model. Returns the directory."""
+    unwrapped) to ``directory`` in the format of the module docstring, and ``tokenizer.save_pretrained(directory)``
+    when a tokenizer is given. ``config`` defaults to the one ``quantize_`` recorded on the model. A Hugging Face
+    model is marked quantized (as ``quantize_`` does) and written by its own ``save_pretrained``. Returns the
+    directory."""
+    from transformers import PreTrainedModel
+
+    from rabit_compiler.integrations.transformers import mark_quantized
+
     model = _unwrap(model)
     config = config or getattr(model, "rabit_config", None)
-    layers = _layers(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stored: dict[str, torch.Tensor] = {}
-    manifest: dict[str, dict[str, Any]] = {}
-    ties: dict[str, str] = {}
-    first_name: dict[tuple, str] = {}
-    for name, tensor, is_parameter in _named_tensors(model):
-        if tensor.is_meta:
-            raise ValueError(f"cannot save {name}: it is on the meta device (never filled)")
-        identity = _tensor_identity(tensor)
-        if identity in first_name:
-            ties[name] = first_name[identity]
-            continue
-        first_name[identity] = name
-        stored[name] = tensor.detach().to("cpu").contiguous()
-        manifest[name] = {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape),
-                          "kind": "parameter" if is_parameter else "buffer"}
-        if is_parameter:
-            manifest[name]["requires_grad"] = tensor.requires_grad
-    tensor_path = directory / TENSOR_FILE
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=TENSOR_FILE, suffix=".partial", delete=False) as handle:
-        partial = Path(handle.name)
-    try:
-        save_file(stored, str(partial), metadata={"format": "pt"})
-        os.replace(partial, tensor_path)
-    finally:
-        partial.unlink(missing_ok=True)
-    document = {
-        "file_format_version": FILE_FORMAT_VERSION,
-        "packed_format_version": FORMAT_VERSION,
-        "library_version": _library_version(),
-        "rabit_config": None if config is None else config.to_json_dict(),
-        "tensor_file": {"name": TENSOR_FILE, "sha256": file_sha256(tensor_path), "bytes": tensor_path.stat().st_size},
-        "layers": layers,
-        "tensors": manifest,
-        "ties": ties,
-        "huggingface": _hf_metadata(model),
-    }
-    (directory / MANIFEST_FILE).write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    if isinstance(model, PreTrainedModel):
+        mark_quantized(model, config)
+        model.save_pretrained(directory)
+    else:
+        _save_module(model, directory, config)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return directory
 
 
-def _library_version() -> str:
+def _save_module(model: torch.nn.Module, directory: Path, config: RaBiTConfig | None) -> None:
+    """A model that is not a Hugging Face one: ``model.safetensors`` (tied tensors once, under their first
+    name) and a ``config.json`` holding only the quantization_config."""
+    record = quantization_record(model, config)
+    stored: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta:
+            raise ValueError(f"cannot save {name}: it is on the meta device (never filled)")
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            stored[name] = tensor.detach().to("cpu").contiguous()
+    partial = directory / (WEIGHTS_FILE + ".partial")
     try:
-        return version("rabit-compiler")
-    except PackageNotFoundError:
-        return "unknown"
+        save_file(stored, str(partial), metadata={"format": "pt", **digest_metadata(stored)})
+        os.replace(partial, directory / WEIGHTS_FILE)
+    finally:
+        partial.unlink(missing_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps({"quantization_config": record}, indent=1) + "\n")
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """``rabit.json`` of a saved model, with its versions checked; raises :class:`RaBiTFormatError`."""
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
-        raise RaBiTFormatError(f"{path} not found: {directory} is not a model saved by rabit_compiler.save")
-    try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RaBiTFormatError(f"{path} is not valid JSON ({error})") from error
-    required = ("file_format_version", "packed_format_version", "tensor_file", "layers", "tensors", "ties")
-    missing = [key for key in required if key not in document]
-    if missing:
-        raise RaBiTFormatError(f"{path} lacks the entries {missing}")
-    for key, expected in (("file_format_version", FILE_FORMAT_VERSION), ("packed_format_version", FORMAT_VERSION)):
-        if document[key] != expected:
-            raise RaBiTFormatError(
-                f"{path}: {key} is {document[key]!r}, but this rabit_compiler ({_library_version()}) reads "
-                f"version {expected}; the file was written by rabit_compiler {document.get('library_version')}"
-            )
-    return document
+def load(directory: str | os.PathLike, model: torch.nn.Module | None = None,
+         device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a model written by :func:`save` (or by ``save_pretrained`` of a RaBiT model), in eval mode, on
+    ``device``.
 
+    Without ``model``: the Hugging Face class recorded in ``config.json`` through its ``from_pretrained`` (the
+    ``"rabit"`` quantizer swaps the packed layers in on the meta device and checks the files), and any missing,
+    unexpected or mismatched tensor raises. With ``model`` (an instance of the original architecture, e.g. a
+    model that is not a Hugging Face one): the packed layers are swapped in and every parameter and persistent
+    buffer is filled from the file, in place; names that share one tensor in ``model`` (ties) are filled from
+    whichever of them the file holds.
 
-def _check_tensor_file(directory: Path, document: dict[str, Any], verify_checksum: bool) -> Path:
-    entry = document["tensor_file"]
-    path = directory / entry["name"]
-    if not path.is_file():
-        raise RaBiTFormatError(f"tensor file {path} not found")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        kind = "truncated" if size < entry["bytes"] else "longer than written"
-        raise RaBiTFormatError(f"tensor file {path} is {kind}: {size} bytes, {MANIFEST_FILE} records {entry['bytes']}")
-    if verify_checksum:
-        digest = file_sha256(path)
-        if digest != entry["sha256"]:
-            raise RaBiTFormatError(f"tensor file {path} is corrupted: sha256 {digest} does not match the "
-                                   f"{entry['sha256']} recorded in {MANIFEST_FILE}")
-    return path
-
-
-def _read_tensors(path: Path, manifest: dict[str, dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, after checking its names, dtypes and shapes against the manifest."""
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            names = set(handle.keys())
-            missing, unexpected = sorted(set(manifest) - names), sorted(names - set(manifest))
-            if missing:
-                raise RaBiTFormatError(f"{path} lacks the tensors {missing} listed in {MANIFEST_FILE}")
-            if unexpected:
-                raise RaBiTFormatError(f"{path} holds tensors {unexpected} that {MANIFEST_FILE} does not list")
-            tensors = {name: handle.get_tensor(name) for name in manifest}
-    except SafetensorError as error:
-        raise RaBiTFormatError(f"{path} is not a readable safetensors file ({error})") from error
-    for name, entry in manifest.items():
-        tensor = tensors[name]
-        expected_dtype = _dtype(entry["dtype"], f"{MANIFEST_FILE} entry {name}")
-        if tensor.dtype != expected_dtype or list(tensor.shape) != entry["shape"]:
-            raise RaBiTFormatError(f"tensor {name} in {path} is {_dtype_name(tensor.dtype)} {list(tensor.shape)}, "
-                                   f"{MANIFEST_FILE} records {entry['dtype']} {entry['shape']}")
-    return tensors
-
-
-def _packed_layer(name: str, layer: dict[str, Any], tensors: dict[str, torch.Tensor]) -> RaBiTLinear:
-    """A :class:`RaBiTLinear` from the file's tensors, checked against the layer's recorded k, N, K, dtypes."""
-    k, n, kk = layer["paths"], layer["out_features"], layer["in_features"]
-    scale_dtype = _dtype(layer["scale_dtype"], f"layer {name}")
-    expected = {
-        "packed_signs": (torch.int32, [k, n, words_per_row(kk)]),
-        "row_scale": (scale_dtype, [k, n]),
-        "col_scale": (scale_dtype, [k, kk]),
-    }
-    if layer["bias_dtype"] is not None:
-        expected["bias"] = (_dtype(layer["bias_dtype"], f"layer {name}"), [n])
-    for attr, (dtype, shape) in expected.items():
-        tensor = tensors.get(f"{name}.{attr}")
-        if tensor is None:
-            raise RaBiTFormatError(f"packed layer {name} (k={k}, N={n}, K={kk}) has no tensor {name}.{attr}")
-        if tensor.dtype != dtype or list(tensor.shape) != shape:
-            raise RaBiTFormatError(f"{name}.{attr} is {_dtype_name(tensor.dtype)} {list(tensor.shape)}; layer {name} "
-                                   f"(k={k}, N={n}, K={kk}) needs {_dtype_name(dtype)} {shape}")
-    bias = tensors.get(f"{name}.bias") if layer["bias_dtype"] is not None else None
-    try:
-        packed = PackedResidualBinary(*(tensors[f"{name}.{attr}"] for attr in _PACKED_TENSORS), None, kk)
-    except ValueError as error:
-        raise RaBiTFormatError(f"packed layer {name}: {error}") from error
-    return RaBiTLinear(packed, bias)
-
-
-def _build_hf_model(document: dict[str, Any]) -> torch.nn.Module:
-    """The recorded Hugging Face model class built from its config on the meta device (no weight init)."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    metadata = document.get("huggingface")
-    if metadata is None:
-        raise RaBiTFormatError("the saved model is not a Hugging Face model: pass model= (an instance of the "
-                               "original architecture) to rabit_compiler.load")
-    model_class = getattr(transformers, metadata["class"], None)
-    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
-        raise RaBiTFormatError(f"model class {metadata['class']!r} is not in this transformers "
-                               f"({transformers.__version__})")
-    config_dict = dict(metadata["config"])
-    model_type = config_dict.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise RaBiTFormatError(f"model type {model_type!r} is not in this transformers ({transformers.__version__})")
-    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
-    with torch.device("meta"):
-        model = model_class(config)
-    if metadata.get("generation_config") is not None:
-        model.generation_config = transformers.GenerationConfig.from_dict(metadata["generation_config"])
-    return model
-
-
-def _place_layer(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    try:
-        set_submodule(model, name, module)
-    except AttributeError as error:
-        raise RaBiTFormatError(f"packed layer {name} has no place in the {type(model).__name__} model") from error
-
-
-def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor, entry: dict[str, Any]) -> None:
-    """Put ``tensor`` at ``name`` as the parameter or buffer the manifest says it is (a Parameter as it is,
-    so that tied names share one)."""
-    owner_name, _, attr = name.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name) if owner_name else model
-    except AttributeError as error:
-        raise RaBiTFormatError(f"tensor {name} in the file has no place in the model (no module "
-                               f"{owner_name!r})") from error
-    if entry["kind"] == "parameter":
-        if attr not in owner._parameters:
-            raise RaBiTFormatError(f"tensor {name} in the file is not a parameter of the model")
-        if not isinstance(tensor, torch.nn.Parameter):
-            tensor = torch.nn.Parameter(tensor, requires_grad=entry.get("requires_grad", True))
-        owner._parameters[attr] = tensor
-    else:
-        if attr not in owner._buffers:
-            raise RaBiTFormatError(f"tensor {name} in the file is not a buffer of the model")
-        owner._buffers[attr] = tensor
-
-
-def load(
-    directory: str | os.PathLike,
-    model: torch.nn.Module | None = None,
-    device: str | torch.device = "cpu",
-    verify_checksum: bool = True,
-) -> torch.nn.Module:
-    """Load a model written by :func:`save`, in eval mode, on ``device``.
-
-    Without ``model``: rebuild the recorded Hugging Face class from its saved config on the meta device
-    (no weight initialisation), swap each packed layer for a :class:`RaBiTLinear` of the recorded k, N, K, and
-    assign every tensor from the file (ties restored as shared parameters). With ``model`` (an instance of
-    the original architecture, e.g. for a non-Hugging-Face model): do the same into it, in place.
-
-    Checks, in order, raising :class:`RaBiTFormatError`: versions; tensor file size (truncation) and sha256
-    (``verify_checksum``); tensor names against the manifest (missing / unexpected); dtypes and shapes;
-    every packed layer's tensors against its k, N, K; and that every parameter and buffer of the model was
-    filled.
+    Raises :class:`RaBiTFormatError` for: versions; an invalid quantization_config; truncated files, tensors whose
+    sha256 does not match; packed tensors missing or of the wrong dtype or shape; tensors the model lacks or has
+    no value for.
     """
     directory = Path(directory)
     device = torch.device(device)
-    document = read_manifest(directory)
-    path = _check_tensor_file(directory, document, verify_checksum)
-    manifest = document["tensors"]
-    tensors = _read_tensors(path, manifest, device)
-    unknown_ties = {alias: target for alias, target in document["ties"].items() if target not in manifest}
-    if unknown_ties:
-        raise RaBiTFormatError(f"{MANIFEST_FILE} ties {unknown_ties} point at tensors the file does not hold")
-    model = _build_hf_model(document) if model is None else _unwrap(model)
-    for name, layer in document["layers"].items():
-        _place_layer(model, name, _packed_layer(name, layer, tensors))
-    for name, tensor in tensors.items():
-        _assign(model, name, tensor, manifest[name])
-    for alias, target in document["ties"].items():
-        _assign(model, alias, _lookup(model, target), manifest[target])
-    filled = set(manifest) | set(document["ties"])
-    unfilled = sorted(name for name, _, _ in _named_tensors(model) if name not in filled)
-    if unfilled:
-        raise RaBiTFormatError(f"the file has no tensors for {unfilled} of the {type(model).__name__} model")
-    if document.get("rabit_config") is not None:
+    record = read_quantization_config(directory)
+    if model is None:
+        return _load_pretrained(directory).to(device).eval()
+    model = _unwrap(model)
+    where = f"{directory / CONFIG_FILE} quantization_config"
+    with torch.device("meta"):
+        layers = build_packed_layers(record["layers"], where)
+    files = checkpoint_files(directory)
+    verify_checkpoint(files, expected_tensors(layers))
+    place_packed_layers(model, layers)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
         try:
-            model.rabit_config = RaBiTConfig.from_options(document["rabit_config"])
-        except (ValueError, TypeError) as error:
-            raise RaBiTFormatError(f"{MANIFEST_FILE}: invalid rabit_config ({error})") from error
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+        except SafetensorError as error:
+            raise RaBiTFormatError(f"{path} is not a readable safetensors file ({error})") from error
+    _fill(model, tensors, directory)
+    config = rabit_config(record, where)
+    if config is not None:
+        model.rabit_config = config
     return model.eval()
 
 
-def _lookup(model: torch.nn.Module, name: str) -> torch.Tensor:
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    return getattr(owner, attr)
+def _load_pretrained(directory: Path) -> torch.nn.Module:
+    import transformers
+
+    architectures = json.loads((directory / CONFIG_FILE).read_text()).get("architectures") or [None]
+    model_class = getattr(transformers, str(architectures[0]), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise RaBiTFormatError(f"{directory / CONFIG_FILE} names no model class of this transformers "
+                               f"({transformers.__version__}) in 'architectures' ({architectures[0]!r}): pass "
+                               "model= (an instance of the original architecture) to rabit_compiler.load")
+    model, info = model_class.from_pretrained(directory, output_loading_info=True, local_files_only=True)
+    problems = {kind: sorted(map(str, info.get(kind) or ())) for kind in
+                ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    problems = {kind: names for kind, names in problems.items() if names}
+    if problems:
+        raise RaBiTFormatError(f"loading {directory} into {model_class.__name__}: {problems}")
+    return model
+
+
+def _fill(model: torch.nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Set every parameter and persistent buffer of ``model`` from ``tensors`` (as parameters where the model
+    has parameters, one shared parameter per group of tied names)."""
+    groups: dict[int, list[str]] = {}
+    current = model.state_dict(keep_vars=True)
+    for name, tensor in current.items():
+        groups.setdefault(id(tensor), []).append(name)
+    unexpected = sorted(set(tensors) - set(current))
+    if unexpected:
+        raise RaBiTFormatError(f"{directory} holds tensors {unexpected} that the {type(model).__name__} model lacks")
+    unfilled = sorted(names[0] for names in groups.values() if not any(name in tensors for name in names))
+    if unfilled:
+        raise RaBiTFormatError(f"{directory} has no tensors for {unfilled} of the {type(model).__name__} model")
+    for names in groups.values():
+        value = tensors[next(name for name in names if name in tensors)]
+        if isinstance(current[names[0]], torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=value.is_floating_point())
+        for name in names:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = value
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Any:

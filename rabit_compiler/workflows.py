@@ -45,9 +45,9 @@ def load_model(name: str) -> tuple[torch.nn.Module, Any]:
     directory = Path(name)
     if not directory.is_dir():
         raise FileNotFoundError(f"--model must be 'smollm2' or a model directory; {directory} does not exist")
-    from rabit_compiler.serialization import MANIFEST_FILE, load, load_tokenizer
+    from rabit_compiler.serialization import is_saved_model, load, load_tokenizer
 
-    if (directory / MANIFEST_FILE).is_file():
+    if is_saved_model(directory):
         return load(directory), load_tokenizer(directory)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

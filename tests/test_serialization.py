@@ -1,5 +1,6 @@
 """``rabit_compiler.save`` / ``load``: bit-identical round trips (HF Llama with tied lm_head and mixed k, GPT-2
-Conv1D, hand-written models of random shapes), per-layer k, and clear failures on damaged files."""
+Conv1D, hand-written models of random shapes), per-layer k, and clear failures on damaged files. The HF
+``save_pretrained`` / ``from_pretrained`` side of the same format is in test_hf_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -11,11 +12,20 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from rabit_compiler.kernels import pack_paths
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import rabit_compiler as rabit
-from rabit_compiler.serialization import MANIFEST_FILE, TENSOR_FILE, RaBiTFormatError, file_sha256, load, save
+from rabit_compiler.serialization import (
+    CONFIG_FILE,
+    DIGESTS_KEY,
+    WEIGHTS_FILE,
+    RaBiTFormatError,
+    digest_metadata,
+    load,
+    save,
+)
 
 MIXED = rabit.RaBiTConfig(paths=2, layer_paths={"*.down_proj": 3, "*.q_proj": 1}, rounds=2)
 
@@ -58,21 +68,33 @@ def test_llama_round_trip_is_bit_identical_with_mixed_paths_and_tied_head(saved_
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
-def test_manifest_records_versions_layers_and_ties(saved_llama):
-    directory, _ = saved_llama
-    document = json.loads((directory / MANIFEST_FILE).read_text())
-    assert document["packed_format_version"] == rabit.kernels.FORMAT_VERSION
-    down = document["layers"]["model.layers.1.mlp.down_proj"]
-    assert (down["paths"], down["out_features"], down["in_features"], down["scale_dtype"]) == (3, 64, 88, "float16")
-    assert document["ties"] == {"lm_head.weight": "model.embed_tokens.weight"}
-    assert document["tensor_file"]["sha256"] == file_sha256(directory / TENSOR_FILE)
-    assert document["huggingface"]["class"] == "LlamaForCausalLM"
+def test_quantization_config_records_versions_layers_and_checksums(saved_llama):
+    directory, model = saved_llama
+    document = json.loads((directory / CONFIG_FILE).read_text())
+    record = document["quantization_config"]
+    assert record["quant_method"] == "rabit" and document["architectures"] == ["LlamaForCausalLM"]
+    assert record["packed_format_version"] == rabit.kernels.FORMAT_VERSION
+    down = record["layers"]["model.layers.1.mlp.down_proj"]
+    assert down == {"module": "rabit_linear", "paths": 3, "out_features": 64, "in_features": 88,
+                    "scale_dtype": "float16", "bias_dtype": None}
+    assert record["modules_to_not_convert"] == ["lm_head"]
+    assert rabit.RaBiTConfig.from_options(record["rabit_config"]) == MIXED
+    with safe_open(directory / WEIGHTS_FILE, "pt") as handle:
+        digests = json.loads(handle.metadata()[DIGESTS_KEY])
+        names = set(handle.keys())
+    assert "lm_head.weight" not in names, "the tied head is stored once"
+    assert names <= set(digests)
+    expected = json.loads(digest_metadata({"x": model.model.layers[1].mlp.down_proj.weight})[DIGESTS_KEY])["x"]
+    assert digests["model.layers.1.mlp.down_proj.weight"] == expected
 
 
 def test_compiled_model_saves_like_the_model(saved_llama, tmp_path):
     directory, model = saved_llama
     save(torch.compile(model, backend="rabit"), tmp_path)
-    assert file_sha256(tmp_path / TENSOR_FILE) == file_sha256(directory / TENSOR_FILE)
+    for name, tensor in load_file(directory / WEIGHTS_FILE).items():
+        assert torch.equal(load_file(tmp_path / WEIGHTS_FILE)[name], tensor), name
+    with safe_open(directory / WEIGHTS_FILE, "pt") as first, safe_open(tmp_path / WEIGHTS_FILE, "pt") as second:
+        assert first.metadata()[DIGESTS_KEY] == second.metadata()[DIGESTS_KEY]
 
 
 def test_gpt2_conv1d_round_trip_is_bit_identical(tmp_path):
@@ -160,74 +182,77 @@ def test_backend_data_free_fit_uses_per_layer_paths():
 @pytest.fixture
 def copy_of_saved(saved_llama, tmp_path) -> Path:
     directory, _ = saved_llama
-    for name in (MANIFEST_FILE, TENSOR_FILE):
+    for name in (CONFIG_FILE, WEIGHTS_FILE, "generation_config.json"):
         (tmp_path / name).write_bytes((directory / name).read_bytes())
     return tmp_path
 
 
-def edit_manifest(directory: Path, edit) -> None:
-    document = json.loads((directory / MANIFEST_FILE).read_text())
-    edit(document)
-    (directory / MANIFEST_FILE).write_text(json.dumps(document))
+def edit_config(directory: Path, edit) -> None:
+    document = json.loads((directory / CONFIG_FILE).read_text())
+    edit(document["quantization_config"])
+    (directory / CONFIG_FILE).write_text(json.dumps(document))
 
 
 def rewrite_tensors(directory: Path, edit) -> None:
-    """Rewrite the tensor file through ``edit(tensors)`` and record its new size and checksum, so only the
-    edit itself is wrong."""
-    tensors = load_file(directory / TENSOR_FILE)
+    """Rewrite the tensor file through ``edit(tensors)`` with checksums of the new tensors, so only the edit
+    itself is wrong."""
+    tensors = load_file(directory / WEIGHTS_FILE)
     edit(tensors)
-    save_file(tensors, directory / TENSOR_FILE)
-
-    def record(document):
-        document["tensor_file"].update(bytes=(directory / TENSOR_FILE).stat().st_size,
-                                       sha256=file_sha256(directory / TENSOR_FILE))
-
-    edit_manifest(directory, record)
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt", **digest_metadata(tensors)})
 
 
-def test_flipped_byte_fails_the_checksum(copy_of_saved):
-    data = bytearray((copy_of_saved / TENSOR_FILE).read_bytes())
+def test_flipped_byte_fails_the_checksum_naming_the_tensor(copy_of_saved):
+    data = bytearray((copy_of_saved / WEIGHTS_FILE).read_bytes())
     data[-100] ^= 0x40
-    (copy_of_saved / TENSOR_FILE).write_bytes(bytes(data))
-    with pytest.raises(RaBiTFormatError, match="corrupted: sha256"):
+    (copy_of_saved / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(RaBiTFormatError, match=r"tensor \S+ in .* is corrupted: sha256"):
         load(copy_of_saved)
 
 
 def test_truncated_file_is_named(copy_of_saved):
-    data = (copy_of_saved / TENSOR_FILE).read_bytes()
-    (copy_of_saved / TENSOR_FILE).write_bytes(data[: len(data) // 2])
-    with pytest.raises(RaBiTFormatError, match="truncated"):
-        load(copy_of_saved, verify_checksum=False)
+    data = (copy_of_saved / WEIGHTS_FILE).read_bytes()
+    (copy_of_saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(RaBiTFormatError, match="model.safetensors is truncated"):
+        load(copy_of_saved)
 
 
 @pytest.mark.parametrize("key", ["file_format_version", "packed_format_version"])
 def test_wrong_version_is_refused(copy_of_saved, key):
-    edit_manifest(copy_of_saved, lambda document: document.update({key: 99}))
+    edit_config(copy_of_saved, lambda record: record.update({key: 99}))
     with pytest.raises(RaBiTFormatError, match=f"{key} is 99.*reads version"):
         load(copy_of_saved)
 
 
 def test_missing_and_unexpected_tensors_are_named(copy_of_saved):
     rewrite_tensors(copy_of_saved, lambda tensors: tensors.pop("model.layers.0.mlp.down_proj.col_scale"))
-    with pytest.raises(RaBiTFormatError, match=r"lacks the tensors \['model.layers.0.mlp.down_proj.col_scale'\]"):
+    with pytest.raises(RaBiTFormatError, match=r"lacks the packed tensors \['model.layers.0.mlp.down_proj.col_scale"):
         load(copy_of_saved)
     rewrite_tensors(copy_of_saved, lambda tensors: tensors.update({
         "model.layers.0.mlp.down_proj.col_scale": torch.zeros(3, 88, dtype=torch.float16),
         "stray": torch.zeros(2)}))
-    with pytest.raises(RaBiTFormatError, match=r"holds tensors \['stray'\]"):
+    with pytest.raises(RaBiTFormatError, match=r"unexpected_keys.*stray"):
+        load(copy_of_saved)
+    rewrite_tensors(copy_of_saved, lambda tensors: tensors.pop("model.norm.weight"))
+    with pytest.raises(RaBiTFormatError, match=r"missing_keys.*model.norm.weight"):
         load(copy_of_saved)
 
 
 def test_wrong_shape_or_dtype_is_named(copy_of_saved):
     rewrite_tensors(copy_of_saved, lambda tensors: tensors.update({
         "model.layers.0.mlp.up_proj.row_scale": torch.zeros(2, 88, dtype=torch.float32)}))
-    with pytest.raises(RaBiTFormatError, match="up_proj.row_scale .* is float32 \\[2, 88\\].*records float16"):
+    with pytest.raises(RaBiTFormatError, match=r"up_proj.row_scale .* is float32 \[2, 88\].*needs float16 \[2, 88\]"):
         load(copy_of_saved)
 
 
 def test_packed_layer_inconsistent_with_its_recorded_k_is_named(copy_of_saved):
-    edit_manifest(copy_of_saved, lambda document: document["layers"]["model.layers.0.mlp.up_proj"].update(paths=3))
-    with pytest.raises(RaBiTFormatError, match=r"up_proj.packed_signs is int32 \[2, 88, 2\].*k=3.*needs int32"):
+    edit_config(copy_of_saved, lambda record: record["layers"]["model.layers.0.mlp.up_proj"].update(paths=3))
+    with pytest.raises(RaBiTFormatError, match=r"up_proj.weight .* is int32 \[2, 88, 2\].*needs int32 \[3, 88, 2\]"):
+        load(copy_of_saved)
+
+
+def test_invalid_layer_record_is_named(copy_of_saved):
+    edit_config(copy_of_saved, lambda record: record["layers"]["model.layers.0.mlp.up_proj"].update(paths="two"))
+    with pytest.raises(RaBiTFormatError, match=r"layer model.layers.0.mlp.up_proj .* is not a valid rabit_linear"):
         load(copy_of_saved)
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from rabit_compiler.calibration import CapturedLinear, capture_linears
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.integrations.transformers import mark_quantized
 from rabit_compiler.math import (
     ResidualBinaryPaths,
     binary_path,
@@ -255,7 +256,7 @@ def convert(model: torch.nn.Module, config: RaBiTConfig | None = None) -> list[s
         packed = pack_fit(layer.current_paths(), config, device=layer.row_scale.device)
         bias = None if layer.bias is None else layer.bias.detach()
         set_submodule(model, name, RaBiTLinear(packed, bias))
-    model.rabit_config = config
+    mark_quantized(model, config)
     return list(layers)
 
 
