@@ -21,6 +21,7 @@ else:
         words_per_row,
     )
     from .reference import residual_binary_linear_reference, residual_binary_linear_siblings_reference
+    from .weight_only import weight_only_linear
 
     __all__ = [
         "FORMAT_VERSION",
@@ -34,5 +35,6 @@ else:
         "residual_binary_linear_siblings_cpu",
         "residual_binary_linear_siblings_reference",
         "unpack_signs",
+        "weight_only_linear",
         "words_per_row",
     ]

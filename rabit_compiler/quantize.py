@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from rabit_compiler.calibration import CapturedLinear, capture_linears
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.head import quantize_head_
 from rabit_compiler.kernels import PackedResidualBinary, words_per_row
 from rabit_compiler.passes import freeze_and_pack
 from rabit_compiler.quantizer import fit_weight, pack_fit
@@ -96,11 +97,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class QuantizeReport:
-    """What :func:`quantize_` did: layers packed, layers left in full precision (with reasons), and the
-    bytes of the model's parameters and buffers before and after."""
+    """What :func:`quantize_` did: layers packed, layers left in full precision (with reasons), the LM head
+    made weight-only (its name, or None), and the bytes of the model's parameters and buffers before and after."""
 
     quantized: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    head: str | None = None
     bytes_before: int = 0
     bytes_after: int = 0
 
@@ -150,9 +152,11 @@ def quantize_(
                 report.quantized.append(linear.name)
             else:
                 report.skipped[linear.name] = reason
+    capture.linears.clear()
+    report.head = quantize_head_(model, config.head, config.scale_dtype)
+    report.skipped.pop(report.head, None)
     for name, reason in report.skipped.items():
         logger.info("rabit: left in full precision: %s (%s)", name, reason)
-    capture.linears.clear()
     from rabit_compiler.integrations.transformers import mark_quantized  # imports this module
 
     mark_quantized(model, config)  # what save / save_pretrained record

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.head import WeightOnlyLinear
 from rabit_compiler.kernels import FORMAT_VERSION
 from rabit_compiler.passes import PackedLinearWeights
 from rabit_compiler.quantize import RaBiTLinear, dtype_name, set_submodule
@@ -52,7 +53,7 @@ _SAFETENSORS_DTYPES = {
 _RECORD_KEYS = ("quant_method", "file_format_version", "packed_format_version", "library_version", "rabit_config",
                 "layers", "modules_to_not_convert")
 
-PACKED_MODULES: dict[str, type[torch.nn.Module]] = {"rabit_linear": RaBiTLinear}
+PACKED_MODULES: dict[str, type[torch.nn.Module]] = {"rabit_linear": RaBiTLinear, "weight_only_linear": WeightOnlyLinear}
 
 
 class RaBiTFormatError(ValueError):

@@ -29,12 +29,12 @@ def test_quantize_llama_replaces_every_decoder_linear_and_drops_memory():
     model = tiny_llama()
     report = rabit.quantize_(model, progress=False)
     assert len(report.quantized) == 2 * 7
-    assert set(report.skipped) == {"lm_head"}
+    assert not report.skipped and report.head == "lm_head"  # the head: weight-only int8 (tests/test_head.py)
     packed = [m for m in model.modules() if isinstance(m, RaBiTLinear)]
     assert len(packed) == 14
-    assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
-    linear_fp_bytes = sum(4 * m.in_features * m.out_features for m in packed)
-    linear_packed_bytes = sum(b.numel() * b.element_size() for m in packed for b in m.buffers())
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    linear_fp_bytes = sum(4 * m.in_features * m.out_features for m in [*packed, model.lm_head])
+    linear_packed_bytes = sum(b.numel() * b.element_size() for m in [*packed, model.lm_head] for b in m.buffers())
     assert report.bytes_before - report.bytes_after == linear_fp_bytes - linear_packed_bytes
     assert report.bytes_after == model_bytes(model)
 
@@ -47,6 +47,7 @@ def test_quantized_model_equals_model_with_dequantized_weights():
     with torch.no_grad():
         for name, w_hat in dequantized_copy(model).items():
             reference.get_submodule(name).weight.copy_(w_hat)
+        reference.lm_head.weight.copy_(model.lm_head.dequantize())
         out, expected = model(ids).logits, reference(ids).logits
     # same weights, the packed op computes per path in fp32: differences are fp32 rounding over K <= 88
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
@@ -91,7 +92,7 @@ def test_gpt2_conv1d_and_tied_lm_head():
     ids = torch.randint(0, 97, (2, 8))
     report = rabit.quantize_(model, progress=False)
     assert len(report.quantized) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
-    assert "lm_head" in report.skipped
+    assert report.head == "lm_head" and not model.config.tie_word_embeddings  # untied, weight-only int8
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
 

@@ -27,7 +27,7 @@ from rabit_compiler.serialization import (
     save,
 )
 
-MIXED = rabit.RaBiTConfig(paths=2, layer_paths={"*.down_proj": 3, "*.q_proj": 1}, rounds=2)
+MIXED = rabit.RaBiTConfig(paths=2, layer_paths={"*.down_proj": 3, "*.q_proj": 1}, rounds=2, head="fp")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -1,0 +1,145 @@
+"""The weight-only int8 / int4 LM head: the format (round trips, the rounding bound), the C++ kernel on every ISA
+path this CPU runs against a float64 reference, the op (eager, autograd, ``backend="rabit"``), and the model-level
+swap (a tied head untied, the embedding exact, save/load and generate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from rabit_compiler.kernels.weight_only import (
+    ISAS,
+    QMAX,
+    dequantize_weight_only,
+    native_isa,
+    pack_int4,
+    quantize_weight_only,
+    unpack_int4,
+    weight_only_linear_kernel,
+)
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import rabit_compiler as rabit
+from rabit_compiler.head import WeightOnlyLinear, quantize_head_
+
+RUNNABLE_ISAS = ISAS[ISAS.index(native_isa()):]
+SCHEMES = st.sampled_from([(8, None), (8, 32), (8, 64), (4, None), (4, 32), (4, 96)])
+
+
+@given(n=st.integers(1, 9), k=st.integers(1, 140), seed=st.integers(0, 2**16))
+def test_int4_pack_round_trip(n, k, seed):
+    q = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (n, 16 * -(-k // 32))
+    assert torch.equal(unpack_int4(packed, k), q)
+
+
+@given(scheme=SCHEMES, n=st.integers(1, 9), k=st.integers(1, 140), seed=st.integers(0, 2**16))
+def test_rounding_error_is_at_most_half_a_step(scheme, n, k, seed):
+    bits, group_size = scheme
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    weight[0, : k // 2] = 0.0  # an all-zero group must give scale 0, not NaN
+    quantized = quantize_weight_only(weight, bits, group_size, torch.float32)
+    restored = dequantize_weight_only(quantized.qweight, quantized.scale, bits, group_size, k, torch.float64)
+    group = k if group_size is None else group_size
+    step = quantized.scale.double().repeat_interleave(group, dim=1)[:, :k]
+    assert torch.isfinite(restored).all()
+    # round to nearest: |W - q s| <= s / 2 (plus the fp32 division's rounding)
+    assert ((restored - weight.double()).abs() <= step * (0.5 + 1e-6)).all()
+    assert (restored.abs() <= step * QMAX[bits] * (1 + 1e-6)).all()
+
+
+@given(scheme=SCHEMES, n=st.integers(1, 70), k=st.integers(1, 200), rows=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), bias=st.booleans(),
+       scale_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), threads=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_float64_reference_on_every_isa(scheme, n, k, rows, dtype, bias, scale_dtype, threads, seed):
+    bits, group_size = scheme
+    generator = torch.Generator().manual_seed(seed)
+    quantized = quantize_weight_only(torch.randn(n, k, generator=generator), bits, group_size, scale_dtype)
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    b = torch.randn(n, generator=generator) if bias else None
+    weight = dequantize_weight_only(quantized.qweight, quantized.scale, bits, group_size, k, torch.float64)
+    reference = x.double() @ weight.T + (0 if b is None else b.double())
+    # fp32 accumulation of k products: |error| <= k * 2^-23 * sum |w x| (with slack), the output then rounded once
+    bound = 4 * k * 2**-23 * (x.double().abs() @ weight.abs().T) + 1e-6
+    outputs = {}
+    for isa in RUNNABLE_ISAS:
+        out = outputs[isa] = torch.full((rows, n), float("nan"))
+        weight_only_linear_kernel(x, quantized.qweight, quantized.scale, b, bits, group_size, k, isa=isa,
+                                  threads=threads, out=out)
+        assert torch.isfinite(out).all()
+        assert ((out.double() - reference).abs() <= bound).all(), isa
+    via_op = torch.ops.rabit.weight_only_linear(x, quantized.qweight, quantized.scale, b, bits, group_size or 0, k)
+    assert via_op.dtype == dtype and torch.equal(via_op, outputs[native_isa()].to(dtype))
+
+
+def test_op_gradients_and_many_rows_match_the_dequantized_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(70, 33)
+    head = WeightOnlyLinear.from_linear(linear, 4, 32)
+    weight = head.dequantize(torch.float64)
+    x = torch.randn(3, 7, 70, dtype=torch.float64, requires_grad=True)  # 21 rows: the reference path
+    y = head(x)
+    expected = x.detach() @ weight.T + linear.bias.double()
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad, 2 * expected @ weight, rtol=1e-10, atol=1e-10)
+    assert linear.bias.grad is None and head.bias.grad is not None
+
+
+def test_bad_schemes_are_refused():
+    weight = torch.randn(4, 64)
+    for bits, group_size in ((3, None), (8, 48), (4, 0), (4, True)):
+        with pytest.raises(ValueError):
+            quantize_weight_only(weight, bits, group_size)
+    with pytest.raises(ValueError, match="finite"):
+        quantize_weight_only(torch.full((4, 64), float("nan")), 8, None)
+    with pytest.raises(ValueError, match="head must be one of"):
+        rabit.RaBiTConfig(head="int2")
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=211, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_unties_the_head_and_keeps_the_embedding_exact(scheme, tmp_path):
+    model = tiny_llama()
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    ids = torch.randint(0, 211, (2, 9))
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state
+    report = rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, head=scheme), progress=False)
+    assert report.head == "lm_head" and "lm_head" not in report.skipped
+    assert isinstance(model.lm_head, WeightOnlyLinear) and not model.config.tie_word_embeddings
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+    with torch.no_grad():
+        head_out = model.lm_head(hidden)
+    torch.testing.assert_close(head_out, hidden @ model.lm_head.dequantize().T, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        before = model(ids).logits
+    model.save_pretrained(tmp_path / "hf")
+    rabit.save(model, tmp_path / "rabit")
+    for directory in ("hf", "rabit"):
+        loaded = rabit.load(tmp_path / directory)
+        assert isinstance(loaded.lm_head, WeightOnlyLinear)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, before)
+    generated = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    compiled = torch.compile(model, backend="rabit")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, before, rtol=1e-4, atol=1e-4)
+    assert generated.shape == (1, 13)
+
+
+def test_fp_head_scheme_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    report = rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, head="fp"), progress=False)
+    assert report.head is None and report.skipped["lm_head"]
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert quantize_head_(torch.nn.Sequential(torch.nn.Linear(4, 4)), "int8") is None  # no head found: logged
