@@ -20,13 +20,18 @@ Tolerance (``_assert_within_bound``), per output element, from a forward error b
 * ``tiny``: half the smallest subnormal of the output dtype (results that underflow).
 
 Every output is filled with NaN before the launch, so an element a kernel never writes fails.
+
+``RABIT_TEST_DEVICE=cuda`` runs the launches of the equivalence tests on the GPU, compiled (the GPU check,
+``benchmarks/gpu_check.sh``): inputs are copied there, outputs back; the bounds are the same.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("RABIT_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -108,20 +113,26 @@ def _assert_within_bound(out, x, packed_signs, row_scale, col_scale, bias, k, us
     assert worst <= 1.0, f"error {error.max().item():.3g} exceeds the bound (worst ratio {worst:.3g})"
 
 
+def _on_device(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
+
 def _run(x, packed_signs, row_scale, col_scale, bias, k, kernel=None, config=None, lut_bits=None):
-    out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype)
+    x, packed_signs, row_scale, col_scale, bias = _on_device(x, packed_signs, row_scale, col_scale, bias)
+    out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype, device=DEVICE)
     result = residual_binary_linear_triton(x, packed_signs, row_scale, col_scale, bias, k, out=out, kernel=kernel,
                                            config=config, lut_bits=lut_bits)
     assert result is out
-    return out
+    return out.cpu()
 
 
 def _run_siblings(x, packed_signs, row_scale, col_scale, bias, k, out_features, kernel=None, lut_bits=None):
-    out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype)
+    x, packed_signs, row_scale, col_scale, bias = _on_device(x, packed_signs, row_scale, col_scale, bias)
+    out = torch.full((*x.shape[:-1], packed_signs.shape[1]), float("nan"), dtype=x.dtype, device=DEVICE)
     result = residual_binary_linear_siblings_triton(x, packed_signs, row_scale, col_scale, bias, k, out_features,
                                                     out=out, kernel=kernel, lut_bits=lut_bits)
     assert result is out
-    return out
+    return out.cpu()
 
 
 @settings(deadline=None)
