@@ -126,6 +126,16 @@ def distillation_loss(student_out: Any, teacher_out: Any, gamma: float) -> torch
     return loss
 
 
+def window_batch(windows: torch.Tensor, batch_size: int, seed: int, micro_step: int) -> torch.Tensor:
+    """``[batch_size, T]`` rows of ``windows [num, T]`` for micro-batch ``micro_step``: epoch-wise permutations
+    seeded by ``(seed, epoch)``, so a batch is a pure function of its arguments (resumable, comparable runs)."""
+    per_epoch = max(1, windows.shape[0] // batch_size)
+    epoch, index = divmod(micro_step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(windows.shape[0], generator=generator)
+    return windows[order[index * batch_size:(index + 1) * batch_size]]
+
+
 def _context_length(model: torch.nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
@@ -214,13 +224,8 @@ class QATTrainer:
         return optimizers
 
     def batch(self, micro_step: int) -> torch.Tensor:
-        """Windows for micro-batch ``micro_step``: epoch-wise permutations seeded by ``(seed, epoch)``."""
-        per_epoch = max(1, self.train_windows.shape[0] // self.config.batch_size)
-        epoch, index = divmod(micro_step, per_epoch)
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.train_windows.shape[0], generator=generator)
-        size = self.config.batch_size
-        return self.train_windows[order[index * size:(index + 1) * size]].to(self.device)
+        """Windows for micro-batch ``micro_step`` (:func:`window_batch`), on the training device."""
+        return window_batch(self.train_windows, self.config.batch_size, self.config.seed, micro_step).to(self.device)
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         """The distillation loss of the student on ``ids [B, T]`` (with gradients)."""
