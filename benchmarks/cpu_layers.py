@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_layers.py                          # rows 1 (decode) and 128 (prefill), k=2
     python benchmarks/cpu_layers.py --rows 1 2 4 8 16 128 --repeats 7
+    python benchmarks/cpu_layers.py --warm --layers 1 --rows 1 --threads 1     # one compiled layer, warm caches
 
 Each measurement calls one graph of ``--layers`` distinct layers of a shape, all applied to the same input
 (the Python/guard overhead of a call is shared, as in a whole model), and reports time / layers: the median
@@ -16,17 +17,19 @@ from cache.
 
 Variants, measured in the same run with ``torch.set_num_threads(--threads)``:
 
-* ``fp32 eager``: ``F.linear`` (the matmul library); ``fp32 inductor``: the same graph through Inductor;
-* ``rabit op``: ``rabit::residual_binary_linear`` eagerly (its CPU kernel: the generated C++ kernel of
-  :mod:`rabit_compiler.kernels.cpu_kernel` up to ``KERNEL_MAX_ROWS`` rows, else unpack + one matmul per path);
-* ``rabit backend``: :func:`rabit_compiler.passes.lower_for_cpu` with the form it picks (``"kernel"`` for decode
-  rows: the op's C++ kernel called from the Inductor graph; ``"dense"`` for prefill), then Inductor: what
-  ``backend="rabit"`` runs;
-* ``lowered bitwise`` / ``lowered dense``: ``lower_for_cpu`` forced to that form, then Inductor
+* ``fp32-eager``: ``F.linear`` (the matmul library); ``fp32-inductor``: the same graph through Inductor;
+* ``op``: ``rabit::residual_binary_linear`` eagerly (its CPU kernel: the LUT kernel of
+  :mod:`rabit_compiler.kernels.cpu_lut` with fp32 tables up to ``KERNEL_MAX_ROWS`` rows, else unpack + one matmul
+  per path);
+* ``backend``: :func:`rabit_compiler.passes.lower_for_cpu` with the form and tables it picks by default
+  (``"kernel"`` for decode rows: ``rabit::lut_gemv`` called from the Inductor graph; ``"dense"`` for prefill), then
+  Inductor: what ``backend="rabit"`` runs;
+* ``lut-fp32`` / ``lut-int8``: ``lower_for_cpu`` forced to the kernel form with fp32 / int8 tables, then Inductor;
+* ``bitwise`` / ``dense``: ``lower_for_cpu`` forced to that form, then Inductor
   (:mod:`rabit_compiler.kernels.cpu_lowering`; ``bitwise`` is Inductor's own matmul-free loop nest).
 
 Weight bytes per layer: fp32 ``4 N K``; packed ``4 k N ceil(K/32) + 2 k (N + S K)`` (fp16 scales, S sibling
-members). GB/s is those bytes over the time (packed: of the ``rabit backend`` column). The two "fused" shapes
+members). GB/s is those bytes over the time (packed: of the ``backend`` column). The two "fused" shapes
 are what the backend runs for q/k/v and gate/up (one siblings call) against what the fp32 model runs (one
 ``F.linear`` per member); their time is per group, not per member.
 """
@@ -43,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rabit_compiler.kernels import pack_signs, words_per_row
+from rabit_compiler.kernels.cpu_lut import DEFAULT_TABLE_PRECISION
 from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
 from tqdm import tqdm
@@ -55,6 +59,11 @@ SMOLLM2_SHAPES = {  # (out_features of each member, K); several members: sibling
     "q+k+v fused (576+192+192)x576": ((576, 192, 192), 576),
     "gate+up fused (2x1536)x576": ((1536, 1536), 576),
 }
+
+
+VARIANTS = ("fp32-eager", "fp32-inductor", "op", "lut-fp32", "lut-int8", "bitwise", "dense", "backend")
+LOWERED = {"lut-fp32": ("kernel", "fp32"), "lut-int8": ("kernel", "int8"), "bitwise": ("bitwise", None),
+           "dense": ("dense", None), "backend": (None, None)}  # variant: (forced form, tables; None: the default)
 
 
 class FloatLayers(torch.nn.Module):
@@ -100,16 +109,28 @@ class PackedLayers(torch.nn.Module):
         return outputs
 
 
-def lowering_backend(form: str | None) -> Callable:
-    """A ``torch.compile`` backend: :func:`lower_for_cpu` with ``form`` (None: the form it picks), then Inductor."""
+def lowering_backend(form: str | None, tables: str = DEFAULT_TABLE_PRECISION) -> Callable:
+    """A ``torch.compile`` backend: :func:`lower_for_cpu` with ``form`` (None: the form it picks) and ``tables``,
+    then Inductor."""
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        calls = lower_for_cpu(gm, example_inputs, form=form)
+        calls = lower_for_cpu(gm, example_inputs, form=form, tables=tables)
         if not calls or any(call.form is None or form not in (None, call.form) for call in calls):
             raise RuntimeError(f"lowering did not produce the {form} form: {calls}")
         return compile_fx(gm, example_inputs)
 
     return backend
+
+
+def build_variant(label: str, dense_model: FloatLayers, packed_model: PackedLayers) -> Callable:
+    """The callable timed as column ``label`` (see the module docstring)."""
+    if label in ("fp32-eager", "op"):
+        return dense_model if label == "fp32-eager" else packed_model
+    if label == "fp32-inductor":
+        return torch.compile(dense_model, dynamic=False)
+    form, tables = LOWERED[label]
+    return torch.compile(packed_model, backend=lowering_backend(form, tables or DEFAULT_TABLE_PRECISION),
+                         dynamic=False)
 
 
 def last_level_cache_bytes() -> int:
@@ -160,6 +181,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget of one round of one variant")
     parser.add_argument("--shapes", nargs="*", choices=sorted(SMOLLM2_SHAPES), default=list(SMOLLM2_SHAPES))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="columns to time (fp32-eager and backend always)")
     parser.add_argument("--warm", action="store_true", help="no cache flush between calls (weights stay cached)")
     parser.add_argument("--flush-mb", type=int, default=2 * last_level_cache_bytes() // 2**20,
                         help="size of the buffer written before each timed call (default: 2x last-level cache)")
@@ -172,10 +195,11 @@ def main() -> None:
           f"load average before: {os.getloadavg()}; "
           + ("warm caches" if flush is None else f"cold caches ({args.flush_mb} MB written before each call)"))
     print(f"{args.layers} layers per call, k={args.paths}, median of {args.runs} calls, best of {args.repeats}; "
-          "times per layer in microseconds (speed-up vs fp32 eager)")
-    print("| shape | rows | fp32 eager | fp32 inductor | rabit op (eager) | rabit backend | lowered bitwise | "
-          "lowered dense | fp32 GB/s | backend GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "times per layer in microseconds (speed-up vs fp32-eager)")
+    columns = ["fp32-eager", *[v for v in VARIANTS if v in args.variants and v not in ("fp32-eager", "backend")],
+               "backend"]
+    print("| shape | rows | " + " | ".join(columns) + " | fp32 GB/s | backend GB/s |")
+    print("|---|---|" + "---|" * (len(columns) + 2))
     jobs = [(name, rows) for name in args.shapes for rows in args.rows]
     for name, rows in tqdm(jobs, desc="layers", leave=False):
         members, in_features = SMOLLM2_SHAPES[name]
@@ -184,26 +208,19 @@ def main() -> None:
         x = torch.randn(rows, in_features)
         dense_model = FloatLayers(args.layers, members, in_features)
         packed_model = PackedLayers(args.layers, members, in_features, args.paths)
-        variants = {
-            "fp32 eager": dense_model,
-            "fp32 inductor": torch.compile(dense_model, dynamic=False),
-            "rabit op": packed_model,
-            "backend": torch.compile(packed_model, backend=lowering_backend(None), dynamic=False),
-            "bitwise": torch.compile(packed_model, backend=lowering_backend("bitwise"), dynamic=False),
-            "dense": torch.compile(packed_model, backend=lowering_backend("dense"), dynamic=False),
-        }
+        variants = {label: build_variant(label, dense_model, packed_model) for label in columns}
         expected = packed_model(x)
-        for variant in ("backend", "bitwise", "dense"):
+        for variant in (v for v in columns if v in LOWERED):
             got = variants[variant](x)
             error = max((g - e).abs().max().item() / e.abs().max().item() for g, e in zip(got, expected, strict=True))
-            if error > 1e-4:
+            if error > (2e-2 if variant == "lut-int8" else 1e-4):  # int8 tables: one scale step per 32 columns
                 raise AssertionError(f"{variant} differs from the op by {error:.3g} (relative) on {name}")
         times = {label: median_time(lambda fn=fn, x=x: fn(x), args.runs, args.repeats, args.seconds, flush)
                  / args.layers
                  for label, fn in variants.items()}
-        base = times["fp32 eager"]
+        base = times["fp32-eager"]
         cells = [f"{times[label] * 1e6:.1f} ({base / times[label]:.2f}x)" for label in variants]
-        fp32_rate = 4 * out_features * in_features / times["fp32 eager"] / 1e9
+        fp32_rate = 4 * out_features * in_features / times["fp32-eager"] / 1e9
         packed_rate = packed_bytes(out_features, in_features, args.paths, len(members)) / times["backend"] / 1e9
         tqdm.write(f"| {name} | {rows} | " + " | ".join(cells) + f" | {fp32_rate:.1f} | {packed_rate:.2f} |")
     print(f"load average after: {os.getloadavg()}")

@@ -18,8 +18,8 @@ Two forms, both accumulating in :func:`.reference.accumulation_dtype` (fp32, fp6
   matmul library beats a per-row bit loop there (see ``benchmarks/cpu_layers.py``).
 
 :func:`cpu_form` picks, from the number of rows and the layer's size, ``"bitwise"`` (1-2 rows of a small layer,
-where the C++ kernel's extern-call cost outweighs its faster loop), ``"kernel"`` (the generated C++ loop of
-:mod:`.cpu_kernel`) or ``"dense"``. Every function here uses only ``in_features`` (and ``out_features`` for siblings) as
+where the C++ kernel's extern-call cost outweighs its faster loop), ``"kernel"`` (the lookup-table C++ operator of
+:mod:`.cpu_lut`) or ``"dense"``. Every function here uses only ``in_features`` (and ``out_features`` for siblings) as
 static sizes and broadcasts over the leading dimensions of ``x``, so FX proxies with symbolic batch sizes trace
 through it.
 """
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernel import KERNEL_MAX_ROWS
+from .cpu_lut import KERNEL_MAX_ROWS
 from .packing import BITS_PER_WORD, segment_starts, words_per_row
 from .reference import accumulation_dtype
 
@@ -46,7 +46,7 @@ BITWISE_MAX_ROWS = 2
 def cpu_form(rows: int, out_features: int, in_features: int) -> str:
     """The CPU form for ``rows`` rows of an ``out_features x in_features`` layer: ``"bitwise"`` (at most
     :data:`BITWISE_MAX_ROWS` rows, at most :data:`BITWISE_MAX_WEIGHTS` weights), ``"kernel"`` (at most
-    :data:`.cpu_kernel.KERNEL_MAX_ROWS` rows) or ``"dense"``."""
+    :data:`.cpu_lut.KERNEL_MAX_ROWS` rows) or ``"dense"``."""
     if rows <= BITWISE_MAX_ROWS and out_features * in_features <= BITWISE_MAX_WEIGHTS:
         return "bitwise"
     return "kernel" if rows <= KERNEL_MAX_ROWS else "dense"

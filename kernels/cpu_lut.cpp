@@ -155,7 +155,7 @@ void quantize_word_portable(const float* entries, float inverse, int8_t* out) {
 
 // Tables of job (m, s, i): v = h[s, i] * x[m], then 16 entries per group (fp32), or per word: scale = the largest
 // |entry| / 127 (= max over its groups of sum |v|) and entries rounded to int8 multiples of it.
-void build_tables(const Problem& p, const at::Tensor& col_scale, int64_t job, int isa) {
+void build_tables(const Problem& p, const at::Tensor& col_scale, int64_t job, int isa) {  // col_scale contiguous
   const int64_t i = job % p.paths, s = (job / p.paths) % p.segments, m = job / (p.paths * p.segments);
   const int64_t padded = p.words * kWordColumns;
   float* v = p.products + job * padded;
@@ -362,9 +362,9 @@ std::array<int64_t, 4> check_operands(const at::Tensor& x, const at::Tensor& til
                                       int64_t in_features) {
   TORCH_CHECK(x.device().is_cpu() && is_float_type(x.scalar_type()) && x.dim() >= 1 && x.size(-1) == in_features,
               "rabit::lut_gemv: x must be a CPU float32/float16/bfloat16 tensor [..., ", in_features, "]");
-  TORCH_CHECK(col_scale.dim() == 3 && is_float_type(col_scale.scalar_type()) && col_scale.is_contiguous() &&
+  TORCH_CHECK(col_scale.dim() == 3 && is_float_type(col_scale.scalar_type()) &&
                   col_scale.size(0) == static_cast<int64_t>(out_features.size()) && col_scale.size(2) == in_features,
-              "rabit::lut_gemv: col_scale must be a contiguous float [S, k, K] tensor, S = len(out_features)");
+              "rabit::lut_gemv: col_scale must be a float [S, k, K] tensor, S = len(out_features)");
   const int64_t paths = col_scale.size(1), words = (in_features + kWordColumns - 1) / kWordColumns;
   int64_t tiles = 0, total = 0;
   for (const int64_t size : out_features) {
@@ -402,7 +402,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
               total, "]");
   const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
   if (rows == 0 || total == 0) return out;
-  const at::Tensor input = x.contiguous();
+  const at::Tensor input = x.contiguous(), column_scale = col_scale.contiguous();
   const bool has_bias = tiled_bias.has_value() && tiled_bias->defined();
 
   Scratch& scratch = t_scratch;
@@ -438,7 +438,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(static)
-    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, col_scale, job, isa);
+    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, column_scale, job, isa);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, dot_fn, out);
   }

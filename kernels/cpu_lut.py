@@ -25,7 +25,8 @@ The kernel reads the signs in a **tiled layout** derived once from format v1 by 
 format is unchanged): rows in tiles of 16 per sibling (zero rows pad each sibling to a multiple of 16), and within a
 tile word ``w`` of its 16 rows side by side, ``tiled_signs [k, tiles, W, 16]``, so that one 512-bit load holds one
 word of 16 rows, one row per 32-bit lane; ``g`` and ``b`` in the same tiles as fp32 (``[k, tiles, 16]``,
-``[tiles, 16]``). The compiled graph holds these (:mod:`rabit_compiler.passes.lower`), so a call does no layout work.
+``[tiles, 16]``). The compiled graph holds these (:mod:`rabit_compiler.passes.lower`), so a call does no layout work;
+the eager op keeps them per packed tensor (:func:`cached_layout`, re-derived when the tensor changes).
 
 ISA paths, picked at run time from the CPU: ``"avx512"`` (AVX-512 F/BW with VBMI and VNNI), ``"avx2"`` (AVX2 and FMA;
 ``vpshufb``, one 16-entry table per 128-bit lane) and ``"portable"`` (plain C++); :func:`use_isa` forces a slower
@@ -41,6 +42,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +55,13 @@ logger = logging.getLogger("rabit_compiler")
 
 OP_NAME = "rabit::lut_gemv"
 TILE_ROWS = 16
+# Largest number of rows (prod of x.shape[:-1]) for which the op's CPU kernel and the backend use this kernel; more
+# rows unpack the weight once and use the matmul library (``"dense"`` in :mod:`.cpu_lowering`).
+KERNEL_MAX_ROWS = 4
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # x and scale dtypes the kernel takes
 ISA_PATHS = ("portable", "avx2", "avx512")  # index = the C++ enum
 TABLE_PRECISIONS = ("fp32", "int8")
+DEFAULT_TABLE_PRECISION = "fp32"  # the backend's default (options={"cpu_tables": ...})
 _SOURCE = Path(__file__).with_name("cpu_lut.cpp")
 _LIBRARY: ctypes.CDLL | None = None
 
@@ -159,6 +166,47 @@ def tiled_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, bias: torc
     scales = _tiles(row_scale.float(), out_features, 1).contiguous()
     tiled_bias = None if bias is None else _tiles(bias.float(), out_features, 0).contiguous()
     return TiledLayout(signs, scales, tiled_bias)
+
+
+def supports(x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) -> bool:
+    """The kernel takes these: CPU ``x`` and scales of fp32/fp16/bf16 (any mix)."""
+    return (x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and row_scale.dtype in KERNEL_DTYPES
+            and col_scale.dtype in KERNEL_DTYPES)
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    """At most :data:`KERNEL_MAX_ROWS` rows (prod of ``x.shape[:-1]``): the kernel beats unpack + matmul."""
+    return x.numel() <= KERNEL_MAX_ROWS * max(x.shape[-1], 1)
+
+
+def uses_kernel(x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) -> bool:
+    """The op's CPU kernel runs this kernel: supported dtypes (:func:`supports`) and few rows (:func:`few_rows`)."""
+    return supports(x, row_scale, col_scale) and few_rows(x)
+
+
+_CACHE: dict[int, tuple[tuple, TiledLayout]] = {}
+
+
+def cached_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+                  out_features: Sequence[int]) -> TiledLayout:
+    """:func:`tiled_layout`, kept per ``packed_signs`` tensor (dropped with it) and derived again only when one of
+    the tensors is replaced or modified in place (its version counter)."""
+    key = (tuple(out_features), *((id(t), t._version) for t in (packed_signs, row_scale, bias) if t is not None))
+    entry = _CACHE.get(id(packed_signs))
+    if entry is None or entry[0] != key:
+        if entry is None:
+            weakref.finalize(packed_signs, _CACHE.pop, id(packed_signs), None)
+        entry = _CACHE[id(packed_signs)] = (key, tiled_layout(packed_signs, row_scale, bias, out_features))
+    return entry[1]
+
+
+def lut_linear_siblings(x: torch.Tensor, packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                        bias: torch.Tensor | None, in_features: int, out_features: Sequence[int],
+                        table_precision: str = "fp32") -> torch.Tensor:
+    """S siblings in format v1 (``packed_signs [k, N_total, W]``, ``row_scale [k, N_total]``, ``col_scale [S, k,
+    K]``, ``bias [N_total]``) by the kernel, the layout from :func:`cached_layout` -> ``[..., N_total]``."""
+    layout = cached_layout(packed_signs, row_scale, bias, out_features)
+    return lut_gemv(x, layout, col_scale, out_features, in_features, table_precision)
 
 
 def lut_gemv(x: torch.Tensor, layout: TiledLayout, col_scale: torch.Tensor, out_features: Sequence[int],

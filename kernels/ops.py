@@ -11,10 +11,10 @@ Signatures (format: :mod:`.packing`; y in ``x.dtype``):
 
 Both are ``torch.library.triton_op`` s: on CUDA the body launches the Triton kernels through
 ``torch.library.wrap_triton`` (:mod:`.triton_gemv`), and AOTAutograd traces into it so Inductor sees the kernels;
-the CPU kernel is the generated C++ kernel of :mod:`.cpu_kernel` for decode (at most ``KERNEL_MAX_ROWS`` rows of
-fp32/fp16/bf16) and the float reference (:mod:`.reference`) otherwise, and on CPU the op stays one opaque call
-under ``torch.compile``. The same body, run on fake tensors, is the fake implementation (symbolic batch sizes
-included). Autograd: gradients for x and the bias; the packed tensors are constants.
+the CPU kernel is the lookup-table C++ kernel of :mod:`.cpu_lut` with fp32 tables for decode (at most
+``KERNEL_MAX_ROWS`` rows of fp32/fp16/bf16) and the float reference (:mod:`.reference`) otherwise, and on CPU the
+op stays one opaque call under ``torch.compile``. The same body, run on fake tensors, is the fake implementation
+(symbolic batch sizes included). Autograd: gradients for x and the bias; the packed tensors are constants.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
 
-from .cpu_kernel import residual_binary_linear_kernel, residual_binary_linear_siblings_kernel, uses_kernel
+from .cpu_lut import lut_linear_siblings, uses_kernel
 from .packing import words_per_row
 from .reference import (
     residual_binary_linear_input_grad,
@@ -121,18 +121,18 @@ residual_binary_linear_siblings = triton_op(SIBLINGS_OP_NAME, _siblings_body, mu
 
 
 def _linear_cpu(x, packed_signs, row_scale, col_scale, bias, in_features):
-    """CPU: the generated C++ kernel for few rows of fp32/fp16/bf16 (:mod:`.cpu_kernel`), else the reference
+    """CPU: the LUT kernel with fp32 tables for few rows of fp32/fp16/bf16 (:mod:`.cpu_lut`), else the reference
     (one unpack and a matmul per path: prefill, and exact fp64)."""
     if uses_kernel(x, row_scale, col_scale):
-        return residual_binary_linear_kernel(x, packed_signs, row_scale, col_scale, bias, in_features)
+        return lut_linear_siblings(x, packed_signs, row_scale, col_scale.unsqueeze(0), bias, in_features,
+                                   [packed_signs.shape[1]])
     return residual_binary_linear_reference(x, packed_signs, row_scale, col_scale, bias, in_features)
 
 
 def _siblings_cpu(x, packed_signs, row_scale, col_scale, bias, in_features, out_features):
     """As :func:`_linear_cpu`, for S siblings."""
     if uses_kernel(x, row_scale, col_scale):
-        return residual_binary_linear_siblings_kernel(x, packed_signs, row_scale, col_scale, bias, in_features,
-                                                      out_features)
+        return lut_linear_siblings(x, packed_signs, row_scale, col_scale, bias, in_features, out_features)
     return residual_binary_linear_siblings_reference(x, packed_signs, row_scale, col_scale, bias, in_features,
                                                      out_features)
 

@@ -4,9 +4,11 @@ For every ``rabit::residual_binary_linear`` and ``rabit::residual_binary_linear_
 packed tensors are on the CPU, :func:`~rabit_compiler.kernels.cpu_lowering.cpu_form` picks from the rows of ``x``
 at compile time (a symbolic row count uses its size hint, the example the graph was compiled for):
 
-* ``"kernel"`` (decode, few rows of fp32/fp16/bf16): the call becomes ``rabit::residual_binary_gemv_cpu``, the
-  generated matmul-free C++ loop of :mod:`rabit_compiler.kernels.cpu_kernel`, which Inductor calls as an extern
-  kernel (through the dispatcher's cheapest path: the checks were done here);
+* ``"kernel"`` (decode, few rows of fp32/fp16/bf16): the call becomes ``rabit::lut_gemv``, the lookup-table C++
+  operator of :mod:`rabit_compiler.kernels.cpu_lut` (fp32 or int8 tables: ``tables``), which Inductor calls as an
+  extern kernel. Its tiled sign layout is derived here, once, into a :class:`LutLayoutWeights` submodule of ``gm``;
+  the :class:`DerivedLayout` of the call says what it was derived from, so that the caller can derive it again
+  when those tensors change (the backend's guard does);
 * ``"dense"`` (prefill): the call is replaced by the decomposition of :mod:`rabit_compiler.kernels.cpu_lowering`,
   traced into the graph on FX proxies (its tensor constants become buffers of ``gm``), so Inductor's C++
   backend fuses the unpack with its neighbours and calls the matmul library once;
@@ -28,12 +30,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from rabit_compiler.kernels.cpu_kernel import gemv_call, supports
+from rabit_compiler.kernels import cpu_lut
 from rabit_compiler.kernels.cpu_lowering import (
     cpu_form,
     residual_binary_linear_cpu,
     residual_binary_linear_siblings_cpu,
 )
+from rabit_compiler.kernels.cpu_lut import DEFAULT_TABLE_PRECISION, TiledLayout, supports, tiled_layout
 from rabit_compiler.kernels.reference import accumulation_dtype
 
 from .find import GraphWeights
@@ -48,14 +51,62 @@ _DECOMPOSITIONS = {
 }
 
 
+class LutLayoutWeights(torch.nn.Module):
+    """One kernel call's packed tensors in the LUT kernel's layout (:func:`~rabit_compiler.kernels.cpu_lut.
+    tiled_layout`): buffers ``signs`` int32 ``[k, tiles, W, 16]``, ``row_scale`` fp32 ``[k, tiles, 16]``, ``bias``
+    fp32 ``[tiles, 16]`` or None."""
+
+    def __init__(self, layout: TiledLayout):
+        super().__init__()
+        self.register_buffer("signs", layout.signs)
+        self.register_buffer("row_scale", layout.row_scale)
+        self.register_buffer("bias", layout.bias)
+
+    def write(self, layout: TiledLayout) -> None:
+        """Overwrite the buffers in place (same shapes), so that a compiled graph holding them sees the new values."""
+        with torch.no_grad():
+            self.signs.copy_(layout.signs)
+            self.row_scale.copy_(layout.row_scale)
+            if self.bias is not None:
+                self.bias.copy_(layout.bias)
+
+
+@dataclass
+class DerivedLayout:
+    """A kernel call's layout copy, held by the :class:`LutLayoutWeights` ``module_name`` of ``gm``, and where it
+    came from: for packed_signs, row_scale and bias, the index of the graph input (int) or the attribute path of
+    ``gm`` (str) that held the tensor, or None (no bias)."""
+
+    module_name: str
+    sources: tuple[int | str | None, ...]
+    out_features: tuple[int, ...]
+
+    def source_tensors(self, gm: fx.GraphModule, args: Sequence[object]) -> list[torch.Tensor | None]:
+        """The tensors it is derived from, given the graph's inputs ``args``."""
+        return [None if source is None else args[source] if isinstance(source, int) else _attribute(gm, source)
+                for source in self.sources]
+
+    def refresh(self, gm: fx.GraphModule, args: Sequence[object]) -> None:
+        """Derive the layout again from the current tensors, into the same buffers."""
+        packed_signs, row_scale, bias = (None if t is None else t.detach() for t in self.source_tensors(gm, args))
+        gm.get_submodule(self.module_name).write(tiled_layout(packed_signs, row_scale, bias, self.out_features))
+
+
+def _attribute(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    """``gm``'s tensor at the dotted ``path``."""
+    module_name, _, name = path.rpartition(".")
+    return getattr(gm.get_submodule(module_name), name)
+
+
 @dataclass
 class LoweredCall:
-    """One op call and the CPU ``form`` it was replaced by (``"kernel"``: ``rabit::residual_binary_gemv_cpu``;
+    """One op call and the CPU ``form`` it was replaced by (``"kernel"``: ``rabit::lut_gemv``, with its ``layout``;
     ``"bitwise"``/``"dense"``: that decomposition), or the ``reason`` it was left for another device."""
 
     name: str
     form: str | None = None
     reason: str | None = None
+    layout: DerivedLayout | None = None
 
 
 class _ConstantTracer(fx.proxy.GraphAppendingTracer):
@@ -159,25 +210,77 @@ def _skip_reason(arguments: dict[str, object], weights: GraphWeights) -> str | N
     return None
 
 
+_LAYOUT_ARGS = ("packed_signs", "row_scale", "bias")
+
+
+def _layout_sources(arguments: dict[str, object], weights: GraphWeights) -> tuple[int | str | None, ...] | None:
+    """Where packed_signs, row_scale and bias come from (see :class:`DerivedLayout`), or None when one is computed
+    in the graph or has no real value (then no layout can be derived at compile time)."""
+    sources = []
+    for name in _LAYOUT_ARGS:
+        node = arguments[name]
+        if node is None:
+            sources.append(None)
+            continue
+        value = _example(node, weights)
+        if not isinstance(value, torch.Tensor) or value.device.type != "cpu" or isinstance(
+                value, torch._subclasses.FakeTensor):
+            return None
+        if node.op == "get_attr":
+            sources.append(node.target)
+        elif node.op == "placeholder" and node in weights.placeholder_index:
+            sources.append(weights.placeholder_index[node])
+        else:
+            return None
+    return tuple(sources)
+
+
 def _form(arguments: dict[str, object], weights: GraphWeights, x: torch.Tensor, form: str | None) -> str:
     """The forced ``form``, or the one :func:`cpu_form` picks for the rows of ``x`` and the layer's size ("dense"
-    for an unknown row count; "kernel" turns into "dense" for dtypes the C++ kernel does not take, e.g. fp64)."""
+    for an unknown row count; "kernel" turns into "dense" for dtypes the C++ kernel does not take, e.g. fp64, and
+    for packed tensors whose values are not known at compile time)."""
     packed_signs, row_scale, col_scale = (_example(arguments[name], weights)
                                           for name in ("packed_signs", "row_scale", "col_scale"))
     kernel_ok = supports(x, row_scale, col_scale)
     if form == "kernel" and not kernel_ok:
-        raise ValueError(f"the CPU kernel takes fp32/fp16/bf16 x and scales of one dtype, got x {x.dtype}, "
+        raise ValueError(f"the CPU kernel takes fp32/fp16/bf16 x and scales, got x {x.dtype}, "
                          f"row_scale {row_scale.dtype}, col_scale {col_scale.dtype}")
+    derivable = _layout_sources(arguments, weights) is not None
+    if form == "kernel" and not derivable:
+        raise ValueError("the CPU kernel needs packed tensors known at compile time (graph inputs or attributes)")
     if form is not None:
         return form
     rows = _rows(x)
     if rows is None:
         return "dense"
     chosen = cpu_form(rows, packed_signs.shape[1], arguments["in_features"])
-    return "dense" if chosen == "kernel" and not kernel_ok else chosen
+    if chosen == "kernel" and not (kernel_ok and derivable):
+        logger.info("rabit: packed call left to the dense form: %s", "its dtypes are not the kernel's" if not
+                    kernel_ok else "its packed tensors are not known at compile time")
+        return "dense"
+    return chosen
 
 
-def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.Tensor, form: str) -> None:
+def _kernel_call(gm: fx.GraphModule, node: fx.Node, tensors: dict[str, fx.Proxy | None], arguments: dict[str, object],
+                 tracer: _ConstantTracer, out_features: list[int], tables: str) -> tuple[fx.Proxy, DerivedLayout]:
+    """``rabit::lut_gemv`` on a layout derived now into a new :class:`LutLayoutWeights` submodule of ``gm``."""
+    packed_signs, row_scale, bias = (_example(arguments[name], tracer.weights) for name in _LAYOUT_ARGS)
+    module_name = unique_module_name(gm, node.name, "rabit_lut")
+    gm.add_submodule(module_name, LutLayoutWeights(tiled_layout(packed_signs.detach(), row_scale.detach(),
+                                                                None if bias is None else bias.detach(),
+                                                                out_features)))
+    declare_buffers_to_dynamo(gm, module_name, ("signs", "row_scale", "bias"))
+    layout = {name: None if getattr(gm.get_submodule(module_name), name) is None
+              else fx.Proxy(gm.graph.get_attr(f"{module_name}.{name}"), tracer)
+              for name in ("signs", "row_scale", "bias")}
+    cpu_lut.load_library()
+    out = torch.ops.rabit.lut_gemv(tensors["x"], layout["signs"], layout["row_scale"], tensors["col_scale"],
+                                   layout["bias"], out_features, arguments["in_features"], tables == "int8")
+    return out, DerivedLayout(module_name, _layout_sources(arguments, tracer.weights), tuple(out_features))
+
+
+def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.Tensor, form: str,
+           tables: str) -> DerivedLayout | None:
     arguments = _call_arguments(node)
     tensors = {
         name: None if arguments[name] is None else fx.Proxy(arguments[name], tracer)
@@ -186,11 +289,12 @@ def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.
     siblings = op_name(node.target) == "rabit::residual_binary_linear_siblings"
     out_features = list(arguments["out_features"]) if siblings else [_example(arguments["packed_signs"],
                                                                               tracer.weights).shape[1]]
+    layout = None
     with gm.graph.inserting_before(node):
         if form == "kernel":
             if not siblings:
                 tensors["col_scale"] = tensors["col_scale"].unsqueeze(0)
-            out = gemv_call(**tensors, in_features=arguments["in_features"], out_features=out_features)
+            out, layout = _kernel_call(gm, node, tensors, arguments, tracer, out_features, tables)
         else:
             statics = {"in_features": arguments["in_features"], **({"out_features": out_features} if siblings else {})}
             decomposition = _DECOMPOSITIONS[op_name(node.target)]
@@ -198,10 +302,12 @@ def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.
     out.node.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace")})
     node.replace_all_uses_with(out.node)
     gm.graph.erase_node(node)
+    return layout
 
 
 def lower_for_cpu(
-    gm: fx.GraphModule, example_inputs: Sequence[object] | None = None, form: str | None = None
+    gm: fx.GraphModule, example_inputs: Sequence[object] | None = None, form: str | None = None,
+    tables: str = DEFAULT_TABLE_PRECISION,
 ) -> list[LoweredCall]:
     """Replace, in place, every CPU call of ``rabit::residual_binary_linear`` /
     ``rabit::residual_binary_linear_siblings`` in ``gm`` by its traced decomposition; recompiles ``gm``.
@@ -209,8 +315,11 @@ def lower_for_cpu(
     ``example_inputs`` are the placeholders' values (what a ``torch.compile`` backend receives); without them
     the dtype and rows of ``x`` come from node meta (``val`` / ``example_value`` / ``tensor_meta``). ``form``
     forces ``"kernel"``, ``"bitwise"`` or ``"dense"`` for every call (default: by the rows of each call's
-    ``x``). Returns one :class:`LoweredCall` per op call: its form, or why it was left.
+    ``x``); ``tables`` is the kernel's table precision (``"fp32"`` or ``"int8"``). Returns one
+    :class:`LoweredCall` per op call: its form (and for the kernel its :class:`DerivedLayout`), or why it was left.
     """
+    if tables not in cpu_lut.TABLE_PRECISIONS:
+        raise ValueError(f"tables must be one of {cpu_lut.TABLE_PRECISIONS}, got {tables!r}")
     weights = GraphWeights(gm, example_inputs)
     tracer = _ConstantTracer(gm, weights)
     calls = []
@@ -225,8 +334,7 @@ def lower_for_cpu(
             continue
         x = _example(arguments["x"], weights)
         chosen = _form(arguments, weights, x, form)
-        _lower(gm, node, tracer, x, chosen)
-        calls.append(LoweredCall(node.name, form=chosen))
+        calls.append(LoweredCall(node.name, form=chosen, layout=_lower(gm, node, tracer, x, chosen, tables)))
     if calls:
         finish(gm)
     return calls

@@ -10,8 +10,8 @@ real tensors. The backend:
 3. *fuse*s packed linears that share an input (q/k/v, gate/up) into one ``residual_binary_linear_siblings``
    call (:mod:`rabit_compiler.passes.fuse`; ``options={"fuse_siblings": False}`` turns it off);
 4. on the CPU, *lower*s the packed calls (:mod:`rabit_compiler.passes.lower`): for a few rows (decode) to the
-   generated matmul-free C++ kernel (:mod:`rabit_compiler.kernels.cpu_kernel`), for prefill to unpack + matmul
-   aten ops that Inductor fuses; on CUDA the ops stay ``triton_op`` calls that Inductor traces into the Triton
+   lookup-table C++ operator ``rabit::lut_gemv`` (:mod:`rabit_compiler.kernels.cpu_lut`), for prefill to unpack +
+   matmul aten ops that Inductor fuses; on CUDA the ops stay ``triton_op`` calls that Inductor traces into the Triton
    kernels;
 5. hands the graph to Inductor (``options={"inductor": False}`` runs the packed graph eagerly instead, on
    the op's own CPU kernel); ``mode`` is passed on (``"reduce-overhead"``: CUDA graphs on a GPU).
@@ -19,10 +19,13 @@ real tensors. The backend:
 The returned callable checks, on every call, that the weight tensors it receives are the ones that
 were packed (same tensor object, same version counter). If not (another module instance, an in-place
 update), it re-packs into the same buffers and logs it, so it never serves stale weights. Fused groups
-hold copies of packed tensors that were graph inputs; those are re-copied the same way when they change.
+hold copies of packed tensors that were graph inputs, and the CPU kernel's calls copies in its own layout; those are
+re-copied (re-derived) the same way when what they were copied from changes.
 
 Options (``torch.compile(..., options={...})``): every :class:`RaBiTConfig` field (``paths``, ``skip``,
-``rounds``, ``scale_dtype``, ...), ``inductor`` and ``fuse_siblings`` (bools, default True).
+``rounds``, ``scale_dtype``, ...), ``inductor`` and ``fuse_siblings`` (bools, default True), ``cpu_tables``
+(the CPU kernel's tables: ``"fp32"`` or ``"int8"``, default :data:`~rabit_compiler.kernels.cpu_lut.
+DEFAULT_TABLE_PRECISION`).
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ import torch.fx as fx
 
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.kernels import PackedResidualBinary
+from rabit_compiler.kernels.cpu_lut import DEFAULT_TABLE_PRECISION
 from rabit_compiler.passes import PackedSite, freeze_and_pack, lower_for_cpu
 from rabit_compiler.passes.fuse import FUSED_TENSOR_ARGS, FusedMember, fuse_siblings
 from rabit_compiler.passes.graph_edit import oriented_weight
+from rabit_compiler.passes.lower import DerivedLayout
 from rabit_compiler.quantizer import PACK_CACHE, DataFreePackCache
 
 logger = logging.getLogger("rabit_compiler")
@@ -54,6 +59,8 @@ class PackedWeightGuard:
       (or the version) it was packed from.
     - A fused sibling group copies packed tensors that were graph inputs (a ``quantize_``-packed model owns
       them); a member is re-copied when one of those inputs changed.
+    - A CPU kernel call's layout copy (:class:`DerivedLayout`) is derived again when a tensor it was derived from
+      was replaced or changed in place (after the two steps above, which change such tensors).
     """
 
     def __init__(
@@ -65,6 +72,7 @@ class PackedWeightGuard:
         example_inputs: Sequence[Any],
         config: RaBiTConfig,
         cache: DataFreePackCache,
+        layouts: Sequence[DerivedLayout] = (),
     ):
         self.compiled = compiled
         self.gm = gm
@@ -81,6 +89,7 @@ class PackedWeightGuard:
             (member, self._identity(example_inputs, member.input_indices)) for group in fused for member in group
             if any(index is not None for index in member.input_indices)
         ]
+        self._layouts = [(layout, self._versions(layout.source_tensors(gm, example_inputs))) for layout in layouts]
 
     def __call__(self, *args: Any) -> Any:
         for position, (site, index, ref, version) in enumerate(self._checks):
@@ -90,7 +99,16 @@ class PackedWeightGuard:
         for position, (member, identity) in enumerate(self._copies):
             if identity != self._identity(args, member.input_indices):
                 self._recopy(position, member, args)
+        for position, (layout, versions) in enumerate(self._layouts):
+            current = self._versions(layout.source_tensors(self.gm, args))
+            if current != versions:
+                layout.refresh(self.gm, args)
+                self._layouts[position] = (layout, current)
         return self.compiled(*args)
+
+    @staticmethod
+    def _versions(tensors: Sequence[torch.Tensor | None]) -> tuple:
+        return tuple((id(t), t._version) for t in tensors if t is not None)
 
     @staticmethod
     def _identity(args: Sequence[Any], indices: Sequence[int | None]) -> tuple:
@@ -132,6 +150,7 @@ def rabit_backend(
     options = dict(options or {})
     use_inductor = bool(options.pop("inductor", True))
     fuse = bool(options.pop("fuse_siblings", True))
+    cpu_tables = options.pop("cpu_tables", DEFAULT_TABLE_PRECISION)
     config = RaBiTConfig.from_options(options)
     if mode not in _INDUCTOR_MODES:
         valid = sorted(m for m in _INDUCTOR_MODES if m)
@@ -152,17 +171,19 @@ def rabit_backend(
         logger.info("rabit: fused %d sibling groups (%s)", len(fused),
                     ", ".join(str(len(group)) for group in fused))
     compiled: Callable[..., Any] = gm
+    lowered = []
     if use_inductor:
-        lowered = [call for call in lower_for_cpu(gm, example_inputs) if call.form is not None]
+        lowered = [call for call in lower_for_cpu(gm, example_inputs, tables=cpu_tables) if call.form is not None]
         if lowered:
-            logger.info("rabit: %d packed calls lowered to fused CPU loops (%s)", len(lowered),
+            logger.info("rabit: %d packed calls lowered for the CPU (%s)", len(lowered),
                         ", ".join(sorted({call.form for call in lowered})))
         try:
             compiled = _inductor(gm, example_inputs, mode)
         except Exception as error:  # Inductor cannot compile this graph: run the packed graph eagerly
             logger.warning("rabit: Inductor failed on this graph, running it eagerly (%s: %s)",
                            type(error).__name__, error)
-    return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE)
+    layouts = [call.layout for call in lowered if call.layout is not None]
+    return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE, layouts)
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:

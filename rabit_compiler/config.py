@@ -107,4 +107,4 @@ class RaBiTConfig:
         return (self.paths, self.rounds, self.scale_dtype)
 
 
-BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings"}
+BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings", "cpu_tables"}

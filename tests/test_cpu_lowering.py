@@ -11,12 +11,12 @@ import torch
 import torch.fx as fx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rabit_compiler.kernels.cpu_kernel import KERNEL_MAX_ROWS
 from rabit_compiler.kernels.cpu_lowering import (
     cpu_form,
     residual_binary_linear_cpu,
     residual_binary_linear_siblings_cpu,
 )
+from rabit_compiler.kernels.cpu_lut import KERNEL_MAX_ROWS
 from rabit_compiler.kernels.packing import segment_starts
 from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
@@ -134,7 +134,7 @@ def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, row
     targets = [getattr(node.target, "overloadpacket", node.target) for node in gm.graph.nodes]
     assert not [target for target in targets if target in OPS]
     kernel_calls = [call for call in calls if call.form == "kernel"]
-    assert targets.count(torch.ops.rabit.residual_binary_gemv_cpu) == len(kernel_calls)
+    assert targets.count(torch.ops.rabit.lut_gemv) == len(kernel_calls)
     assert_outputs_close(gm(x), module, x, dtype)
     assert_outputs_close(compile_fx(gm, [x])(x), module, x, dtype)
 

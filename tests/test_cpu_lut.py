@@ -1,5 +1,5 @@
 """The lookup-table CPU kernel ``rabit::lut_gemv`` (kernels/cpu_lut.py, cpu_lut.cpp) against a float64 reference, on
-every ISA path this CPU runs."""
+every ISA path this CPU runs; its use by the op and by ``backend="rabit"``."""
 
 from __future__ import annotations
 
@@ -7,14 +7,42 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from rabit_compiler.kernels import cpu_lut
-from rabit_compiler.kernels.packing import segment_starts, unpack_signs
+from rabit_compiler.kernels import cpu_lut, ops
+from rabit_compiler.kernels.cpu_lut import KERNEL_MAX_ROWS, uses_kernel
+from rabit_compiler.kernels.packing import pack_signs, segment_starts, unpack_signs
 
-from .reference import RELATIVE_TOLERANCE, assert_close_scaled
-from .test_cpu_kernel import expected_siblings, random_siblings
+from rabit_compiler import RaBiTConfig, quantize_
+
+from .reference import RELATIVE_TOLERANCE, assert_close_scaled, packed_linear_float64
 from .test_op import DTYPES
 
 ISAS = cpu_lut.available_isas()
+
+
+def random_siblings(paths, sizes, in_features, bias, scale_dtype, generator):
+    """Random signs packed for ``sum(sizes)`` rows, row scales ``[k, N]``, column scales ``[S, k, K]``."""
+    total = sum(sizes)
+    signs = torch.where(torch.rand(paths, total, in_features, generator=generator) < 0.5, -1.0, 1.0)
+    packed_signs = torch.stack([pack_signs(plane) for plane in signs])
+    row_scale = (torch.rand(paths, total, generator=generator) + 0.1).to(scale_dtype)
+    col_scale = (torch.rand(len(sizes), paths, in_features, generator=generator) + 0.1).to(scale_dtype)
+    bias_values = torch.randn(total, generator=generator) if bias else None
+    return packed_signs, row_scale, col_scale, bias_values
+
+
+def expected_siblings(x, packed_signs, row_scale, col_scale, bias, in_features, sizes):
+    """Float64 result and the magnitude of its terms, sibling by sibling."""
+    outputs, scales, start = [], [], 0
+    for segment, size in enumerate(sizes):
+        rows = slice(start, start + size)
+        start += size
+        part_bias = None if bias is None else bias[rows]
+        outputs.append(packed_linear_float64(x, packed_signs[:, rows], row_scale[:, rows], col_scale[segment],
+                                             part_bias, in_features))
+        scale = packed_linear_float64(x.abs(), torch.zeros_like(packed_signs[:, rows]), row_scale[:, rows],
+                                      col_scale[segment], None, in_features)
+        scales.append(scale if part_bias is None else scale + part_bias.double().abs())
+    return torch.cat(outputs, -1), torch.cat(scales, -1)
 
 
 def run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, precision, isa, threads=1):
@@ -158,3 +186,59 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="not available"):
         with cpu_lut.use_isa("neon"):
             pass
+
+
+def test_op_uses_the_kernel_for_few_rows(monkeypatch):
+    """The op's CPU kernel calls the LUT kernel (fp32 tables) up to KERNEL_MAX_ROWS rows of fp32/fp16/bf16, else the
+    reference; the layout it derives is kept per packed tensor and derived again when the tensor changes."""
+    calls = []
+    kernel = ops.lut_linear_siblings
+    monkeypatch.setattr(ops, "lut_linear_siblings", lambda *args: calls.append(args) or kernel(*args))
+    generator = torch.Generator().manual_seed(0)
+    packed_signs, row_scale, col_scale, _ = random_siblings(2, [40], 50, False, torch.float16, generator)
+    for rows, dtype, uses in ((1, torch.float32, True), (KERNEL_MAX_ROWS, torch.bfloat16, True),
+                              (KERNEL_MAX_ROWS + 1, torch.float32, False), (1, torch.float64, False)):
+        calls.clear()
+        x = torch.randn(rows, 50, generator=generator).to(dtype)
+        out = torch.ops.rabit.residual_binary_linear(x, packed_signs, row_scale, col_scale[0], None, 50)
+        assert bool(calls) == uses == uses_kernel(x, row_scale, col_scale)
+        expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, None, 50, [40])
+        assert_close_scaled(out, expected, scale, dtype)
+    x = torch.randn(1, 50, generator=generator)
+    layout = cpu_lut.cached_layout(packed_signs, row_scale, None, [40])
+    assert cpu_lut.cached_layout(packed_signs, row_scale, None, [40]) is layout
+    packed_signs.bitwise_not_()
+    out = torch.ops.rabit.residual_binary_linear(x, packed_signs, row_scale, col_scale[0], None, 50)
+    expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, None, 50, [40])
+    assert_close_scaled(out, expected, scale, torch.float32)
+
+
+class Block(torch.nn.Module):
+    """Three projections of one input (fused by the backend) and one of their sum (not fused)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(width, n) for n in (width, 24, 24))
+        self.o = torch.nn.Linear(width + 48, width, bias=False)
+
+    def forward(self, x):
+        return self.o(torch.cat([self.q(x), self.k(x), self.v(x)], -1))
+
+
+@pytest.mark.parametrize("tables", cpu_lut.TABLE_PRECISIONS)
+def test_backend_kernel_calls_follow_in_place_buffer_updates(tables):
+    """``backend="rabit"`` on a ``quantize_``-packed model lowers its calls (3 rows: the kernel form) to
+    ``rabit::lut_gemv`` on layouts derived at compile time; an in-place change of a module's packed tensors (a fused
+    one and an unfused one) is derived again before the next call, never served stale."""
+    torch.manual_seed(0)
+    model = Block(80).eval()
+    quantize_(model, RaBiTConfig(skip=()), example_input=torch.randn(1, 80), progress=False)
+    x = torch.randn(3, 80)
+    compiled = torch.compile(model, backend="rabit", options={"cpu_tables": tables})
+    tolerance = {"fp32": 1e-5, "int8": 2e-2}[tables]
+    torch.testing.assert_close(compiled(x), model(x), rtol=tolerance, atol=tolerance)
+    with torch.no_grad():
+        model.k.packed_signs.bitwise_not_()
+        model.o.row_scale.mul_(-2)
+        model.q.bias.add_(1)
+    torch.testing.assert_close(compiled(x), model(x), rtol=tolerance, atol=tolerance)
