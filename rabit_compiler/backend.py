@@ -151,6 +151,9 @@ def rabit_backend(
     use_inductor = bool(options.pop("inductor", True))
     fuse = bool(options.pop("fuse_siblings", True))
     cpu_tables = options.pop("cpu_tables", DEFAULT_TABLE_PRECISION)
+    if "head" in options:
+        raise ValueError("rabit backend: the LM head is made weight-only by rabit.quantize_ (RaBiTConfig.head); "
+                         "the backend's data-free path leaves linears tied to an embedding in full precision")
     config = RaBiTConfig.from_options(options)
     if mode not in _INDUCTOR_MODES:
         valid = sorted(m for m in _INDUCTOR_MODES if m)

@@ -143,3 +143,9 @@ def test_fp_head_scheme_leaves_the_model_as_it_was():
     assert report.head is None and report.skipped["lm_head"]
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
     assert quantize_head_(torch.nn.Sequential(torch.nn.Linear(4, 4)), "int8") is None  # no head found: logged
+
+
+def test_backend_refuses_a_head_option_it_would_not_apply():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(Exception, match="weight-only by rabit.quantize_"):
+        torch.compile(model, backend="rabit", options={"head": "int8"})(torch.randn(2, 8))
