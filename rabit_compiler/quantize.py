@@ -1,7 +1,10 @@
 """``quantize_``: replace a model's linear weights by packed residual-binary weights, in place.
 
-1. Find every linear through the model's Dynamo graph and, with calibration data, collect channel
-   statistics (:mod:`rabit_compiler.calibration`).
+1. Find the linears. Data-free, when every 2-D weight of the model sits in an ``nn.Linear``, GPT-2 ``Conv1D``
+   or ``nn.Embedding``: from the modules alone, no tracing, no input (a weight that is also a parameter of
+   another module, e.g. tied to an embedding, counts as used elsewhere). Otherwise (calibration data, or
+   raw parameters that may feed ``F.linear``/``matmul``): through the model's Dynamo graph on an example
+   input, collecting channel statistics on the calibration data (:mod:`rabit_compiler.calibration`).
 2. Fit k binary paths per weight (iterative residual SVID, preconditioned by the statistics) and pack.
 3. Swap the owner: an ``nn.Linear`` or GPT-2 ``Conv1D`` becomes a :class:`RaBiTLinear`; any other module
    that uses a raw parameter through ``F.linear``/``matmul`` is symbolically traced and its graph frozen by
@@ -22,7 +25,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from rabit_compiler.calibration import CapturedLinear, capture_linears
+from rabit_compiler.calibration import CapturedLinear, ChannelStat, capture_linears
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.head import quantize_head_
 from rabit_compiler.kernels import PackedResidualBinary, words_per_row
@@ -125,20 +128,17 @@ def quantize_(
     """Quantize ``model``'s linear layers in place to ``config.paths``-path residual binary.
 
     ``calibration``: token windows ``[num, T]`` (or an iterable of batches) used for the channel-importance
-    preconditioning; without it the fit is data-free. ``example_input`` is what the model is traced with
-    (default: the first calibration batch, else 8 token ids). Resets ``torch.compiler`` caches when done
-    (the capture compiled the model once). Returns a :class:`QuantizeReport`.
+    preconditioning; without it the fit is data-free. The model is traced (once, with ``example_input``; by
+    default the first calibration batch, else 8 token ids) only when calibration is given or a 2-D parameter
+    sits outside ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` modules (see the module docstring); tracing
+    resets the ``torch.compiler`` caches when done. Returns a :class:`QuantizeReport`.
     """
     config = config or RaBiTConfig()
     report = QuantizeReport(bytes_before=model_bytes(model))
-    if example_input is None:
-        example_input = default_example_input(model, calibration)
-    capture = capture_linears(model, example_input, calibration, progress=progress)
-    for reason in capture.skipped:
-        logger.info("rabit: not a quantizable linear: %s", reason)
+    linears, traced = find_linears(model, calibration, example_input, progress)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     by_owner: dict[str, list[tuple[str, CapturedLinear]]] = {}
-    for linear in capture.linears.values():
+    for linear in linears:
         reason = skip_reason(linear, config, names)
         if reason is not None:
             report.skipped[linear.name] = reason
@@ -152,7 +152,7 @@ def quantize_(
                 report.quantized.append(linear.name)
             else:
                 report.skipped[linear.name] = reason
-    capture.linears.clear()
+    linears.clear()
     report.head = quantize_head_(model, config.head, config.scale_dtype)
     report.skipped.pop(report.head, None)
     for name, reason in report.skipped.items():
@@ -160,22 +160,81 @@ def quantize_(
     from rabit_compiler.integrations.transformers import mark_quantized  # imports this module
 
     mark_quantized(model, config)  # what save / save_pretrained record
-    torch.compiler.reset()
+    if traced:
+        torch.compiler.reset()
     report.bytes_after = model_bytes(model)
     logger.info("rabit: quantized %d linears; parameters+buffers %.1f MB -> %.1f MB", len(report.quantized),
                 report.bytes_before / 1e6, report.bytes_after / 1e6)
     return report
 
 
-def default_example_input(model: torch.nn.Module, calibration: object) -> torch.Tensor:
-    """A ``[1, T]`` token batch to trace ``model`` with: the first calibration window, else ids ``0..7``."""
+def find_linears(model: torch.nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] | None,
+                 example_input: torch.Tensor | None, progress: bool) -> tuple[list[CapturedLinear], bool]:
+    """The linears to fit, and whether the model was traced to find them (see the module docstring)."""
+    unowned = unowned_matrices(model)
+    if calibration is None and not unowned:
+        return module_linears(model), False
+    if example_input is None:
+        example_input = default_example_input(model, calibration, unowned)
+    capture = capture_linears(model, example_input, calibration, progress=progress)
+    for reason in capture.skipped:
+        logger.info("rabit: not a quantizable linear: %s", reason)
+    linears = list(capture.linears.values())
+    if calibration is None:  # the tracing run recorded statistics of the example input: not calibration data
+        for linear in linears:
+            linear.input_stat, linear.output_stat = ChannelStat(), ChannelStat()
+    return linears, True
+
+
+def _linear_layout(module: torch.nn.Module) -> str | None:
+    """``"out_in"`` for an ``nn.Linear`` (weight ``[N, K]``), ``"in_out"`` for a GPT-2 ``Conv1D`` (``[K, N]``)."""
+    if isinstance(module, torch.nn.Linear):
+        return "out_in"
+    return "in_out" if type(module).__name__ == "Conv1D" else None
+
+
+def module_linears(model: torch.nn.Module) -> list[CapturedLinear]:
+    """Every ``nn.Linear`` / ``Conv1D`` of ``model`` from its modules alone (no statistics); a weight that is a
+    parameter of more than one module (a tie) is marked as used elsewhere."""
+    holders: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        holders[id(parameter)] = holders.get(id(parameter), 0) + 1
+    linears = []
+    for name, module in model.named_modules():
+        layout = _linear_layout(module)
+        if layout is not None and isinstance(module.weight, torch.nn.Parameter):
+            linears.append(CapturedLinear(name=name, weight=module.weight, bias=module.bias, layout=layout,
+                                          other_uses=holders[id(module.weight)] > 1))
+    return linears
+
+
+def unowned_matrices(model: torch.nn.Module) -> list[str]:
+    """2-D floating-point parameters held by modules other than ``nn.Linear``, ``Conv1D`` and ``nn.Embedding``:
+    only a traced run shows whether they feed linear layers."""
+    names = []
+    for module_name, module in model.named_modules():
+        if _linear_layout(module) is not None or isinstance(module, torch.nn.Embedding):
+            continue
+        for attr, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() == 2 and parameter.is_floating_point():
+                names.append(f"{module_name}.{attr}" if module_name else attr)
+    return names
+
+
+def default_example_input(model: torch.nn.Module, calibration: object, unowned: list[str] | None = None
+                          ) -> torch.Tensor:
+    """A ``[1, T]`` token batch to trace ``model`` with: the first calibration window, else ids ``0..7``.
+    ``unowned`` (the parameters that made tracing necessary) is named in the error when neither exists."""
     if isinstance(calibration, torch.Tensor):
         return calibration[:1]
     if calibration is not None:
         raise ValueError("pass example_input when calibration is not a tensor of token windows")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
-        raise ValueError("pass example_input: the model has no config.vocab_size to make token ids from")
+        why = (f": {unowned} are parameters outside nn.Linear / Conv1D / nn.Embedding modules, and only a run of "
+               "the model shows whether they feed linear layers") if unowned else ""
+        raise ValueError(f"pass example_input (an input the model's forward takes) to trace the model{why}; the "
+                         "model has no config.vocab_size to make token ids from")
     return torch.arange(8).remainder(vocab).unsqueeze(0)
 
 

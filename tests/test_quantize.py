@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import rabit_compiler as rabit
 from rabit_compiler.calibration import capture_linears
-from rabit_compiler.quantize import RaBiTLinear, model_bytes
+from rabit_compiler.quantize import RaBiTLinear, model_bytes, module_linears, unowned_matrices
 
 
 def tiny_llama(seed=0, tie=False):
@@ -165,3 +168,112 @@ def test_generate_on_the_compiled_quantized_model_matches_eager_and_does_not_rec
     assert torch.equal(out, expected)
     # prefill, the first decode step, then one dynamic-length graph for every later step
     assert len(compiles) <= 3, f"{len(compiles)} compiles for 10 tokens"
+
+
+# --- data-free quantize_ on any module: no tracing, no example input ------------------------------------------
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, sizes: list[int], bias: bool):
+        super().__init__()
+        pairs = zip(sizes, sizes[1:], strict=False)
+        self.layers = torch.nn.Sequential(*(torch.nn.Linear(a, b, bias=bias) for a, b in pairs))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def no_tracing():
+    return mock.patch("rabit_compiler.quantize.capture_linears",
+                      side_effect=AssertionError("quantize_ traced a model whose linears are all nn.Linear / Conv1D"))
+
+
+@given(sizes=st.lists(st.integers(1, 70), min_size=2, max_size=4), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_any_module_of_linears_is_quantized_data_free_without_tracing(sizes, bias, dtype, batch, seed):
+    torch.manual_seed(seed)
+    model = Stack(sizes, bias).to(dtype)
+    with no_tracing():
+        report = rabit.quantize_(model, rabit.RaBiTConfig(rounds=2), progress=False)
+    assert report.quantized == [f"layers.{i}" for i in range(len(sizes) - 1)] and not report.skipped
+    x = torch.randn(batch, sizes[0]).to(dtype)
+    reference = x.double()
+    for layer in model.layers:
+        assert isinstance(layer, RaBiTLinear)
+        reference = F.linear(reference, layer.dequantize(torch.float64),
+                             None if layer.bias is None else layer.bias.double())
+    with torch.no_grad():
+        out = model(x)
+    assert out.dtype == dtype
+    # each layer rounds its output once to the activation dtype (K <= 70); the float64 reference of the same
+    # packed weights agrees to that rounding, carried through at most three layers
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.double(), reference, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_the_module_scan_finds_what_the_trace_finds(architecture):
+    if architecture == "llama":
+        model = tiny_llama(7, tie=True)
+    else:
+        torch.manual_seed(7)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)).eval()
+
+    def found(linears):
+        return {(c.name, id(c.weight), c.layout, c.other_uses) for c in linears}
+
+    traced = capture_linears(model, torch.arange(8)[None], progress=False).linears.values()
+    assert unowned_matrices(model) == []
+    assert found(module_linears(model)) == found(traced)
+    assert ("lm_head", id(model.lm_head.weight), "out_in", True) in found(traced)
+
+
+def test_data_free_gpt2_conv1d_equals_the_model_with_dequantized_weights():
+    torch.manual_seed(8)
+    config = GPT2Config(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+    model, reference = GPT2LMHeadModel(config).eval(), GPT2LMHeadModel(config).eval()
+    reference.load_state_dict(model.state_dict())
+    with no_tracing():
+        report = rabit.quantize_(model, rabit.RaBiTConfig(rounds=2), progress=False)
+    assert len(report.quantized) == 8
+    with torch.no_grad():
+        for name, w_hat in dequantized_copy(model).items():
+            reference.get_submodule(name).weight.copy_(w_hat.T)  # Conv1D holds W [K, N]
+        ids = torch.randint(0, 97, (2, 8))
+        # same weights; the packed op sums its paths in fp32: differences are fp32 rounding over K <= 192
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_linear_tied_to_an_embedding_is_found_by_identity_and_left_fp():
+
+    class TiedLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(40, 24)
+            self.mix = torch.nn.Linear(24, 24)
+            self.head = torch.nn.Linear(24, 40, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.mix(self.embed(ids)))
+
+    model = TiedLM()
+    with no_tracing():
+        report = rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, skip=()), progress=False)
+    assert report.quantized == ["mix"]
+    assert report.skipped == {"head": "weight is also used outside linear layers (e.g. tied to an embedding)"}
+    assert model.head.weight is model.embed.weight
+
+
+def test_raw_parameters_need_an_example_input_and_the_error_names_them():
+    class Raw(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.w_out = torch.nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            return F.linear(self.proj(x), self.w_out)
+
+    with pytest.raises(ValueError, match=r"pass example_input .*\['0.w_out'\] are parameters outside nn.Linear"):
+        rabit.quantize_(torch.nn.Sequential(Raw()), progress=False)

@@ -119,3 +119,6 @@ def mark_quantized(model: torch.nn.Module, config: RaBiTConfig | None) -> None:
     model.hf_quantizer = RaBiTHfQuantizer(quantization_config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = True
