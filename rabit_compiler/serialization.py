@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -59,19 +58,6 @@ PACKED_MODULES: dict[str, type[torch.nn.Module]] = {"rabit_linear": RaBiTLinear,
 class RaBiTFormatError(ValueError):
     """A saved RaBiT model cannot be loaded: wrong version, invalid quantization_config, missing or unexpected
     tensor, wrong shape or dtype, truncated or corrupted file. The message names the file and what is wrong."""
-
-
-def register_packed_module(kind: str) -> Callable[[type[torch.nn.Module]], type[torch.nn.Module]]:
-    """Class decorator: save and load modules of this class as packed layers of type ``kind`` (the class
-    provides ``metadata()`` and ``from_metadata(metadata)``, see the module docstring)."""
-
-    def register(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
-        if PACKED_MODULES.get(kind, cls) is not cls:
-            raise ValueError(f"packed module type {kind!r} is already registered for {PACKED_MODULES[kind]}")
-        PACKED_MODULES[kind] = cls
-        return cls
-
-    return register
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
