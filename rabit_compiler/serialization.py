@@ -217,7 +217,11 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RaBiTFormatError(f"tensor file {path} is not a safetensors file: its header is not JSON") from error
     start = 8 + length
-    end = start + max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    try:
+        end = start + max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+                          default=0)
+    except (AttributeError, KeyError, TypeError, IndexError) as error:
+        raise RaBiTFormatError(f"tensor file {path} has a malformed safetensors header ({error!r})") from error
     if size != end:
         kind = "truncated" if size < end else "longer than its header says"
         raise RaBiTFormatError(f"tensor file {path} is {kind}: {size} bytes, its header needs {end}")
@@ -314,6 +318,7 @@ def save(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Any = 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PreTrainedModel):
+        quantization_record(model, config)  # raises for packed weights that cannot be rebuilt on load
         mark_quantized(model, config)
         model.save_pretrained(directory)
     else:

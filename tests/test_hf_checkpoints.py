@@ -186,3 +186,33 @@ def test_unquantized_model_keeps_its_usual_save_path(tmp_path):
     assert not hasattr(loaded, "rabit_config") and not packed_paths(loaded)
     ids = torch.randint(0, VOCAB, (1, 6))
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_sharded_checkpoint_round_trips(saved_llama, tmp_path):
+    _, model = saved_llama
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*"))) > 2
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), logits(model, ids))
+    assert torch.equal(logits(rabit.load(tmp_path), ids), logits(model, ids))
+
+
+class RawMLP(torch.nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.w_in = torch.nn.Parameter(torch.randn(inner, hidden) / 8)
+        self.w_out = torch.nn.Parameter(torch.randn(hidden, inner) / 9)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, self.w_in)), self.w_out)
+
+
+def test_packed_weights_of_traced_owners_are_refused_by_save_not_lost(tmp_path, caplog):
+    model = tiny("llama")
+    model.model.layers[0].mlp = RawMLP(64, 88)
+    with caplog.at_level("WARNING", logger="rabit_compiler"):
+        report = rabit.quantize_(model, rabit.RaBiTConfig(rounds=1), progress=False)
+    assert "model.layers.0.mlp.w_in" in report.quantized
+    assert "rabit.save refuses this model" in caplog.text and getattr(model, "hf_quantizer", None) is None
+    with pytest.raises(ValueError, match=r"symbolically traced modules \['model.layers.0.mlp'\]"):
+        rabit.save(model, tmp_path)

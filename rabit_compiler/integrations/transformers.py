@@ -114,7 +114,12 @@ def mark_quantized(model: torch.nn.Module, config: RaBiTConfig | None) -> None:
     model.rabit_config = config
     if not isinstance(model, PreTrainedModel):
         return
-    quantization_config = RaBiTQuantizationConfig.from_model(model, config)
+    try:
+        quantization_config = RaBiTQuantizationConfig.from_model(model, config)
+    except ValueError as error:  # packed weights in symbolically traced owners: no checkpoint format for them
+        logger.warning("rabit: %s; rabit.save refuses this model and save_pretrained would write its packed "
+                       "buffers under names no load rebuilds", error)
+        return
     model.config.quantization_config = quantization_config
     model.hf_quantizer = RaBiTHfQuantizer(quantization_config, pre_quantized=True)
     model.is_quantized = True
