@@ -216,3 +216,15 @@ def test_packed_weights_of_traced_owners_are_refused_by_save_not_lost(tmp_path, 
     assert "rabit.save refuses this model" in caplog.text and getattr(model, "hf_quantizer", None) is None
     with pytest.raises(ValueError, match=r"symbolically traced modules \['model.layers.0.mlp'\]"):
         rabit.save(model, tmp_path)
+
+
+def test_a_model_packed_by_qat_convert_round_trips(tmp_path):
+    model = tiny("qwen2")
+    config = rabit.RaBiTConfig(rounds=1)
+    rabit.prepare_qat(model, config, method="rabit")
+    rabit.convert(model, config)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert len(packed_paths(loaded)) == 14
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
