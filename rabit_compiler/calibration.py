@@ -7,7 +7,9 @@ then runs through an :class:`fx.Interpreter` that records, per linear:
 
 - ``input_stat [K]``: per-input-channel magnitude of the activations ``x`` (RMS or mean ``|x|``);
 - ``output_stat [N]``: per-output-channel magnitude of ``dL/dy`` (next-token loss) when the model returns
-  logits, else of ``y`` itself.
+  logits, else of ``y`` itself;
+- ``input_gram [K, K]`` (when asked for): ``X^T X`` of the input rows, one ``addmm_`` per batch, shared by the
+  linears that read the same input (q/k/v, gate/up).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tqdm.auto import tqdm
 from rabit_compiler.passes import GraphWeights, LinearSite, find_linears, weight_used_elsewhere
 
 logger = logging.getLogger("rabit_compiler")
+
+CALIBRATION_BATCH = 4
 
 
 @dataclass
@@ -53,6 +57,31 @@ class ChannelStat:
 
 
 @dataclass
+class InputGram:
+    """Running ``X^T X [K, K]`` (fp32) over the rows of a linear's inputs."""
+
+    matrix: torch.Tensor | None = None
+    rows: int = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        rows = values.detach().reshape(-1, values.shape[-1]).float()
+        if self.matrix is None:
+            self.matrix = rows.T @ rows
+        else:
+            self.matrix.addmm_(rows.T, rows)
+        self.rows += rows.shape[0]
+
+    def add(self, gram: torch.Tensor, rows: int) -> None:
+        """Add an already computed ``X^T X`` of ``rows`` rows (shared by linears that read the same ``X``)."""
+        self.matrix = gram.clone() if self.matrix is None else self.matrix.add_(gram)
+        self.rows += rows
+
+    def mean(self) -> torch.Tensor | None:
+        """``X^T X / rows``, or None before any update."""
+        return None if self.rows == 0 else self.matrix / self.rows
+
+
+@dataclass
 class CapturedLinear:
     """One linear layer of the model: its weight parameter (as stored), bias, layout and statistics."""
 
@@ -62,6 +91,7 @@ class CapturedLinear:
     layout: str
     input_stat: ChannelStat = field(default_factory=ChannelStat)
     output_stat: ChannelStat = field(default_factory=ChannelStat)
+    input_gram: InputGram | None = None
     other_uses: bool = False
 
 
@@ -71,6 +101,11 @@ class _StatsInterpreter(fx.Interpreter):
         super().__init__(gm)
         self.sites = sites
         self.output_gradients = output_gradients
+        self.grams_updated: set[tuple[int, fx.Node]] = set()
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self.grams_updated.clear()
+        return super().run(*args, **kwargs)
 
     def run_node(self, node: fx.Node) -> Any:
         result = super().run_node(node)
@@ -78,6 +113,10 @@ class _StatsInterpreter(fx.Interpreter):
             return result
         site, captured = self.sites[node]
         captured.input_stat.update(self.env[site.x])
+        gram = captured.input_gram
+        if gram is not None and (id(gram), site.x) not in self.grams_updated:
+            gram.update(self.env[site.x])
+            self.grams_updated.add((id(gram), site.x))
         if self.output_gradients and torch.is_grad_enabled():
             if not result.requires_grad:
                 result = result.detach().requires_grad_(True)
@@ -88,11 +127,13 @@ class _StatsInterpreter(fx.Interpreter):
 
 
 class LinearCapture:
-    """Captures a model's linears (see the module docstring); ``self.linears`` maps id(weight) to them."""
+    """Captures a model's linears (see the module docstring); ``self.linears`` maps id(weight) to them.
+    ``input_grams``: also accumulate each linear's ``X^T X``."""
 
-    def __init__(self, model: torch.nn.Module, output_gradients: bool):
+    def __init__(self, model: torch.nn.Module, output_gradients: bool, input_grams: bool = False):
         self.model = model
         self.output_gradients = output_gradients
+        self.input_grams = input_grams
         self.linears: dict[int, CapturedLinear] = {}
         self.skipped: list[str] = []
         self._names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
@@ -103,12 +144,13 @@ class LinearCapture:
         self.skipped.extend(f"{s.node.name}: {s.reason}" for s in skipped)
         weights = GraphWeights(gm, example_inputs)
         site_nodes = {site.node for site in sites}
-        by_node = {site.node: (site, self._record(gm, site, weights, site_nodes)) for site in sites}
+        grams: dict[fx.Node, InputGram] = {}
+        by_node = {site.node: (site, self._record(gm, site, weights, site_nodes, grams)) for site in sites}
         interpreter = _StatsInterpreter(gm, by_node, self.output_gradients)
         return lambda *args: interpreter.run(*args)
 
     def _record(self, gm: fx.GraphModule, site: LinearSite, weights: GraphWeights,
-                site_nodes: set[fx.Node]) -> CapturedLinear:
+                site_nodes: set[fx.Node], grams: dict[fx.Node, InputGram]) -> CapturedLinear:
         weight = weights.value(site.weight)
         bias = weights.value(site.bias) if site.bias is not None else None
         name = self._names.get(id(weight), weights.name(site.weight))
@@ -116,6 +158,11 @@ class LinearCapture:
         if captured is None:
             captured = CapturedLinear(name=name.removesuffix(".weight"), weight=weight, bias=bias, layout=site.layout)
             self.linears[id(weight)] = captured
+        if self.input_grams:
+            if captured.input_gram is None:
+                captured.input_gram = grams.setdefault(site.x, InputGram())
+            else:
+                grams.setdefault(site.x, captured.input_gram)
         if weight_used_elsewhere(gm, site, site_nodes):
             captured.other_uses = True
         return captured
@@ -131,7 +178,8 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     )
 
 
-def _batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+def calibration_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Token windows ``[num, T]`` split into batches of ``batch_size`` (or the given batches), checked."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"calibration tokens must be an integer tensor [num_windows, seq_len], got "
@@ -149,24 +197,26 @@ def capture_linears(
     model: torch.nn.Module,
     example_input: torch.Tensor,
     calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
-    batch_size: int = 4,
+    batch_size: int = CALIBRATION_BATCH,
     progress: bool = True,
+    input_grams: bool = False,
 ) -> LinearCapture:
     """Trace ``model(example_input)`` once to find its linears; with ``calibration`` (token windows
-    ``[num, T]`` or an iterable of ``[B, T]`` batches) also collect their channel statistics, with gradients
-    of the next-token loss when the model returns logits."""
+    ``[num, T]`` or an iterable of ``[B, T]`` batches) also collect their channel statistics (and ``X^T X``
+    when ``input_grams``), with gradients of the next-token loss when the model returns logits."""
     device = next(model.parameters()).device
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         logits_model = _returns_logits(model, example_input.to(device))
-        capture = LinearCapture(model, output_gradients=logits_model)
+        capture = LinearCapture(model, output_gradients=logits_model, input_grams=input_grams)
         if calibration is None:
             with torch.no_grad():
                 capture(example_input.to(device))
             return capture
-        for batch in tqdm(_batches(calibration, batch_size), desc="rabit: calibration", disable=not progress):
+        batches = calibration_batches(calibration, batch_size)
+        for batch in tqdm(batches, desc="rabit: calibration", disable=not progress):
             batch = batch.to(device)
             if logits_model:
                 with torch.enable_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 
@@ -30,19 +31,35 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"fp32 perplexity (held-out lee.cor): {fp_ppl:.2f}")
 
     config = RaBiTConfig(paths=args.paths, rounds=args.rounds)
+    teacher = copy.deepcopy(model) if args.tune_steps else None
     started = time.perf_counter()
     report = quantize_(model, config, calibration=None if args.data_free else calibration)
     init_seconds = time.perf_counter() - started
-    print(f"quantize_: {len(report.quantized)} linears packed to {args.paths} paths, {len(report.skipped)} kept "
-          f"fp ({', '.join(sorted(report.skipped))}); parameters+buffers {report.bytes_before / 1e6:.1f} MB -> "
+    print(f"quantize_ (fit {config.fit!r}, objective {config.objective!r}, sequential {config.sequential}): "
+          f"{len(report.quantized)} linears packed to {args.paths} paths, {len(report.skipped)} kept fp "
+          f"({', '.join(sorted(report.skipped))}); parameters+buffers {report.bytes_before / 1e6:.1f} MB -> "
           f"{report.bytes_after / 1e6:.1f} MB; {init_seconds:.1f} s")
 
     started = time.perf_counter()
     model.compile(backend="rabit", options={"inductor": not args.no_inductor})
     quant_ppl = perplexity(model, heldout, batch_size=args.batch_size)
-    print(f"2-bit RaBiT perplexity (init only, no QAT; compiled with backend='rabit'): {quant_ppl:.1f} "
+    print(f"2-bit RaBiT perplexity (PTQ, no training; compiled with backend='rabit'): {quant_ppl:.1f} "
           f"[compile + eval {time.perf_counter() - started:.1f} s]")
-    print("note: at 135M parameters the init alone is far from fp quality; it is the starting point for QAT.")
+    if teacher is not None:
+        from rabit_compiler.qat import QATConfig
+        from rabit_compiler.qat.tune import tune_scales_
+
+        tune_windows = token_windows(tokenizer, train_text, args.tune_seq_len)
+        tune_config = QATConfig(steps=args.tune_steps, batch_size=4, seq_len=args.tune_seq_len, lr_scale=args.tune_lr,
+                                warmup_steps=min(4, args.tune_steps - 1), optimizer="adamw")
+        started = time.perf_counter()
+        tune_scales_(model, teacher, tune_windows, tune_config)
+        tune_seconds = time.perf_counter() - started
+        del teacher
+        model.compile(backend="rabit", options={"inductor": not args.no_inductor})
+        tuned_ppl = perplexity(model, heldout, batch_size=args.batch_size)
+        print(f"2-bit RaBiT perplexity after end-to-end scale tuning (signs fixed; {args.tune_steps} steps x 4 x "
+              f"{args.tune_seq_len} tokens of lee_background, {tune_seconds:.0f} s): {tuned_ppl:.1f}")
 
     # generate() changes shapes (prefill, first step, later steps): three graphs. Inductor spends ~40 s on
     # each on 2 CPU cores, so the demo runs the packed graphs eagerly here; --generate-with-inductor to not.
@@ -78,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--prompt", default="The Prime Minister said on Tuesday that")
     demo.add_argument("--new-tokens", type=int, default=12)
     demo.add_argument("--generate-with-inductor", action="store_true", help="Inductor for generate() too (slow)")
+    demo.add_argument("--tune-steps", type=int, default=0,
+                      help="then tune the scales end to end (signs fixed) for this many distillation steps")
+    demo.add_argument("--tune-seq-len", type=int, default=256)
+    demo.add_argument("--tune-lr", type=float, default=1e-3)
     generate = commands.add_parser("generate", help="stream a greedy continuation from a model saved by rabit.save")
     generate.add_argument("--model", required=True, help="directory written by rabit_compiler.save (with tokenizer)")
     generate.add_argument("--prompt", required=True)

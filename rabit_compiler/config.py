@@ -13,6 +13,8 @@ DEFAULT_SKIP = ("lm_head", "*.lm_head", "*embed*", "*wte", "*wpe")
 STATISTICS = ("rms", "mean_abs")
 HEAD_SCHEMES: dict[str, tuple[int, int | None] | None] = {"fp": None, "int8": (8, None), "int4": (4, 32)}
 """``RaBiTConfig.head`` -> ``(bits, group_size)`` of the weight-only LM head (None: full precision)."""
+FITS = ("svid", "als", "coupled", "gptq")
+OBJECTIVES = ("diag", "hessian")
 
 
 @dataclass
@@ -32,6 +34,19 @@ class RaBiTConfig:
     - ``anchor_margin``: where in its feasible interval the re-anchored latent sits, in (0, 1).
     - ``head``: the LM head (never binarized) in weight-only ``"int8"`` (a scale per row), ``"int4"`` (a scale
       per 32 columns) or ``"fp"`` (as it was); a head tied to the embedding is untied, the embedding stays exact.
+    - ``fit``: how the paths are fitted (:mod:`rabit_compiler.fit`): ``"svid"`` (iterative residual SVID of
+      the preconditioned weight), ``"als"`` (from that, alternating least-squares scales and nearest signs),
+      ``"coupled"`` (from greedy SVID, scales only, signs by the coupled rule: a latent equal to the weight
+      reproduces it), ``"gptq"`` (error feedback through ``H^-1`` in column blocks, then scale refits).
+    - ``objective``: the error the fit lowers with calibration data: ``"diag"`` (the preconditioned weight
+      error: row weights ``s_out^(2 alpha_out)``, column weights ``s_in^(2 alpha_in)``) or ``"hessian"`` (the
+      layer's output error with the full input second moment ``H = X^T X``, rows weighted by
+      ``s_out^(2 alpha_out)``). Without calibration every fit is data-free (the Frobenius error).
+    - ``fit_rounds``: alternations of the ``als`` / ``coupled`` / ``gptq`` fits.
+    - ``damp``: the dampening ``damp * mean(diag H)`` added to ``H``'s diagonal.
+    - ``block_size``: columns per lazy update of the ``gptq`` fit.
+    - ``sequential``: with calibration data, quantize the decoder blocks in order, each block's input
+      statistics taken on the model whose earlier blocks are already quantized (:mod:`rabit_compiler.sequential`).
     """
 
     paths: int = 2
@@ -44,6 +59,12 @@ class RaBiTConfig:
     scale_dtype: torch.dtype = torch.float16
     anchor_margin: float = 0.5
     head: str = "int8"
+    fit: str = "svid"
+    objective: str = "diag"
+    fit_rounds: int = 4
+    damp: float = 0.01
+    block_size: int = 128
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str):
@@ -68,6 +89,16 @@ class RaBiTConfig:
             raise ValueError(f"RaBiTConfig.head must be one of {sorted(HEAD_SCHEMES)}, got {self.head!r}")
         if not 0.0 < self.anchor_margin < 1.0:
             raise ValueError(f"RaBiTConfig.anchor_margin must lie in (0, 1), got {self.anchor_margin}")
+        if self.fit not in FITS:
+            raise ValueError(f"RaBiTConfig.fit must be one of {FITS}, got {self.fit!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"RaBiTConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("fit_rounds", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "block_size" else 0):
+                raise ValueError(f"RaBiTConfig.{name} must be an integer >= {int(name == 'block_size')}, got {value!r}")
+        if not self.damp > 0:
+            raise ValueError(f"RaBiTConfig.damp must be positive, got {self.damp!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | RaBiTConfig | None) -> RaBiTConfig:
@@ -104,7 +135,12 @@ class RaBiTConfig:
 
     def fit_key(self) -> tuple:
         """What a data-free fit of one weight depends on (cache key)."""
-        return (self.paths, self.rounds, self.scale_dtype)
+        return (self.paths, self.rounds, self.scale_dtype, self.fit, self.fit_rounds)
+
+    @property
+    def needs_input_gram(self) -> bool:
+        """Whether the fit reads the full input second moment ``X^T X`` of the calibration activations."""
+        return self.fit != "svid" and self.objective == "hessian"
 
 
 BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings", "cpu_tables"}

@@ -5,7 +5,8 @@
    another module, e.g. tied to an embedding, counts as used elsewhere). Otherwise (calibration data, or
    raw parameters that may feed ``F.linear``/``matmul``): through the model's Dynamo graph on an example
    input, collecting channel statistics on the calibration data (:mod:`rabit_compiler.calibration`).
-2. Fit k binary paths per weight (iterative residual SVID, preconditioned by the statistics) and pack.
+2. Fit k binary paths per weight (``RaBiTConfig.fit``, from the statistics; with ``sequential``, decoder block
+   by decoder block, see :mod:`rabit_compiler.sequential`) and pack.
 3. Swap the owner: an ``nn.Linear`` or GPT-2 ``Conv1D`` becomes a :class:`RaBiTLinear`; any other module
    that uses a raw parameter through ``F.linear``/``matmul`` is symbolically traced and its graph frozen by
    the same *freeze & pack* pass the backend uses. A layer that cannot be swapped stays in full precision
@@ -30,7 +31,8 @@ from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.head import quantize_head_
 from rabit_compiler.kernels import PackedResidualBinary, words_per_row
 from rabit_compiler.passes import freeze_and_pack
-from rabit_compiler.quantizer import fit_weight, pack_fit
+from rabit_compiler.quantizer import fit_linear, pack_fit
+from rabit_compiler.sequential import fit_in_block_order
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -135,7 +137,9 @@ def quantize_(
     """
     config = config or RaBiTConfig()
     report = QuantizeReport(bytes_before=model_bytes(model))
-    linears, traced = find_linears(model, calibration, example_input, progress)
+    sequential = config.sequential and calibration is not None
+    linears, traced = find_linears(model, calibration, example_input, progress,
+                                   input_grams=config.needs_input_gram and not sequential)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     by_owner: dict[str, list[tuple[str, CapturedLinear]]] = {}
     for linear in linears:
@@ -145,13 +149,21 @@ def quantize_(
             continue
         owner_name, _, attr = names[id(linear.weight)].rpartition(".")
         by_owner.setdefault(owner_name, []).append((attr, linear))
-    for owner_name, uses in tqdm(by_owner.items(), desc="rabit: fit + pack", disable=not progress):
+
+    def swap(owner_name: str, uses: list[tuple[str, CapturedLinear]]) -> None:
         reason = _swap(model, owner_name, uses, config)
         for _, linear in uses:
             if reason is None:
                 report.quantized.append(linear.name)
             else:
                 report.skipped[linear.name] = reason
+
+    if sequential:
+        single = {owner: uses[0][1] for owner, uses in by_owner.items() if len(uses) == 1 and uses[0][0] == "weight"}
+        fit_in_block_order(model, single, calibration, config.needs_input_gram,
+                           lambda owner, _: swap(owner, by_owner.pop(owner)), progress)
+    for owner_name, uses in tqdm(by_owner.items(), desc="rabit: fit + pack", disable=not progress):
+        swap(owner_name, uses)
     linears.clear()
     report.head = quantize_head_(model, config.head, config.scale_dtype)
     report.skipped.pop(report.head, None)
@@ -169,14 +181,16 @@ def quantize_(
 
 
 def find_linears(model: torch.nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] | None,
-                 example_input: torch.Tensor | None, progress: bool) -> tuple[list[CapturedLinear], bool]:
-    """The linears to fit, and whether the model was traced to find them (see the module docstring)."""
+                 example_input: torch.Tensor | None, progress: bool,
+                 input_grams: bool = False) -> tuple[list[CapturedLinear], bool]:
+    """The linears to fit, and whether the model was traced to find them (see the module docstring); with
+    ``input_grams`` the calibration also collects each linear's ``X^T X``."""
     unowned = unowned_matrices(model)
     if calibration is None and not unowned:
         return module_linears(model), False
     if example_input is None:
         example_input = default_example_input(model, calibration, unowned)
-    capture = capture_linears(model, example_input, calibration, progress=progress)
+    capture = capture_linears(model, example_input, calibration, progress=progress, input_grams=input_grams)
     for reason in capture.skipped:
         logger.info("rabit: not a quantizable linear: %s", reason)
     linears = list(capture.linears.values())
@@ -256,11 +270,7 @@ def skip_reason(linear: CapturedLinear, config: RaBiTConfig, names: dict[int, st
 
 def _fit_and_pack(linear: CapturedLinear, config: RaBiTConfig) -> PackedResidualBinary:
     config = config.for_layer(linear.name)
-    oriented = linear.weight.detach().T if linear.layout == "in_out" else linear.weight.detach()
-    fit = fit_weight(
-        oriented, config, linear.input_stat.summary(config.statistic), linear.output_stat.summary(config.statistic)
-    )
-    return pack_fit(fit, config, device=oriented.device)
+    return pack_fit(fit_linear(linear, config), config, device=linear.weight.device)
 
 
 def _swap(model: torch.nn.Module, owner_name: str, uses: list[tuple[str, CapturedLinear]],

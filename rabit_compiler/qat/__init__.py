@@ -11,6 +11,7 @@ from rabit_compiler.qat.layers import (
     fit_linears,
     fits_settings,
     load_fits,
+    packed_fits,
     prepare_qat,
     qat_layers,
     rtn_,
@@ -20,6 +21,6 @@ from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
 
 __all__ = [
     "METHODS", "OPTIMIZERS", "DistributedConfig", "LinearFits", "QATConfig", "QATTrainer", "ResidualBinaryTrainLinear",
-    "convert", "distributed_run", "fit_linears", "fits_settings", "load_fits", "prepare_qat", "qat_layers", "rtn_",
-    "save_fits",
+    "convert", "distributed_run", "fit_linears", "fits_settings", "load_fits", "packed_fits", "prepare_qat",
+    "qat_layers", "rtn_", "save_fits",
 ]

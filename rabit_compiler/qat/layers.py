@@ -1,17 +1,21 @@
 """The training form of a residual-binary linear, and the model-level swaps around it.
 
 :class:`ResidualBinaryTrainLinear` computes ``y = x @ W_hat.T (+ b)`` with ``W_hat [N, K]`` re-derived from
-its trainable tensors on every forward, by one of three methods (a switch, not three classes):
+its trainable tensors on every forward, by one of four methods (a switch, not four classes):
 
 - ``"rabit"`` (coupled): one latent ``W_FP [N, K]``, ``row_scale [k, N]``, ``col_scale [k, K]``;
   ``W_hat = coupled_residual_weight(W_FP, g, h)`` (``B_i = sign(R_{i-1})``, ``R_0 = W_FP``).
 - ``"standard"``: k independent latents ``W_i [N, K]``; ``W_hat = sum_i g_i * sign(W_i) * h_i``.
 - ``"frozen"``: paths ``< k`` are buffers fixed at their initial signs and scales; only the last path is
   trained: ``W_hat = sum_{j<k} path_j + g_k * sign(W_FP - sum_{j<k} path_j) * h_k``.
+- ``"scales"``: every sign fixed at the fit (buffers); only ``g``, ``h`` (and the bias) train: the end-to-end
+  scale tuning of a PTQ fit, ``2k(N + K)`` numbers per layer.
 
-All three use the identity straight-through estimator and start from the same fit (calibration-
-preconditioned iterative residual SVID, as :func:`rabit_compiler.quantize_` uses), reproduced exactly
-at step 0. :func:`prepare_qat` swaps a model's linears for them, :func:`convert` packs the trained layers
+All use the identity straight-through estimator and start from the same fit (:func:`~rabit_compiler.quantizer.
+fit_weight`, as :func:`rabit_compiler.quantize_` uses), reproduced exactly at step 0. The coupled latent
+starts either re-anchored inside the fit's sign intervals (:func:`~rabit_compiler.math.reanchor_latent`, any
+fit) or at the original weight (``latent_init="weight"``, for fits that obey the coupled sign rule: the
+``"coupled"`` fit). :func:`prepare_qat` swaps a model's linears for them, :func:`convert` packs the trained layers
 into :class:`~rabit_compiler.quantize.RaBiTLinear`, and :func:`rtn_` is the round-to-nearest baseline.
 """
 
@@ -21,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,7 @@ from tqdm.auto import tqdm
 from rabit_compiler.calibration import CapturedLinear, capture_linears
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.integrations.transformers import mark_quantized
+from rabit_compiler.kernels.packing import unpack_signs
 from rabit_compiler.math import (
     ResidualBinaryPaths,
     binary_path,
@@ -44,23 +49,26 @@ from rabit_compiler.math import (
     standard_residual_weight,
 )
 from rabit_compiler.quantize import RaBiTLinear, default_example_input, set_submodule, skip_reason
-from rabit_compiler.quantizer import fit_weight, pack_fit
+from rabit_compiler.quantizer import fit_linear, pack_fit
+from rabit_compiler.sequential import fit_in_block_order
 
 logger = logging.getLogger("rabit_compiler")
 
-METHODS = ("rabit", "standard", "frozen")
+METHODS = ("rabit", "standard", "frozen", "scales")
+LATENT_INITS = ("reanchor", "weight")
 
 
 class ResidualBinaryTrainLinear(torch.nn.Module):
     """A linear layer in QAT form (see the module docstring for the three ``method`` values).
 
     Built from an initial ``fit`` (k paths of the weight ``[N, K]``) and the layer's ``bias [N]`` or None.
-    ``anchor_margin`` places the coupled latent inside its sign-feasible interval
-    (:func:`~rabit_compiler.math.reanchor_latent`).
+    The latent of ``"rabit"`` / ``"frozen"`` is ``latent [N, K]`` when given (the original weight; the coupled
+    forward from it must reproduce ``fit``'s signs exactly, else ValueError), else re-anchored
+    (:func:`~rabit_compiler.math.reanchor_latent`, placed by ``anchor_margin`` in its sign-feasible interval).
     """
 
     def __init__(self, fit: ResidualBinaryPaths, bias: torch.Tensor | None, method: str = "rabit",
-                 anchor_margin: float = 0.5):
+                 anchor_margin: float = 0.5, latent: torch.Tensor | None = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -70,8 +78,20 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
         self.num_paths = fit.num_paths
         self.out_features, self.in_features = fit.signs.shape[1:]
         row_scales, col_scales = fit.row_scales.float(), fit.col_scales.float()
+        if latent is not None and method not in ("rabit", "frozen"):
+            raise ValueError(f"a given latent (latent_init='weight') needs method 'rabit' or 'frozen', not {method!r}")
         if method == "standard":
             self.latents = torch.nn.ParameterList(sign_preserving_latents(fit).unbind(0))
+        elif method == "scales":
+            self.register_buffer("signs", fit.signs.float().clone())
+        elif latent is not None:
+            latent = latent.detach().float().clone()
+            signs = torch.stack(coupled_residual_signs(latent, row_scales, col_scales))
+            mismatched = int((signs != fit.signs).any(dim=0).sum())
+            if mismatched:
+                raise ValueError(f"the coupled forward from the given latent misses the fit's signs at {mismatched} "
+                                 f"of {latent.numel()} entries: latent_init='weight' needs the 'coupled' fit")
+            self.latent = torch.nn.Parameter(latent)
         else:
             latent, mismatched = reanchor_latent(fit, anchor_margin)
             if mismatched:
@@ -105,6 +125,8 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
             return coupled_residual_weight(self.latent, self.row_scale, self.col_scale)
         if self.method == "standard":
             return standard_residual_weight(list(self.latents), self.row_scale, self.col_scale)
+        if self.method == "scales":
+            return ResidualBinaryPaths(self.signs, self.row_scale, self.col_scale).dequantize()
         residual, paths = self._frozen_residual()
         return sum(paths) + coupled_residual_weight(residual, self.row_scale, self.col_scale)
 
@@ -117,6 +139,8 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
             elif self.method == "standard":
                 signs = [hard_sign(latent) for latent in self.latents]
                 row_scales, col_scales = self.row_scale, self.col_scale
+            elif self.method == "scales":
+                signs, row_scales, col_scales = list(self.signs), self.row_scale, self.col_scale
             else:
                 residual, _ = self._frozen_residual()
                 signs = [*self.frozen_signs, *coupled_residual_signs(residual, self.row_scale, self.col_scale)]
@@ -171,12 +195,15 @@ def load_fits(path: str | os.PathLike) -> LinearFits:
 
 def _swappable_linears(model: torch.nn.Module, config: RaBiTConfig,
                        calibration: torch.Tensor | Iterable[torch.Tensor] | None, example_input: torch.Tensor | None,
-                       progress: bool) -> tuple[list[tuple[str, CapturedLinear]], dict[str, str]]:
+                       progress: bool, sequential: bool = False
+                       ) -> tuple[list[tuple[str, CapturedLinear]], dict[str, str]]:
     """``[(owner name, captured linear)]`` for every ``nn.Linear`` / GPT-2 ``Conv1D`` that the skip rules of
-    :func:`~rabit_compiler.quantize_` allow, with calibration statistics when ``calibration`` is given."""
+    :func:`~rabit_compiler.quantize_` allow, with calibration statistics when ``calibration`` is given (and
+    ``X^T X`` when the fit needs it, unless ``sequential``: then the sequential pass takes it)."""
     if example_input is None:
         example_input = default_example_input(model, calibration)
-    capture = capture_linears(model, example_input, calibration, progress=progress)
+    capture = capture_linears(model, example_input, calibration, progress=progress,
+                              input_grams=config.needs_input_gram and not sequential)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     chosen, skipped = [], {}
     for linear in capture.linears.values():
@@ -198,32 +225,66 @@ def _swappable_linears(model: torch.nn.Module, config: RaBiTConfig,
 def fit_linears(model: torch.nn.Module, config: RaBiTConfig | None = None,
                 calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
                 example_input: torch.Tensor | None = None, progress: bool = True) -> LinearFits:
-    """Fit ``config.paths`` binary paths to every swappable linear of ``model`` (not modified): iterative
-    residual SVID with ``config.rounds`` (0: greedy), preconditioned by calibration statistics when
-    ``calibration`` (token windows ``[num, T]``) is given. The same fit as :func:`~rabit_compiler.quantize_`."""
+    """Fit ``config.paths`` binary paths to every swappable linear of ``model`` (not modified) by ``config.fit``,
+    with calibration statistics when ``calibration`` (token windows ``[num, T]``) is given. The same fit as
+    :func:`~rabit_compiler.quantize_`."""
     config = config or RaBiTConfig()
-    chosen, skipped = _swappable_linears(model, config, calibration, example_input, progress)
+    sequential = config.sequential and calibration is not None
+    chosen, skipped = _swappable_linears(model, config, calibration, example_input, progress, sequential)
     result = LinearFits(skipped=skipped)
-    for owner_name, linear in tqdm(chosen, desc="rabit: fit", disable=not progress):
-        oriented = linear.weight.detach().T if linear.layout == "in_out" else linear.weight.detach()
-        fit = fit_weight(oriented, config.for_layer(linear.name), linear.input_stat.summary(config.statistic),
-                         linear.output_stat.summary(config.statistic))
-        result.fits[owner_name] = ResidualBinaryPaths(fit.signs.cpu(), fit.row_scales.cpu(), fit.col_scales.cpu())
+
+    def fit(owner_name: str, linear: CapturedLinear) -> None:
+        paths = fit_linear(linear, config.for_layer(linear.name))
+        result.fits[owner_name] = ResidualBinaryPaths(paths.signs.cpu(), paths.row_scales.cpu(),
+                                                      paths.col_scales.cpu())
+
+    if sequential:
+        originals: dict[str, torch.Tensor] = {}
+
+        def fit_and_fake_quantize(owner_name: str, linear: CapturedLinear) -> None:
+            """Fit, then leave the packed layer's weight in the model for the later blocks' statistics."""
+            fit(owner_name, linear)
+            layer_config = config.for_layer(linear.name)
+            weight = pack_fit(result.fits[owner_name], layer_config, device=linear.weight.device).dequantize()
+            originals[owner_name] = linear.weight.detach().clone()
+            with torch.no_grad():
+                linear.weight.copy_(weight.T if linear.layout == "in_out" else weight)
+
+        try:
+            fit_in_block_order(model, dict(chosen), calibration, config.needs_input_gram, fit_and_fake_quantize,
+                               progress)
+        finally:
+            with torch.no_grad():
+                for owner_name, weight in originals.items():
+                    model.get_submodule(owner_name).weight.copy_(weight)
+    for owner_name, linear in tqdm([c for c in chosen if c[0] not in result.fits], desc="rabit: fit",
+                                   disable=not progress):
+        fit(owner_name, linear)
     return result
 
 
 def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, method: str = "rabit",
                 calibration: torch.Tensor | Iterable[torch.Tensor] | None = None, fits: LinearFits | None = None,
-                example_input: torch.Tensor | None = None, progress: bool = True) -> LinearFits:
+                example_input: torch.Tensor | None = None, progress: bool = True,
+                latent_init: str = "reanchor") -> LinearFits:
     """Swap ``model``'s linears in place for :class:`ResidualBinaryTrainLinear` (``method`` in
-    ``("rabit", "standard", "frozen")``), initialised from ``fits`` (computed by :func:`fit_linears` with
-    ``calibration`` when not given). Everything else in the model is frozen (``requires_grad=False``): only
-    the latents, scales and biases of the swapped layers train. Returns the fits used."""
+    :data:`METHODS`), initialised from ``fits`` (computed by :func:`fit_linears` with ``calibration`` when not
+    given). ``latent_init`` (``"rabit"`` / ``"frozen"``): ``"reanchor"`` puts the latent inside the fit's sign
+    intervals (any fit); ``"weight"`` starts it at the original weight, with the fit made by the ``"coupled"``
+    rule (``config.fit`` is overridden when the fits are computed here; given fits must obey the rule), so step 0
+    is the coupled derivation of the true weight. Everything else in the model is frozen
+    (``requires_grad=False``): only the latents, scales and biases of the swapped layers train. Returns the fits
+    used."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if latent_init not in LATENT_INITS:
+        raise ValueError(f"latent_init must be one of {LATENT_INITS}, got {latent_init!r}")
+    if latent_init == "weight" and method not in ("rabit", "frozen"):
+        raise ValueError(f"latent_init='weight' applies to the coupled latent of 'rabit' / 'frozen', not {method!r}")
     config = config or RaBiTConfig()
     if fits is None:
-        fits = fit_linears(model, config, calibration, example_input, progress)
+        fit_config = replace(config, fit="coupled") if latent_init == "weight" else config
+        fits = fit_linears(model, fit_config, calibration, example_input, progress)
     if not fits.fits:
         raise ValueError("no linear layer of the model can be trained in residual-binary form "
                          f"(skipped: {fits.skipped})")
@@ -231,9 +292,27 @@ def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, metho
         p.requires_grad_(False)
     for owner_name, fit in fits.fits.items():
         owner = model.get_submodule(owner_name)
-        device = owner.weight.device
+        device = owner.row_scale.device if isinstance(owner, RaBiTLinear) else owner.weight.device
         fit = ResidualBinaryPaths(fit.signs.to(device), fit.row_scales.to(device), fit.col_scales.to(device))
-        set_submodule(model, owner_name, ResidualBinaryTrainLinear(fit, owner.bias, method, config.anchor_margin))
+        latent = None
+        if latent_init == "weight":
+            latent = owner.weight.T if type(owner).__name__ == "Conv1D" else owner.weight
+        set_submodule(model, owner_name,
+                      ResidualBinaryTrainLinear(fit, owner.bias, method, config.anchor_margin, latent))
+    return fits
+
+
+def packed_fits(model: torch.nn.Module) -> LinearFits:
+    """The fits held by a quantized model's :class:`~rabit_compiler.quantize.RaBiTLinear` layers (signs unpacked,
+    scales in fp32), by layer name: ``prepare_qat(model, config, "scales", fits=packed_fits(model))`` tunes the
+    scales of a model that :func:`~rabit_compiler.quantize_` packed."""
+    fits = LinearFits()
+    for name, module in model.named_modules():
+        if isinstance(module, RaBiTLinear):
+            packed = module.packed()
+            signs = unpack_signs(packed.packed_signs, packed.in_features)
+            fits.fits[name] = ResidualBinaryPaths(signs.cpu(), packed.row_scale.float().cpu(),
+                                                  packed.col_scale.float().cpu())
     return fits
 
 

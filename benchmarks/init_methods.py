@@ -1,0 +1,130 @@
+"""Held-out perplexity of SmolLM2-135M after each PTQ fit of :mod:`rabit_compiler.fit` (no QAT): the init table.
+
+    python benchmarks/init_methods.py                          # every method, k = 2
+    python benchmarks/init_methods.py --paths 2 3 4 --only svid gptq
+    python benchmarks/init_methods.py --list
+
+Calibration: the first 16 x 512-token windows of lee_background.cor, captured once (channel statistics,
+output gradients and X^T X per linear); every method then fits all 210 linears from the same statistics
+into a fresh copy of the model, packs them (fp16 scales) and is scored on lee.cor, 9 x 512 tokens, no BOS.
+One line per (method, k): held-out PPL and the fit time of all linears (the calibration capture, shared by
+all methods, is timed once). ``--json FILE`` appends every result as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import rabit_compiler as rabit
+from rabit_compiler.calibration import CapturedLinear, ChannelStat, InputGram, capture_linears
+from rabit_compiler.data import lee_corpus, token_windows
+from rabit_compiler.evaluate import perplexity
+from rabit_compiler.models import load_smollm2
+from rabit_compiler.quantize import RaBiTLinear, set_submodule, skip_reason
+from rabit_compiler.quantizer import fit_linear, pack_fit
+
+METHODS = {
+    "svid": dict(fit="svid"),  # the default before issue 14
+    "svid-greedy": dict(fit="svid", rounds=0),
+    "als-diag": dict(fit="als", objective="diag"),
+    "als-greedy-diag": dict(fit="als", objective="diag", rounds=0),
+    "als-hessian": dict(fit="als", objective="hessian"),
+    "coupled-diag": dict(fit="coupled", objective="diag"),
+    "coupled-hessian": dict(fit="coupled", objective="hessian"),
+    "gptq": dict(fit="gptq", objective="hessian"),
+    "gptq-greedy": dict(fit="gptq", objective="hessian", rounds=0),
+    "gptq-rows-unweighted": dict(fit="gptq", objective="hessian", alpha_out=0.0),
+    "gptq-1round": dict(fit="gptq", objective="hessian", fit_rounds=1),
+    "gptq-damp0.1": dict(fit="gptq", objective="hessian", damp=0.1),
+}
+
+
+def captured_linears(model: torch.nn.Module, calibration: torch.Tensor,
+                     cache: str | None) -> tuple[list[CapturedLinear], float]:
+    """The model's captured linears with their calibration statistics and X^T X, and the capture's seconds;
+    read from / written to ``cache`` (a torch file of the statistics only) when given."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    if cache and Path(cache).is_file():
+        stored = torch.load(cache)
+        linears = []
+        for entry in stored["linears"]:
+            linear = CapturedLinear(entry["name"], parameters[entry["name"] + ".weight"], None, entry["layout"],
+                                    ChannelStat(**entry["input_stat"]), ChannelStat(**entry["output_stat"]),
+                                    InputGram(**entry["input_gram"]), entry["other_uses"])
+            linear.bias = getattr(model.get_submodule(entry["name"]), "bias", None)
+            linears.append(linear)
+        return linears, stored["seconds"]
+    started = time.perf_counter()
+    capture = capture_linears(model, calibration[:1], calibration, progress=False, input_grams=True)
+    seconds = time.perf_counter() - started
+    torch.compiler.reset()
+    linears = list(capture.linears.values())
+    if cache:
+        torch.save({"seconds": seconds, "linears": [
+            dict(name=linear.name, layout=linear.layout, other_uses=linear.other_uses,
+                 input_stat=vars(linear.input_stat), output_stat=vars(linear.output_stat),
+                 input_gram=vars(linear.input_gram)) for linear in linears]}, cache)
+    return linears, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(METHODS), help="run only these methods")
+    parser.add_argument("--paths", nargs="*", type=int, default=[2], help="k values to run")
+    parser.add_argument("--calibration-windows", type=int, default=16)
+    parser.add_argument("--json", help="append one JSON line per result to this file")
+    parser.add_argument("--list", action="store_true", help="print the methods and their settings")
+    parser.add_argument("--stats-cache", help="reuse (or write) the calibration statistics in this file")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (1 is faster on a machine shared with other jobs)")
+    args = parser.parse_args()
+    if args.list:
+        for name, overrides in METHODS.items():
+            print(f"{name}: {overrides}")
+        return
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_smollm2()
+    train_text, heldout_text = lee_corpus()
+    heldout = token_windows(tokenizer, heldout_text, 512)
+    calibration = token_windows(tokenizer, train_text, 512, max_windows=args.calibration_windows)
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    linears, capture_seconds = captured_linears(model, calibration, args.stats_cache)
+    base = rabit.RaBiTConfig()
+    linears = [linear for linear in linears if skip_reason(linear, base, names) is None]
+    print(f"calibration capture (statistics + X^T X of {len(linears)} linears): {capture_seconds:.1f} s", flush=True)
+    print(f"fp32: held-out PPL {perplexity(model, heldout, progress=False):.2f}", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for paths in args.paths:
+        for name in args.only or METHODS:
+            config = rabit.RaBiTConfig(paths=paths, **METHODS[name])
+            quantized = copy.deepcopy(model)
+            started = time.perf_counter()
+            for linear in linears:
+                owner_name = names[id(linear.weight)].rpartition(".")[0]
+                layer_config = config.for_layer(linear.name)
+                packed = pack_fit(fit_linear(linear, layer_config), layer_config)
+                set_submodule(quantized, owner_name, RaBiTLinear(packed, quantized.get_submodule(owner_name).bias))
+            fit_seconds = time.perf_counter() - started
+            ppl = perplexity(quantized, heldout, progress=False)
+            print(f"{name} k={paths}: held-out PPL {ppl:.4g}; fit {fit_seconds:.1f} s", flush=True)
+            if args.json:
+                with open(args.json, "a") as handle:
+                    handle.write(json.dumps(dict(method=name, paths=paths, settings=METHODS[name], ppl=ppl,
+                                                 fit_seconds=fit_seconds, capture_seconds=capture_seconds,
+                                                 commit=commit, date=time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                   time.gmtime()),
+                                                 machine=platform.processor() or platform.machine())) + "\n")
+            del quantized
+
+
+if __name__ == "__main__":
+    main()
