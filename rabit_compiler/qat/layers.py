@@ -85,6 +85,9 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
         elif method == "scales":
             self.register_buffer("signs", fit.signs.float().clone())
         elif latent is not None:
+            if not latent.is_floating_point() or latent.shape != fit.signs.shape[1:]:
+                raise ValueError(f"latent_init='weight' needs the full-precision weight {tuple(fit.signs.shape[1:])}, "
+                                 f"got {latent.dtype} {tuple(latent.shape)}")
             latent = latent.detach().float().clone()
             signs = torch.stack(coupled_residual_signs(latent, row_scales, col_scales))
             mismatched = int((signs != fit.signs).any(dim=0).sum())
