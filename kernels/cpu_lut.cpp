@@ -39,6 +39,9 @@ constexpr int64_t kWordColumns = 32;    // columns per packed word
 constexpr int64_t kGroupsPerWord = 8;   // 4-column groups per word
 constexpr int64_t kEntries = 16;        // table entries per group
 constexpr int64_t kInt8WordBytes = kGroupsPerWord * kEntries;
+// Fewest tile-words (16 rows x 32 columns of one path, ~10 vector ops) worth a thread of their own: a parallel
+// region costs a few microseconds, about what 256 tile-words take on one core.
+constexpr int64_t kMinWorkPerThread = 256;
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
@@ -83,6 +86,7 @@ struct Problem {
   const float* row_scale;   // [k, tiles, 16]
   const float* bias;        // [tiles, 16] or nullptr
   const Tile* tile_map;     // [tiles]
+  const float* col_scale;   // [S, k, K]
   const float* x;           // [M, 32 W], zero past K
   float* products;          // [jobs, 32 W]: h * x
   float* exact_tables;      // [jobs, 8 W, 16]
@@ -121,7 +125,7 @@ void to_float(const at::Tensor& tensor, int64_t offset, int64_t count, float* ou
 // ---------------------------------------------------------------------------------------------------------------
 // Tables. The entries are summed in the same order on every path: ((+-v0 +- v1) +- v2) +- v3.
 
-void group_entries_portable(const float* v, float* entries) {
+void group_entries(const float* v, float* entries) {
   for (int64_t e = 0; e < kEntries; ++e) {
     float sum = (e & 1) ? -v[0] : v[0];
     for (int64_t j = 1; j < 4; ++j) sum += ((e >> j) & 1) ? -v[j] : v[j];
@@ -130,46 +134,58 @@ void group_entries_portable(const float* v, float* entries) {
 }
 
 #if RABIT_X86
-RABIT_AVX512 void group_entries_avx512(const float* v, float* entries) {
-  // lane e of term j is -v[j] where bit j of e is set
-  constexpr __mmask16 kNegative[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
-  __m512 sum = _mm512_mask_sub_ps(_mm512_set1_ps(v[0]), kNegative[0], _mm512_setzero_ps(), _mm512_set1_ps(v[0]));
-  for (int j = 1; j < 4; ++j)
-    sum = _mm512_mask_sub_ps(_mm512_add_ps(sum, _mm512_set1_ps(v[j])), kNegative[j], sum, _mm512_set1_ps(v[j]));
-  _mm512_storeu_ps(entries, sum);
-}
-
-RABIT_AVX512 void quantize_word_avx512(const float* entries, float inverse, int8_t* out) {
-  for (int64_t j = 0; j < kGroupsPerWord; ++j) {
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(entries + j * kEntries), _mm512_set1_ps(inverse)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + int8_table_offset(j)), _mm512_cvtepi32_epi8(q));
+// AVX-512: the 32 products h * x of a word in two vectors, its 8 groups' entries in 8 vectors (the same sums as
+// group_entries), their largest |entry| by one reduction, int8 by vcvtps2dq + vpmovdb.
+RABIT_AVX512 void build_tables_avx512(const Problem& p, int64_t job, const float* h, const float* x) {
+  constexpr __mmask16 kNegative[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};  // lanes e with bit j of e set
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t w = 0; w < p.words; ++w) {
+    alignas(64) float v[kWordColumns];
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t column = w * kWordColumns + 16 * half, remaining = p.in_features - column;
+      const __mmask16 valid = remaining >= 16 ? 0xFFFF : remaining > 0 ? (1u << remaining) - 1 : 0;
+      _mm512_store_ps(v + 16 * half, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, h + column),
+                                                   _mm512_loadu_ps(x + column)));
+    }
+    __m512 entries[kGroupsPerWord];
+    __m512 largest = _mm512_setzero_ps();
+    for (int64_t j = 0; j < kGroupsPerWord; ++j) {
+      const float* g = v + 4 * j;
+      __m512 sum = _mm512_mask_sub_ps(_mm512_set1_ps(g[0]), kNegative[0], _mm512_setzero_ps(), _mm512_set1_ps(g[0]));
+      for (int e = 1; e < 4; ++e)
+        sum = _mm512_mask_sub_ps(_mm512_add_ps(sum, _mm512_set1_ps(g[e])), kNegative[e], sum, _mm512_set1_ps(g[e]));
+      entries[j] = sum;
+      largest = _mm512_max_ps(largest, _mm512_andnot_ps(sign, sum));
+    }
+    if (!p.int8_tables) {
+      float* tables = p.exact_tables + (job * p.words + w) * kGroupsPerWord * kEntries;
+      for (int64_t j = 0; j < kGroupsPerWord; ++j) _mm512_storeu_ps(tables + j * kEntries, entries[j]);
+      continue;
+    }
+    const float top = _mm512_reduce_max_ps(largest);
+    p.word_scales[job * p.words + w] = top / 127.0f;
+    const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    int8_t* out = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
+    for (int64_t j = 0; j < kGroupsPerWord; ++j)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + int8_table_offset(j)),
+                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(entries[j], inverse))));
   }
 }
 #endif
 
-void quantize_word_portable(const float* entries, float inverse, int8_t* out) {
-  for (int64_t j = 0; j < kGroupsPerWord; ++j)
-    for (int64_t e = 0; e < kEntries; ++e)
-      out[int8_table_offset(j) + e] = static_cast<int8_t>(std::nearbyint(entries[j * kEntries + e] * inverse));
-}
-
 // Tables of job (m, s, i): v = h[s, i] * x[m], then 16 entries per group (fp32), or per word: scale = the largest
 // |entry| / 127 (= max over its groups of sum |v|) and entries rounded to int8 multiples of it.
-void build_tables(const Problem& p, const at::Tensor& col_scale, int64_t job, int isa) {  // col_scale contiguous
+void build_tables(const Problem& p, int64_t job, int isa) {
   const int64_t i = job % p.paths, s = (job / p.paths) % p.segments, m = job / (p.paths * p.segments);
   const int64_t padded = p.words * kWordColumns;
-  float* v = p.products + job * padded;
-  to_float(col_scale, (s * p.paths + i) * p.in_features, p.in_features, v);
+  const float* h = p.col_scale + (s * p.paths + i) * p.in_features;
   const float* x = p.x + m * padded;
-  for (int64_t c = 0; c < p.in_features; ++c) v[c] *= x[c];
-  std::fill(v + p.in_features, v + padded, 0.0f);
-
-  const auto group_entries = [isa](const float* values, float* entries) {
 #if RABIT_X86
-    if (isa == kAvx512) return group_entries_avx512(values, entries);
+  if (isa == kAvx512) return build_tables_avx512(p, job, h, x);
 #endif
-    group_entries_portable(values, entries);
-  };
+  float* v = p.products + job * padded;
+  for (int64_t c = 0; c < p.in_features; ++c) v[c] = h[c] * x[c];
+  std::fill(v + p.in_features, v + padded, 0.0f);
   if (!p.int8_tables) {
     float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
     for (int64_t q = 0; q < p.words * kGroupsPerWord; ++q) group_entries(v + 4 * q, tables + q * kEntries);
@@ -187,13 +203,9 @@ void build_tables(const Problem& p, const at::Tensor& col_scale, int64_t job, in
     p.word_scales[job * p.words + w] = largest / 127.0f;
     const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
     int8_t* out = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
-#if RABIT_X86
-    if (isa == kAvx512) {
-      quantize_word_avx512(entries, inverse, out);
-      continue;
-    }
-#endif
-    quantize_word_portable(entries, inverse, out);
+    for (int64_t j = 0; j < kGroupsPerWord; ++j)
+      for (int64_t e = 0; e < kEntries; ++e)
+        out[int8_table_offset(j) + e] = static_cast<int8_t>(std::nearbyint(entries[j * kEntries + e] * inverse));
   }
 }
 
@@ -362,9 +374,9 @@ std::array<int64_t, 4> check_operands(const at::Tensor& x, const at::Tensor& til
                                       int64_t in_features) {
   TORCH_CHECK(x.device().is_cpu() && is_float_type(x.scalar_type()) && x.dim() >= 1 && x.size(-1) == in_features,
               "rabit::lut_gemv: x must be a CPU float32/float16/bfloat16 tensor [..., ", in_features, "]");
-  TORCH_CHECK(col_scale.dim() == 3 && is_float_type(col_scale.scalar_type()) &&
+  TORCH_CHECK(col_scale.dim() == 3 && col_scale.scalar_type() == at::kFloat && col_scale.is_contiguous() &&
                   col_scale.size(0) == static_cast<int64_t>(out_features.size()) && col_scale.size(2) == in_features,
-              "rabit::lut_gemv: col_scale must be a float [S, k, K] tensor, S = len(out_features)");
+              "rabit::lut_gemv: col_scale must be a contiguous float32 [S, k, K] tensor, S = len(out_features)");
   const int64_t paths = col_scale.size(1), words = (in_features + kWordColumns - 1) / kWordColumns;
   int64_t tiles = 0, total = 0;
   for (const int64_t size : out_features) {
@@ -402,7 +414,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
               total, "]");
   const int64_t rows = in_features == 0 ? 0 : x.numel() / in_features;
   if (rows == 0 || total == 0) return out;
-  const at::Tensor input = x.contiguous(), column_scale = col_scale.contiguous();
+  const at::Tensor input = x.contiguous();
   const bool has_bias = tiled_bias.has_value() && tiled_bias->defined();
 
   Scratch& scratch = t_scratch;
@@ -430,15 +442,17 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
   const Problem problem{rows, in_features, words, segments, paths, tiles, total, int8_tables,
                         tiled_signs.const_data_ptr<int32_t>(), tiled_row_scale.const_data_ptr<float>(),
                         has_bias ? tiled_bias->const_data_ptr<float>() : nullptr, scratch.tiles.data(),
-                        scratch.x.data(), scratch.products.data(), scratch.exact_tables.data(),
+                        col_scale.const_data_ptr<float>(), scratch.x.data(), scratch.products.data(), scratch.exact_tables.data(),
                         scratch.int8_tables.data(), scratch.word_scales.data()};
   const int isa = active_isa();
   const DotFn dot_fn = dot_for(isa);
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max(jobs, tiles)));
+  const int64_t work = rows * paths * tiles * words;  // tile-words to look up
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                              work / kMinWorkPerThread)));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(static)
-    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, column_scale, job, isa);
+    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job, isa);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, dot_fn, out);
   }

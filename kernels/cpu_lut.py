@@ -25,8 +25,9 @@ The kernel reads the signs in a **tiled layout** derived once from format v1 by 
 format is unchanged): rows in tiles of 16 per sibling (zero rows pad each sibling to a multiple of 16), and within a
 tile word ``w`` of its 16 rows side by side, ``tiled_signs [k, tiles, W, 16]``, so that one 512-bit load holds one
 word of 16 rows, one row per 32-bit lane; ``g`` and ``b`` in the same tiles as fp32 (``[k, tiles, 16]``,
-``[tiles, 16]``). The compiled graph holds these (:mod:`rabit_compiler.passes.lower`), so a call does no layout work;
-the eager op keeps them per packed tensor (:func:`cached_layout`, re-derived when the tensor changes).
+``[tiles, 16]``), ``h`` as fp32 ``[S, k, K]``. The compiled graph holds these (:mod:`rabit_compiler.passes.lower`),
+so a call does no layout work; the eager op keeps them per packed tensor (:func:`cached_layout`, derived again when a
+tensor changes).
 
 ISA paths, picked at run time from the CPU: ``"avx512"`` (AVX-512 F/BW with VBMI and VNNI), ``"avx2"`` (AVX2 and FMA;
 ``vpshufb``, one 16-entry table per 128-bit lane) and ``"portable"`` (plain C++); :func:`use_isa` forces a slower
@@ -137,10 +138,12 @@ def use_isa(isa: str) -> Iterator[None]:
 @dataclass
 class TiledLayout:
     """A packed (siblings) layer in the kernel's layout: ``signs`` int32 ``[k, tiles, W, 16]``, ``row_scale`` fp32
-    ``[k, tiles, 16]``, ``bias`` fp32 ``[tiles, 16]`` or None (zero in the padding rows)."""
+    ``[k, tiles, 16]``, ``col_scale`` fp32 ``[S, k, K]``, ``bias`` fp32 ``[tiles, 16]`` or None (zero in the
+    padding rows)."""
 
     signs: torch.Tensor
     row_scale: torch.Tensor
+    col_scale: torch.Tensor
     bias: torch.Tensor | None
 
 
@@ -158,14 +161,15 @@ def _tiles(tensor: torch.Tensor, out_features: Sequence[int], dim: int) -> torch
     return torch.cat(parts, dim)
 
 
-def tiled_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_features: Sequence[int]) -> TiledLayout:
-    """The kernel's layout of ``packed_signs [k, N, W]``, ``row_scale [k, N]``, ``bias [N]`` (siblings of
-    ``out_features`` rows); see the module docstring."""
+def tiled_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                 bias: torch.Tensor | None, out_features: Sequence[int]) -> TiledLayout:
+    """The kernel's layout of ``packed_signs [k, N, W]``, ``row_scale [k, N]``, ``col_scale [S, k, K]`` (or
+    ``[k, K]`` for one linear), ``bias [N]`` (siblings of ``out_features`` rows); see the module docstring."""
     signs = _tiles(packed_signs, out_features, 1).transpose(-1, -2).contiguous()  # [k, tiles, W, 16]
-    scales = _tiles(row_scale.float(), out_features, 1).contiguous()
+    row_scales = _tiles(row_scale.float(), out_features, 1).contiguous()
+    col_scales = col_scale.float().reshape(len(out_features), *col_scale.shape[-2:]).contiguous()
     tiled_bias = None if bias is None else _tiles(bias.float(), out_features, 0).contiguous()
-    return TiledLayout(signs, scales, tiled_bias)
+    return TiledLayout(signs, row_scales, col_scales, tiled_bias)
 
 
 def supports(x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor) -> bool:
@@ -187,16 +191,17 @@ def uses_kernel(x: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tenso
 _CACHE: dict[int, tuple[tuple, TiledLayout]] = {}
 
 
-def cached_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
-                  out_features: Sequence[int]) -> TiledLayout:
+def cached_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_features: Sequence[int]) -> TiledLayout:
     """:func:`tiled_layout`, kept per ``packed_signs`` tensor (dropped with it) and derived again only when one of
     the tensors is replaced or modified in place (its version counter)."""
-    key = (tuple(out_features), *((id(t), t._version) for t in (packed_signs, row_scale, bias) if t is not None))
+    tensors = (packed_signs, row_scale, col_scale, bias)
+    key = (tuple(out_features), *((id(t), t._version) for t in tensors if t is not None))
     entry = _CACHE.get(id(packed_signs))
     if entry is None or entry[0] != key:
         if entry is None:
             weakref.finalize(packed_signs, _CACHE.pop, id(packed_signs), None)
-        entry = _CACHE[id(packed_signs)] = (key, tiled_layout(packed_signs, row_scale, bias, out_features))
+        entry = _CACHE[id(packed_signs)] = (key, tiled_layout(*tensors, out_features))
     return entry[1]
 
 
@@ -205,19 +210,19 @@ def lut_linear_siblings(x: torch.Tensor, packed_signs: torch.Tensor, row_scale: 
                         table_precision: str = "fp32") -> torch.Tensor:
     """S siblings in format v1 (``packed_signs [k, N_total, W]``, ``row_scale [k, N_total]``, ``col_scale [S, k,
     K]``, ``bias [N_total]``) by the kernel, the layout from :func:`cached_layout` -> ``[..., N_total]``."""
-    layout = cached_layout(packed_signs, row_scale, bias, out_features)
-    return lut_gemv(x, layout, col_scale, out_features, in_features, table_precision)
+    layout = cached_layout(packed_signs, row_scale, col_scale, bias, out_features)
+    return lut_gemv(x, layout, out_features, in_features, table_precision)
 
 
-def lut_gemv(x: torch.Tensor, layout: TiledLayout, col_scale: torch.Tensor, out_features: Sequence[int],
-             in_features: int, table_precision: str = "fp32", out: torch.Tensor | None = None) -> torch.Tensor:
-    """``rabit::lut_gemv``: S siblings (``col_scale [S, k, K]``; one linear is ``S = 1``) on ``x [..., K]`` ->
+def lut_gemv(x: torch.Tensor, layout: TiledLayout, out_features: Sequence[int], in_features: int,
+             table_precision: str = "fp32", out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rabit::lut_gemv``: S siblings (one linear is ``S = 1``) in ``layout`` on ``x [..., K]`` ->
     ``[..., sum(out_features)]`` in ``x.dtype``, with ``table_precision`` ``"fp32"`` or ``"int8"``; written into
     ``out`` (contiguous, that shape and dtype) if given."""
     if table_precision not in TABLE_PRECISIONS:
         raise ValueError(f"table_precision must be one of {TABLE_PRECISIONS}, got {table_precision!r}")
     load_library()
-    args = (x, layout.signs, layout.row_scale, col_scale.contiguous(), layout.bias, list(out_features), in_features,
+    args = (x, layout.signs, layout.row_scale, layout.col_scale, layout.bias, list(out_features), in_features,
             table_precision == "int8")
     if out is None:
         return torch.ops.rabit.lut_gemv(*args)

@@ -51,31 +51,32 @@ _DECOMPOSITIONS = {
 }
 
 
+_LAYOUT_BUFFERS = ("signs", "row_scale", "col_scale", "bias")
+
+
 class LutLayoutWeights(torch.nn.Module):
     """One kernel call's packed tensors in the LUT kernel's layout (:func:`~rabit_compiler.kernels.cpu_lut.
-    tiled_layout`): buffers ``signs`` int32 ``[k, tiles, W, 16]``, ``row_scale`` fp32 ``[k, tiles, 16]``, ``bias``
-    fp32 ``[tiles, 16]`` or None."""
+    tiled_layout`): buffers ``signs`` int32 ``[k, tiles, W, 16]``, ``row_scale`` fp32 ``[k, tiles, 16]``,
+    ``col_scale`` fp32 ``[S, k, K]``, ``bias`` fp32 ``[tiles, 16]`` or None."""
 
     def __init__(self, layout: TiledLayout):
         super().__init__()
-        self.register_buffer("signs", layout.signs)
-        self.register_buffer("row_scale", layout.row_scale)
-        self.register_buffer("bias", layout.bias)
+        for name in _LAYOUT_BUFFERS:
+            self.register_buffer(name, getattr(layout, name))
 
     def write(self, layout: TiledLayout) -> None:
         """Overwrite the buffers in place (same shapes), so that a compiled graph holding them sees the new values."""
         with torch.no_grad():
-            self.signs.copy_(layout.signs)
-            self.row_scale.copy_(layout.row_scale)
-            if self.bias is not None:
-                self.bias.copy_(layout.bias)
+            for name in _LAYOUT_BUFFERS:
+                if getattr(self, name) is not None:
+                    getattr(self, name).copy_(getattr(layout, name))
 
 
 @dataclass
 class DerivedLayout:
     """A kernel call's layout copy, held by the :class:`LutLayoutWeights` ``module_name`` of ``gm``, and where it
-    came from: for packed_signs, row_scale and bias, the index of the graph input (int) or the attribute path of
-    ``gm`` (str) that held the tensor, or None (no bias)."""
+    came from: for packed_signs, row_scale, col_scale and bias, the index of the graph input (int) or the attribute
+    path of ``gm`` (str) that held the tensor, or None (no bias)."""
 
     module_name: str
     sources: tuple[int | str | None, ...]
@@ -88,8 +89,8 @@ class DerivedLayout:
 
     def refresh(self, gm: fx.GraphModule, args: Sequence[object]) -> None:
         """Derive the layout again from the current tensors, into the same buffers."""
-        packed_signs, row_scale, bias = (None if t is None else t.detach() for t in self.source_tensors(gm, args))
-        gm.get_submodule(self.module_name).write(tiled_layout(packed_signs, row_scale, bias, self.out_features))
+        tensors = (None if t is None else t.detach() for t in self.source_tensors(gm, args))
+        gm.get_submodule(self.module_name).write(tiled_layout(*tensors, self.out_features))
 
 
 def _attribute(gm: fx.GraphModule, path: str) -> torch.Tensor:
@@ -210,7 +211,7 @@ def _skip_reason(arguments: dict[str, object], weights: GraphWeights) -> str | N
     return None
 
 
-_LAYOUT_ARGS = ("packed_signs", "row_scale", "bias")
+_LAYOUT_ARGS = ("packed_signs", "row_scale", "col_scale", "bias")  # what a layout is derived from, in order
 
 
 def _layout_sources(arguments: dict[str, object], weights: GraphWeights) -> tuple[int | str | None, ...] | None:
@@ -261,20 +262,19 @@ def _form(arguments: dict[str, object], weights: GraphWeights, x: torch.Tensor, 
     return chosen
 
 
-def _kernel_call(gm: fx.GraphModule, node: fx.Node, tensors: dict[str, fx.Proxy | None], arguments: dict[str, object],
+def _kernel_call(gm: fx.GraphModule, node: fx.Node, x: fx.Proxy, arguments: dict[str, object],
                  tracer: _ConstantTracer, out_features: list[int], tables: str) -> tuple[fx.Proxy, DerivedLayout]:
     """``rabit::lut_gemv`` on a layout derived now into a new :class:`LutLayoutWeights` submodule of ``gm``."""
-    packed_signs, row_scale, bias = (_example(arguments[name], tracer.weights) for name in _LAYOUT_ARGS)
+    sources = (_example(arguments[name], tracer.weights) for name in _LAYOUT_ARGS)
     module_name = unique_module_name(gm, node.name, "rabit_lut")
-    gm.add_submodule(module_name, LutLayoutWeights(tiled_layout(packed_signs.detach(), row_scale.detach(),
-                                                                None if bias is None else bias.detach(),
+    gm.add_submodule(module_name, LutLayoutWeights(tiled_layout(*(None if t is None else t.detach() for t in sources),
                                                                 out_features)))
-    declare_buffers_to_dynamo(gm, module_name, ("signs", "row_scale", "bias"))
+    declare_buffers_to_dynamo(gm, module_name, _LAYOUT_BUFFERS)
     layout = {name: None if getattr(gm.get_submodule(module_name), name) is None
               else fx.Proxy(gm.graph.get_attr(f"{module_name}.{name}"), tracer)
-              for name in ("signs", "row_scale", "bias")}
+              for name in _LAYOUT_BUFFERS}
     cpu_lut.load_library()
-    out = torch.ops.rabit.lut_gemv(tensors["x"], layout["signs"], layout["row_scale"], tensors["col_scale"],
+    out = torch.ops.rabit.lut_gemv(x, layout["signs"], layout["row_scale"], layout["col_scale"],
                                    layout["bias"], out_features, arguments["in_features"], tables == "int8")
     return out, DerivedLayout(module_name, _layout_sources(arguments, tracer.weights), tuple(out_features))
 
@@ -292,9 +292,7 @@ def _lower(gm: fx.GraphModule, node: fx.Node, tracer: _ConstantTracer, x: torch.
     layout = None
     with gm.graph.inserting_before(node):
         if form == "kernel":
-            if not siblings:
-                tensors["col_scale"] = tensors["col_scale"].unsqueeze(0)
-            out, layout = _kernel_call(gm, node, tensors, arguments, tracer, out_features, tables)
+            out, layout = _kernel_call(gm, node, tensors["x"], arguments, tracer, out_features, tables)
         else:
             statics = {"in_features": arguments["in_features"], **({"out_features": out_features} if siblings else {})}
             decomposition = _DECOMPOSITIONS[op_name(node.target)]
@@ -336,5 +334,5 @@ def lower_for_cpu(
         chosen = _form(arguments, weights, x, form)
         calls.append(LoweredCall(node.name, form=chosen, layout=_lower(gm, node, tracer, x, chosen, tables)))
     if calls:
-        finish(gm)
+        finish(gm, delete_unused_submodules=False)  # the packed holders stay: kernel layouts are derived from them
     return calls

@@ -47,13 +47,13 @@ def expected_siblings(x, packed_signs, row_scale, col_scale, bias, in_features, 
 
 def run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, precision, isa, threads=1):
     """The kernel's result, written into a NaN-poisoned output (so an element it never writes shows)."""
-    layout = cpu_lut.tiled_layout(packed_signs, row_scale, bias, sizes)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes)
     out = torch.full((*x.shape[:-1], sum(sizes)), float("nan"), dtype=x.dtype)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with cpu_lut.use_isa(isa):
-            result = cpu_lut.lut_gemv(x, layout, col_scale, sizes, in_features, precision, out=out)
+            result = cpu_lut.lut_gemv(x, layout, sizes, in_features, precision, out=out)
     finally:
         torch.set_num_threads(previous_threads)
     assert result.data_ptr() == out.data_ptr()
@@ -146,14 +146,15 @@ def test_tiled_layout_places_each_word():
     the rows that pad each sibling to a multiple of 16; row scales and bias follow the same tiles."""
     generator = torch.Generator().manual_seed(2)
     sizes = [20, 3]
-    packed_signs, row_scale, _, bias = random_siblings(2, sizes, 70, True, torch.float16, generator)
-    layout = cpu_lut.tiled_layout(packed_signs, row_scale, bias, sizes)
+    packed_signs, row_scale, col_scale, bias = random_siblings(2, sizes, 70, True, torch.float16, generator)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes)
     assert layout.signs.shape == (2, 3, 3, 16) and layout.row_scale.shape == (2, 3, 16)
     assert torch.equal(layout.signs[:, 1, :, 3], packed_signs[:, 19])
     assert torch.equal(layout.signs[:, 2, :, 2], packed_signs[:, 22])
     assert not layout.signs[:, 1, :, 4:].any() and not layout.signs[:, 2, :, 3:].any()
     assert torch.equal(layout.row_scale[:, 2, :3], row_scale[:, 20:].float())
     assert torch.equal(layout.bias[1, :4], bias[16:20]) and not layout.bias[1, 4:].any()
+    assert layout.col_scale.dtype == torch.float32 and torch.equal(layout.col_scale, col_scale.float())
     unpacked = unpack_signs(layout.signs.transpose(-1, -2), 70)
     assert unpacked.shape == (2, 3, 16, 70)
 
@@ -163,26 +164,29 @@ def test_opcheck():
     generator = torch.Generator().manual_seed(3)
     sizes = [20, 13]
     packed_signs, row_scale, col_scale, bias = random_siblings(2, sizes, 45, True, torch.float16, generator)
-    layout = cpu_lut.tiled_layout(packed_signs, row_scale, bias, sizes)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes)
     for precision in (False, True):
         torch.library.opcheck(torch.ops.rabit.lut_gemv.default,
-                              (torch.randn(2, 45, generator=generator), layout.signs, layout.row_scale, col_scale,
-                               layout.bias, sizes, 45, precision))
+                              (torch.randn(2, 45, generator=generator), layout.signs, layout.row_scale,
+                               layout.col_scale, layout.bias, sizes, 45, precision))
 
 
 def test_bad_inputs_raise_clear_errors():
     generator = torch.Generator().manual_seed(0)
     packed_signs, row_scale, col_scale, _ = random_siblings(2, [8], 40, False, torch.float32, generator)
-    layout = cpu_lut.tiled_layout(packed_signs, row_scale, None, [8])
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, None, [8])
     with pytest.raises(RuntimeError, match="x must be"):
-        cpu_lut.lut_gemv(torch.randn(1, 40, dtype=torch.float64), layout, col_scale, [8], 40)
+        cpu_lut.lut_gemv(torch.randn(1, 40, dtype=torch.float64), layout, [8], 40)
     with pytest.raises(RuntimeError, match="tiled_signs must be"):
-        cpu_lut.lut_gemv(torch.randn(1, 40), cpu_lut.TiledLayout(packed_signs, layout.row_scale, None), col_scale,
-                         [8], 40)
+        cpu_lut.lut_gemv(torch.randn(1, 40), cpu_lut.TiledLayout(packed_signs, layout.row_scale, layout.col_scale,
+                                                                 None), [8], 40)
+    with pytest.raises(RuntimeError, match="col_scale must be"):
+        half_scales = cpu_lut.TiledLayout(layout.signs, layout.row_scale, col_scale.half(), None)
+        cpu_lut.lut_gemv(torch.randn(1, 40), half_scales, [8], 40)
     with pytest.raises(RuntimeError, match="out must be"):
-        cpu_lut.lut_gemv(torch.randn(2, 40), layout, col_scale, [8], 40, out=torch.empty(1, 8))
+        cpu_lut.lut_gemv(torch.randn(2, 40), layout, [8], 40, out=torch.empty(1, 8))
     with pytest.raises(ValueError, match="table_precision"):
-        cpu_lut.lut_gemv(torch.randn(1, 40), layout, col_scale, [8], 40, "int4")
+        cpu_lut.lut_gemv(torch.randn(1, 40), layout, [8], 40, "int4")
     with pytest.raises(ValueError, match="not available"):
         with cpu_lut.use_isa("neon"):
             pass
@@ -205,8 +209,8 @@ def test_op_uses_the_kernel_for_few_rows(monkeypatch):
         expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, None, 50, [40])
         assert_close_scaled(out, expected, scale, dtype)
     x = torch.randn(1, 50, generator=generator)
-    layout = cpu_lut.cached_layout(packed_signs, row_scale, None, [40])
-    assert cpu_lut.cached_layout(packed_signs, row_scale, None, [40]) is layout
+    layout = cpu_lut.cached_layout(packed_signs, row_scale, col_scale, None, [40])
+    assert cpu_lut.cached_layout(packed_signs, row_scale, col_scale, None, [40]) is layout
     packed_signs.bitwise_not_()
     out = torch.ops.rabit.residual_binary_linear(x, packed_signs, row_scale, col_scale[0], None, 50)
     expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, None, 50, [40])
