@@ -22,6 +22,7 @@ Models: ``smollm2`` (SmolLM2-135M-Instruct, real weights), ``tiny`` (a 2-layer r
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import platform
 import subprocess
@@ -96,6 +97,18 @@ def rabit_quantizer(paths: int, rounds: int) -> Callable[[torch.nn.Module], str]
     return quantize
 
 
+def parse_options(items: list[str]) -> dict[str, object] | None:
+    """``["key=value", ...]`` -> backend options (values read as Python literals where they parse), None if empty."""
+    options = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options or None
+
+
 def variant_setup(variant: str, device: torch.device,
                   args: argparse.Namespace) -> tuple[Callable[[torch.nn.Module], str] | None, object]:
     """(how to transform the fp model, the decode CompileConfig or None for eager)."""
@@ -106,7 +119,7 @@ def variant_setup(variant: str, device: torch.device,
         "fp-inductor": (None, inductor),
         "torchao-int4": (torchao_int4, inductor),
         "rabit-eager": (quantize, None),
-        "rabit": (quantize, decode_compile_config(device, "rabit")),
+        "rabit": (quantize, decode_compile_config(device, "rabit", options=parse_options(args.options))),
     }[variant]
 
 
@@ -186,7 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=0, help="SVID rounds of the data-free fit (speed only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="rabit backend options for the rabit variant, e.g. cpu_tables=int8")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models = ["tiny"] if args.tiny else args.model or (["llama2-7b", "llama3-8b", "smollm2"]
                                                        if device.type == "cuda" else ["smollm2"])

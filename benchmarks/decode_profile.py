@@ -26,13 +26,13 @@ little, so the decode tokens/s line is from the unprofiled run.
 from __future__ import annotations
 
 import argparse
-import ast
 import re
 import subprocess
 from collections import defaultdict
 
 import torch
 import torch._inductor.config as inductor_config
+from decode import parse_options
 from torch.profiler import ProfilerActivity, profile
 
 import rabit_compiler as rabit
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     inductor_config.cpp.enable_kernel_profile = True  # Inductor's kernels appear in the trace by name
-    options = {key: _literal(value) for key, value in (item.split("=", 1) for item in args.options)} or None
+    options = parse_options(args.options)
     model, tokenizer = load_smollm2()
     if args.backend == "rabit":
         rabit.quantize_(model, rabit.RaBiTConfig(rounds=0), progress=False)
@@ -131,13 +131,6 @@ def _decode_events(events):
     starts = [e.time_range.start for e in events if e.name.startswith("Torch-Compiled Region")]
     first = min(starts) if starts else 0
     return [e for e in events if e.time_range.start >= first]
-
-
-def _literal(text: str) -> object:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 if __name__ == "__main__":

@@ -240,25 +240,32 @@ void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* do
 // its 4 bytes are groups 0, 2, 4, 6 of the word; adding 16 * byte position makes them indices into one 64-byte
 // vector of those 4 tables (vpermb: 64 lookups), and vpdpbusd adds each lane's 4 bytes into its int32 sum. The
 // high nibbles do the same with the odd groups' tables. fp32: vpermps looks up 16 rows of one group at a time.
-RABIT_AVX512 void dot_avx512(const Problem& p, const int32_t* words, int64_t job, float* dot) {
-  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+RABIT_AVX512 inline __attribute__((always_inline)) __m512 word_int8_avx512(const int32_t* words,
+                                                                          const int8_t* tables, float scale,
+                                                                          __m512 accumulator) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), position = _mm512_set1_epi32(0x30201000);
+  const __m512i ones = _mm512_set1_epi8(1);
+  const __m512i word = _mm512_loadu_si512(words);
+  const __m512i low = _mm512_ternarylogic_epi32(word, nibble, position, 0xEA);  // (word & nibble) | position
+  const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi32(word, 4), nibble, position, 0xEA);
+  __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                    _mm512_permutexvar_epi8(low, _mm512_loadu_si512(tables)));
+  sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, _mm512_loadu_si512(tables + 64)));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scale), accumulator);
+}
+
+RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_avx512(const Problem& p, const int32_t* words,
+                                                                    int64_t job) {
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains: words (or groups) alternate
   if (p.int8_tables) {
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const __m512i position = _mm512_set1_epi32(0x30201000);
-    const __m512i ones = _mm512_set1_epi8(1);
     const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
     const float* scales = p.word_scales + job * p.words;
-    for (int64_t w = 0; w < p.words; ++w) {
-      const __m512i word = _mm512_loadu_si512(words + w * kTileRows);
-      const __m512i low = _mm512_ternarylogic_epi32(word, nibble, position, 0xEA);  // (word & nibble) | position
-      const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi32(word, 4), nibble, position, 0xEA);
-      const int8_t* word_tables = tables + w * kInt8WordBytes;
-      __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
-                                        _mm512_permutexvar_epi8(low, _mm512_loadu_si512(word_tables)));
-      sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, _mm512_loadu_si512(word_tables + 64)));
-      __m512& accumulator = (w & 1) ? odd : even;
-      accumulator = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scales[w]), accumulator);
+    int64_t w = 0;
+    for (; w + 2 <= p.words; w += 2) {
+      even = word_int8_avx512(words + w * kTileRows, tables + w * kInt8WordBytes, scales[w], even);
+      odd = word_int8_avx512(words + (w + 1) * kTileRows, tables + (w + 1) * kInt8WordBytes, scales[w + 1], odd);
     }
+    if (w < p.words) even = word_int8_avx512(words + w * kTileRows, tables + w * kInt8WordBytes, scales[w], even);
   } else {
     const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
     for (int64_t w = 0; w < p.words; ++w) {
@@ -271,7 +278,18 @@ RABIT_AVX512 void dot_avx512(const Problem& p, const int32_t* words, int64_t job
       }
     }
   }
-  _mm512_storeu_ps(dot, _mm512_add_ps(even, odd));
+  return _mm512_add_ps(even, odd);
+}
+
+// y[16] = b + sum_i g_i * dot_i for tile t and row m of x.
+RABIT_AVX512 void tile_avx512(const Problem& p, int64_t t, int64_t m, float* y) {
+  __m512 sum = p.bias ? _mm512_loadu_ps(p.bias + t * kTileRows) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < p.paths; ++i) {
+    const __m512 dot = dot_avx512(p, p.signs + (i * p.tiles + t) * p.words * kTileRows,
+                                  p.job(m, p.tile_map[t].segment, i));
+    sum = _mm512_fmadd_ps(_mm512_loadu_ps(p.row_scale + (i * p.tiles + t) * kTileRows), dot, sum);
+  }
+  _mm512_storeu_ps(y, sum);
 }
 
 // AVX2: 8 rows per vector. int8: vpshufb looks up one 16-entry table per 128-bit lane, so each of the 4 byte
@@ -329,13 +347,26 @@ RABIT_AVX2 void dot_avx2(const Problem& p, const int32_t* words, int64_t job, fl
 #endif
 
 using DotFn = void (*)(const Problem&, const int32_t*, int64_t, float*);
+using TileFn = void (*)(const Problem&, int64_t, int64_t, float*);
 
-DotFn dot_for(int isa) {
+// y[16] = b + sum_i g_i * dot_i for tile t and row m of x, with the lookups of `dot`.
+template <DotFn dot>
+void tile_generic(const Problem& p, int64_t t, int64_t m, float* y) {
+  float products[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) y[r] = p.bias ? p.bias[t * kTileRows + r] : 0.0f;
+  for (int64_t i = 0; i < p.paths; ++i) {
+    dot(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), products);
+    const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
+    for (int64_t r = 0; r < kTileRows; ++r) y[r] += g[r] * products[r];
+  }
+}
+
+TileFn tile_for(int isa) {
 #if RABIT_X86
-  if (isa == kAvx512) return dot_avx512;
-  if (isa == kAvx2) return dot_avx2;
+  if (isa == kAvx512) return tile_avx512;
+  if (isa == kAvx2) return tile_generic<dot_avx2>;
 #endif
-  return dot_portable;
+  return tile_generic<dot_portable>;
 }
 
 template <typename out_t>
@@ -343,17 +374,12 @@ void write_rows(const float* values, int64_t count, out_t* out) {
   for (int64_t r = 0; r < count; ++r) out[r] = static_cast<out_t>(values[r]);
 }
 
-// y[m, tile rows] = bias + sum_i g_i * dot_i, for every row m of x.
-void compute_tile(const Problem& p, int64_t t, DotFn dot_fn, at::Tensor& out) {
+// Output rows of tile t for every row m of x.
+void compute_tile(const Problem& p, int64_t t, TileFn tile_fn, at::Tensor& out) {
   const Tile& tile = p.tile_map[t];
-  float dot[kTileRows], y[kTileRows];
+  alignas(64) float y[kTileRows];
   for (int64_t m = 0; m < p.rows; ++m) {
-    for (int64_t r = 0; r < kTileRows; ++r) y[r] = p.bias ? p.bias[t * kTileRows + r] : 0.0f;
-    for (int64_t i = 0; i < p.paths; ++i) {
-      dot_fn(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, tile.segment, i), dot);
-      const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
-      for (int64_t r = 0; r < kTileRows; ++r) y[r] += g[r] * dot[r];
-    }
+    tile_fn(p, t, m, y);
     const int64_t offset = m * p.out_features + tile.first_row;
     switch (out.scalar_type()) {
       case at::kFloat: write_rows(y, tile.rows, out.data_ptr<float>() + offset); break;
@@ -445,7 +471,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
                         col_scale.const_data_ptr<float>(), scratch.x.data(), scratch.products.data(), scratch.exact_tables.data(),
                         scratch.int8_tables.data(), scratch.word_scales.data()};
   const int isa = active_isa();
-  const DotFn dot_fn = dot_for(isa);
+  const TileFn tile_fn = tile_for(isa);
   const int64_t work = rows * paths * tiles * words;  // tile-words to look up
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                                               work / kMinWorkPerThread)));
@@ -454,7 +480,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job, isa);
 #pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, dot_fn, out);
+    for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, tile_fn, out);
   }
   return out;
 }
