@@ -86,7 +86,7 @@ def classify(events, vocab: int) -> dict[str, float]:
         while parent is not None and classes.get(id(parent)) is None:
             parent = parent.cpu_parent
         if parent is None:
-            totals[label] += event.cpu_time_range.elapsed_us()
+            totals[label] += event.time_range.elapsed_us()
     return totals
 
 
@@ -127,10 +127,13 @@ def main() -> None:
 
 
 def _decode_events(events):
-    """The events of the decode steps: those from the first compiled region on (the prefill runs before it)."""
-    starts = [e.time_range.start for e in events if e.name.startswith("Torch-Compiled Region")]
-    first = min(starts) if starts else 0
-    return [e for e in events if e.time_range.start >= first]
+    """The events of the decode steps on the thread that runs them: from the first compiled region on (the prefill
+    runs before it)."""
+    regions = [e for e in events if e.name.startswith("Torch-Compiled Region")]
+    if not regions:
+        raise RuntimeError("no compiled region in the trace: the decode step did not run compiled")
+    first = min(regions, key=lambda e: e.time_range.start)
+    return [e for e in events if e.thread == first.thread and e.time_range.start >= first.time_range.start]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ column ``32 w + j``, set = -1), ``row_scale g [k, N]``, ``col_scale h [k, K]``, 
 
 Two forms, both accumulating in :func:`.reference.accumulation_dtype` (fp32, fp64 for fp64 input):
 
-* ``"bitwise"`` (decode, few rows) is matmul-free. With ``v_i = h_i * x`` zero-padded
+* ``"bitwise"`` (few rows; only when asked for: the C++ LUT kernel is faster on every shape measured) is
+  matmul-free. With ``v_i = h_i * x`` zero-padded
   to ``32 W`` columns and ``bit_i[n, c]`` in {0, 1}, ``B_i @ v_i = sum_c v_i[c] - 2 sum_c bit_i[n, c] v_i[c]``,
   so each packed word is shifted by ``0..31``, masked to one bit per lane, converted to 0/1 and multiplied
   into ``v_i`` (an FMA). ``v_i`` is stored once (``k x 32 W`` elements); then Inductor emits one vectorized
@@ -17,9 +18,8 @@ Two forms, both accumulating in :func:`.reference.accumulation_dtype` (fp32, fp6
   (``N x K``) once per call and does one ``x @ W_hat.T``: the unpack is amortized over the rows and the
   matmul library beats a per-row bit loop there (see ``benchmarks/cpu_layers.py``).
 
-:func:`cpu_form` picks, from the number of rows and the layer's size, ``"bitwise"`` (1-2 rows of a small layer,
-where the C++ kernel's extern-call cost outweighs its faster loop), ``"kernel"`` (the lookup-table C++ operator of
-:mod:`.cpu_lut`) or ``"dense"``. Every function here uses only ``in_features`` (and ``out_features`` for siblings) as
+:func:`cpu_form` picks, from the number of rows, ``"kernel"`` (the lookup-table C++ operator of :mod:`.cpu_lut`)
+or ``"dense"``. Every function here uses only ``in_features`` (and ``out_features`` for siblings) as
 static sizes and broadcasts over the leading dimensions of ``x``, so FX proxies with symbolic batch sizes trace
 through it.
 """
@@ -35,20 +35,9 @@ from .cpu_lut import KERNEL_MAX_ROWS
 from .packing import BITS_PER_WORD, segment_starts, words_per_row
 from .reference import accumulation_dtype
 
-# Layers (all siblings together) of at most this many weights N x K take the "bitwise" form at 1-2 rows: Inductor's
-# loop inside the graph, with no extern call (about 15 us). Measured (cold caches, k = 2, us per layer, bitwise /
-# kernel): 576x576 114/110 on 1 thread, 82/94 on 2; 192x576 68/75 and 63/78; fused q+k+v 960x576 217/173 and
-# 123/103 (benchmarks/cpu_layers.py, RESULTS.md).
-BITWISE_MAX_WEIGHTS = 576 * 576
-BITWISE_MAX_ROWS = 2
 
-
-def cpu_form(rows: int, out_features: int, in_features: int) -> str:
-    """The CPU form for ``rows`` rows of an ``out_features x in_features`` layer: ``"bitwise"`` (at most
-    :data:`BITWISE_MAX_ROWS` rows, at most :data:`BITWISE_MAX_WEIGHTS` weights), ``"kernel"`` (at most
-    :data:`.cpu_lut.KERNEL_MAX_ROWS` rows) or ``"dense"``."""
-    if rows <= BITWISE_MAX_ROWS and out_features * in_features <= BITWISE_MAX_WEIGHTS:
-        return "bitwise"
+def cpu_form(rows: int) -> str:
+    """The CPU form for ``rows`` rows: ``"kernel"`` (at most :data:`.cpu_lut.KERNEL_MAX_ROWS`) or ``"dense"``."""
     return "kernel" if rows <= KERNEL_MAX_ROWS else "dense"
 
 

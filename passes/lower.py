@@ -12,8 +12,8 @@ at compile time (a symbolic row count uses its size hint, the example the graph 
 * ``"dense"`` (prefill): the call is replaced by the decomposition of :mod:`rabit_compiler.kernels.cpu_lowering`,
   traced into the graph on FX proxies (its tensor constants become buffers of ``gm``), so Inductor's C++
   backend fuses the unpack with its neighbours and calls the matmul library once;
-* ``"bitwise"`` (1-2 rows of a small layer): the same decomposition's matmul-free Inductor loop nest, inside
-  the graph (slower per weight than the kernel, but with no extern call: faster on small layers).
+* ``"bitwise"`` (only when forced): the same decomposition's matmul-free Inductor loop nest, inside the graph
+  (slower than the kernel on every shape measured; it needs no C++ build of its own).
 
 Every form is correct for every row count; only its speed depends on the rows.
 
@@ -237,11 +237,10 @@ def _layout_sources(arguments: dict[str, object], weights: GraphWeights) -> tupl
 
 
 def _form(arguments: dict[str, object], weights: GraphWeights, x: torch.Tensor, form: str | None) -> str:
-    """The forced ``form``, or the one :func:`cpu_form` picks for the rows of ``x`` and the layer's size ("dense"
-    for an unknown row count; "kernel" turns into "dense" for dtypes the C++ kernel does not take, e.g. fp64, and
+    """The forced ``form``, or the one :func:`cpu_form` picks for the rows of ``x`` ("dense" for an unknown row
+    count; "kernel" turns into "dense" for dtypes the C++ kernel does not take, e.g. fp64, and
     for packed tensors whose values are not known at compile time)."""
-    packed_signs, row_scale, col_scale = (_example(arguments[name], weights)
-                                          for name in ("packed_signs", "row_scale", "col_scale"))
+    row_scale, col_scale = (_example(arguments[name], weights) for name in ("row_scale", "col_scale"))
     kernel_ok = supports(x, row_scale, col_scale)
     if form == "kernel" and not kernel_ok:
         raise ValueError(f"the CPU kernel takes fp32/fp16/bf16 x and scales, got x {x.dtype}, "
@@ -254,7 +253,7 @@ def _form(arguments: dict[str, object], weights: GraphWeights, x: torch.Tensor, 
     rows = _rows(x)
     if rows is None:
         return "dense"
-    chosen = cpu_form(rows, packed_signs.shape[1], arguments["in_features"])
+    chosen = cpu_form(rows)
     if chosen == "kernel" and not (kernel_ok and derivable):
         logger.info("rabit: packed call left to the dense form: %s", "its dtypes are not the kernel's" if not
                     kernel_ok else "its packed tensors are not known at compile time")

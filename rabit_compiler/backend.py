@@ -25,7 +25,8 @@ re-copied (re-derived) the same way when what they were copied from changes.
 Options (``torch.compile(..., options={...})``): every :class:`RaBiTConfig` field (``paths``, ``skip``,
 ``rounds``, ``scale_dtype``, ...), ``inductor`` and ``fuse_siblings`` (bools, default True), ``cpu_tables``
 (the CPU kernel's tables: ``"fp32"`` or ``"int8"``, default :data:`~rabit_compiler.kernels.cpu_lut.
-DEFAULT_TABLE_PRECISION`).
+DEFAULT_TABLE_PRECISION`) and ``cpp_wrapper`` (Inductor's C++ wrapper: the graph calls its kernels and the
+``rabit::`` operators from C++ instead of Python; default False).
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def rabit_backend(
     use_inductor = bool(options.pop("inductor", True))
     fuse = bool(options.pop("fuse_siblings", True))
     cpu_tables = options.pop("cpu_tables", DEFAULT_TABLE_PRECISION)
+    cpp_wrapper = bool(options.pop("cpp_wrapper", False))
     if "head" in options:
         raise ValueError("rabit backend: the LM head is made weight-only by rabit.quantize_ (RaBiTConfig.head); "
                          "the backend's data-free path leaves linears tied to an embedding in full precision")
@@ -181,7 +183,7 @@ def rabit_backend(
             logger.info("rabit: %d packed calls lowered for the CPU (%s)", len(lowered),
                         ", ".join(sorted({call.form for call in lowered})))
         try:
-            compiled = _inductor(gm, example_inputs, mode)
+            compiled = _inductor(gm, example_inputs, mode, cpp_wrapper)
         except Exception as error:  # Inductor cannot compile this graph: run the packed graph eagerly
             logger.warning("rabit: Inductor failed on this graph, running it eagerly (%s: %s)",
                            type(error).__name__, error)
@@ -189,11 +191,14 @@ def rabit_backend(
     return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE, layouts)
 
 
-def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None) -> Callable[..., Any]:
+def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None,
+              cpp_wrapper: bool) -> Callable[..., Any]:
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = list_mode_options(mode) if mode not in (None, "default") else {}
+    if cpp_wrapper:
+        patches["cpp_wrapper"] = True
     return compile_fx(gm, list(example_inputs), config_patches=patches)
 
 

@@ -143,4 +143,4 @@ class RaBiTConfig:
         return self.fit != "svid" and self.objective == "hessian"
 
 
-BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings", "cpu_tables"}
+BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings", "cpu_tables", "cpp_wrapper"}

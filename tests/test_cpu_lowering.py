@@ -129,8 +129,7 @@ def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, row
     gm = fx.symbolic_trace(module)
     calls = lower_for_cpu(gm, [x], form=form)
     assert [call.reason for call in calls] == [None] * 3
-    layer_sizes = [sizes[0], sizes[1], sum(sizes)]  # first, second, the siblings call
-    assert [call.form for call in calls] == [form or cpu_form(rows, n, k) for n in layer_sizes]
+    assert [call.form for call in calls] == [form or cpu_form(rows)] * 3  # first, second, the siblings call
     targets = [getattr(node.target, "overloadpacket", node.target) for node in gm.graph.nodes]
     assert not [target for target in targets if target in OPS]
     kernel_calls = [call for call in calls if call.form == "kernel"]
@@ -139,12 +138,10 @@ def test_lowered_graph_compiled_by_inductor_matches_float64(paths, k, sizes, row
     assert_outputs_close(compile_fx(gm, [x])(x), module, x, dtype)
 
 
-def test_cpu_form_by_rows_and_size():
-    """Small layers at 1-2 rows stay in Inductor's graph; larger ones, or up to KERNEL_MAX_ROWS rows, take the
-    C++ kernel; more rows the dense form."""
-    assert cpu_form(1, 576, 576) == cpu_form(2, 192, 576) == "bitwise"
-    assert cpu_form(1, 1536, 576) == cpu_form(3, 192, 576) == cpu_form(KERNEL_MAX_ROWS, 576, 1536) == "kernel"
-    assert cpu_form(KERNEL_MAX_ROWS + 1, 576, 576) == cpu_form(128, 1536, 576) == "dense"
+def test_cpu_form_by_rows():
+    """Up to KERNEL_MAX_ROWS rows take the C++ LUT kernel; more rows the dense form."""
+    assert cpu_form(1) == cpu_form(KERNEL_MAX_ROWS) == "kernel"
+    assert cpu_form(KERNEL_MAX_ROWS + 1) == cpu_form(128) == "dense"
 
 
 def test_dynamo_backend_with_symbolic_rows():

@@ -229,16 +229,17 @@ class Block(torch.nn.Module):
         return self.o(torch.cat([self.q(x), self.k(x), self.v(x)], -1))
 
 
-@pytest.mark.parametrize("tables", cpu_lut.TABLE_PRECISIONS)
-def test_backend_kernel_calls_follow_in_place_buffer_updates(tables):
+@pytest.mark.parametrize(("tables", "cpp_wrapper"), [("fp32", False), ("int8", True)])
+def test_backend_kernel_calls_follow_in_place_buffer_updates(tables, cpp_wrapper):
     """``backend="rabit"`` on a ``quantize_``-packed model lowers its calls (3 rows: the kernel form) to
     ``rabit::lut_gemv`` on layouts derived at compile time; an in-place change of a module's packed tensors (a fused
-    one and an unfused one) is derived again before the next call, never served stale."""
+    one and an unfused one) is derived again before the next call, never served stale. With Inductor's C++ wrapper
+    the graph calls the operator from C++."""
     torch.manual_seed(0)
     model = Block(80).eval()
     quantize_(model, RaBiTConfig(skip=()), example_input=torch.randn(1, 80), progress=False)
     x = torch.randn(3, 80)
-    compiled = torch.compile(model, backend="rabit", options={"cpu_tables": tables})
+    compiled = torch.compile(model, backend="rabit", options={"cpu_tables": tables, "cpp_wrapper": cpp_wrapper})
     tolerance = {"fp32": 1e-5, "int8": 2e-2}[tables]
     torch.testing.assert_close(compiled(x), model(x), rtol=tolerance, atol=tolerance)
     with torch.no_grad():
@@ -246,3 +247,17 @@ def test_backend_kernel_calls_follow_in_place_buffer_updates(tables):
         model.o.row_scale.mul_(-2)
         model.q.bias.add_(1)
     torch.testing.assert_close(compiled(x), model(x), rtol=tolerance, atol=tolerance)
+
+
+def test_a_failed_build_raises_a_clear_error(monkeypatch, tmp_path):
+    """A compiler failure is an error naming the kernel and the cause, never a silent fallback."""
+    import torch._inductor.cpp_builder as cpp_builder
+    import torch._inductor.runtime.cache_dir_utils as cache_dir_utils
+
+    def fail(self):
+        raise OSError("g++: not found")
+
+    monkeypatch.setattr(cache_dir_utils, "cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(cpp_builder.CppBuilder, "build", fail)
+    with pytest.raises(RuntimeError, match="building the CPU LUT kernel.*g\\+\\+: not found"):
+        cpu_lut._build()
