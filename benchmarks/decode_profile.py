@@ -3,8 +3,10 @@
     python benchmarks/decode_profile.py                                  # backend="rabit", 2 threads
     python benchmarks/decode_profile.py --backend inductor               # the fp32 model through Inductor
     python benchmarks/decode_profile.py --threads 1 --options cpu_tables=int8
+    python benchmarks/decode_profile.py --head fp                          # the LM head left in fp32
 
-The model is packed data-free (``quantize_``, k = 2, 0 SVID rounds: speed only) unless ``--backend inductor``;
+The model is packed data-free (``quantize_``, k = 2, 0 SVID rounds: speed only; the LM head as ``--head`` says,
+default RaBiTConfig's) unless ``--backend inductor``;
 Hugging Face ``generate`` with a static KV cache compiles the decode step once (``fullgraph=True``,
 :func:`rabit_compiler.generation.decode_compile_config`). After a warm-up ``generate`` (the compilation), one
 ``generate`` of ``--new-tokens`` tokens is timed without the profiler (decode tokens/s) and one is profiled
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["rabit", "inductor"], default="rabit")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--head", default=None, help="RaBiTConfig.head (default: RaBiTConfig's)")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="backend options, e.g. cpu_tables=int8 (values parsed as Python literals)")
     args = parser.parse_args()
@@ -103,7 +106,8 @@ def main() -> None:
     options = parse_options(args.options)
     model, tokenizer = load_smollm2()
     if args.backend == "rabit":
-        rabit.quantize_(model, rabit.RaBiTConfig(rounds=0), progress=False)
+        head = {} if args.head is None else {"head": args.head}
+        rabit.quantize_(model, rabit.RaBiTConfig(rounds=0, **head), progress=False)
     prompt = tokenizer("The Prime Minister said on Tuesday that the government would", return_tensors="pt")
     config = decode_compile_config("cpu", args.backend, options=options)
     timed_generate(model, prompt["input_ids"], args.new_tokens, config)  # compiles
@@ -115,8 +119,8 @@ def main() -> None:
     totals = classify(_decode_events(trace.events()), model.config.vocab_size)
     totals["framework"] = step_us * steps - sum(totals.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"# decode step profile: SmolLM2-135M, backend={args.backend}, options={options}, {args.threads} threads, "
-          f"torch {torch.__version__}, commit {commit}")
+    print(f"# decode step profile: SmolLM2-135M, backend={args.backend}, options={options}, head={args.head}, "
+          f"{args.threads} threads, torch {torch.__version__}, commit {commit}")
     print(f"decode {timing.decode_tokens_per_s:.2f} tokens/s unprofiled ({1e3 / timing.decode_tokens_per_s:.2f} ms per "
           f"step); profiled step {step_us / 1e3:.2f} ms over {steps} steps")
     print("| class | ms per step | share |")
