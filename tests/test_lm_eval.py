@@ -1,5 +1,6 @@
-"""lm-eval's HFLM on in-memory RaBiT models (quantized, and loaded by rabit.load): a multiple-choice task written
-here (JSONL + task YAML, no network) scores exactly what the model's own log-likelihoods give."""
+"""lm-eval's HFLM on RaBiT models (in memory: quantized, or loaded by rabit.load; or a saved directory that lm-eval
+loads itself): a multiple-choice task written here (JSONL + task YAML, no network) scores exactly what the model's
+own log-likelihoods give."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer, doc: dict) -> list[
     return scores
 
 
-@pytest.mark.parametrize("source", ["quantize_", "rabit.load"])
+@pytest.mark.parametrize("source", ["quantize_", "rabit.load", "directory"])
 def test_lm_eval_accuracy_equals_the_one_from_the_models_loglikelihoods(packed, tokenizer, tmp_path, source):
     rng = random.Random(0)
     docs = [{"question": " ".join(rng.choices(WORDS, k=rng.randint(2, 6))),
@@ -87,14 +88,13 @@ def test_lm_eval_accuracy_equals_the_one_from_the_models_loglikelihoods(packed, 
     correct = sum(p == doc["answer"] for p, doc in zip(predictions, docs, strict=True))
     assert 0 < correct < len(docs)  # the accuracy separates right from wrong answers
 
-    if source == "rabit.load":
+    model = packed
+    if source != "quantize_":  # "directory": lm-eval loads it with from_pretrained (rabit_compiler is imported)
         rabit.save(packed, tmp_path / "model")
-        model = rabit.load(tmp_path / "model")
-    else:
-        model = packed
-    results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), tasks=[TASK],
-                              task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-                              log_samples=True)
+        model = rabit.load(tmp_path / "model") if source == "rabit.load" else str(tmp_path / "model")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
+    results = simple_evaluate(model=lm, tasks=[TASK], log_samples=True,
+                              task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
 
     assert results["results"][TASK]["acc,none"] == correct / len(docs)
     for sample in results["samples"][TASK]:

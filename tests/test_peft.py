@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import rabit_compiler as rabit
 from rabit_compiler.integrations.peft import RaBiTLoraLinear
@@ -143,7 +143,8 @@ def test_weight_derived_lora_variants_are_refused(packed, options, message):
         lora(packed, **options)
 
 
-def test_adapter_saved_by_peft_loads_onto_a_base_loaded_by_rabit(packed, ids, tmp_path):
+@pytest.mark.parametrize("load_base", [rabit.load, AutoModelForCausalLM.from_pretrained])
+def test_adapter_saved_by_peft_loads_onto_a_loaded_packed_base(packed, ids, tmp_path, load_base):
     rabit.save(packed, tmp_path / "base")
     model = lora(packed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -155,7 +156,7 @@ def test_adapter_saved_by_peft_loads_onto_a_base_loaded_by_rabit(packed, ids, tm
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", framework="pt") as handle:
         stored = set(handle.keys())  # noqa: SIM118 -- not a dict
     assert len(stored) == 28 and all("lora_A" in name or "lora_B" in name for name in stored)
-    loaded = PeftModel.from_pretrained(rabit.load(tmp_path / "base"), tmp_path / "adapter").eval()
+    loaded = PeftModel.from_pretrained(load_base(tmp_path / "base"), tmp_path / "adapter").eval()
     assert sum(isinstance(m, RaBiTLoraLinear) for m in loaded.modules()) == 14
     with torch.no_grad():
         expected = model.eval()(ids).logits
