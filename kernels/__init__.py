@@ -11,6 +11,7 @@ if __name__ != "rabit_compiler.kernels":
     sys.modules[__name__] = importlib.import_module("rabit_compiler.kernels")
 else:
     from .cpu_lowering import residual_binary_linear_cpu, residual_binary_linear_siblings_cpu
+    from .experts import residual_binary_experts
     from .ops import residual_binary_linear, residual_binary_linear_siblings
     from .packing import (
         FORMAT_VERSION,
@@ -28,6 +29,7 @@ else:
         "PackedResidualBinary",
         "pack_paths",
         "pack_signs",
+        "residual_binary_experts",
         "residual_binary_linear",
         "residual_binary_linear_cpu",
         "residual_binary_linear_reference",

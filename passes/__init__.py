@@ -1,12 +1,21 @@
 """The FX passes of the rabit compiler, one job per module: find, rewrite, freeze & pack, fuse, CPU lowering."""
 
-from .find import GraphWeights, LinearSite, SkippedSite, find_linears, weight_used_elsewhere
+from .find import (
+    ROUTER_REASON,
+    GraphWeights,
+    LinearSite,
+    SkippedSite,
+    find_linears,
+    selects_experts,
+    weight_used_elsewhere,
+)
 from .freeze import PackedLinearWeights, PackedSite, freeze_and_pack
 from .fuse import FusedMember, PackedSiblingWeights, fuse_siblings
 from .lower import LoweredCall, lower_for_cpu
 from .rewrite import ResidualBinaryScales, RewrittenSite, rewrite_linears
 
 __all__ = [
+    "ROUTER_REASON",
     "FusedMember",
     "GraphWeights",
     "LinearSite",
@@ -22,5 +31,6 @@ __all__ = [
     "fuse_siblings",
     "lower_for_cpu",
     "rewrite_linears",
+    "selects_experts",
     "weight_used_elsewhere",
 ]

@@ -7,6 +7,8 @@ Forms recognised (``W`` a 2-D parameter, ``t(W)`` any transpose of it):
   GPT-2's ``Conv1D`` as ``addmm(b, x, W)``), and ``addmm(b, x, t(W))`` with unit alpha and beta;
 - ``call_module`` of ``nn.Linear`` or transformers' ``Conv1D`` in a symbolically traced graph.
 
+:func:`selects_experts` tells a MoE router (a linear whose output decides a top-k) from the others.
+
 Weights are graph inputs under Dynamo (placeholders whose runtime value is an ``nn.Parameter``) and
 ``get_attr`` nodes after ``torch.fx.symbolic_trace``; :class:`GraphWeights` answers for both.
 """
@@ -258,4 +260,25 @@ def weight_used_elsewhere(gm: fx.GraphModule, site: LinearSite, site_nodes: set[
                 return True
             if node.op == "get_attr" and node.target == target and isinstance(site.weight, str):
                 return True
+    return False
+
+
+TOPK_TARGETS = {torch.topk, aten.topk.default, "topk"}
+ROUTER_REASON = "its output selects experts (top-k): a MoE router, kept in full precision so the routing is unchanged"
+
+
+def selects_experts(node: fx.Node, site_nodes: set[fx.Node], max_depth: int = 8) -> bool:
+    """Whether the output of the linear ``node`` reaches a ``topk`` within ``max_depth`` ops without passing through
+    another linear site: a MoE router (logits -> softmax or sigmoid, maybe a bias -> top-k experts)."""
+    frontier, seen = [node], {node}
+    for _ in range(max_depth):
+        reached = []
+        for user in (user for current in frontier for user in current.users):
+            if user in seen or user in site_nodes:
+                continue
+            if user.op in ("call_function", "call_method") and user.target in TOPK_TARGETS:
+                return True
+            seen.add(user)
+            reached.append(user)
+        frontier = reached
     return False

@@ -18,7 +18,15 @@ import torch
 import torch.fx as fx
 from rabit_compiler.kernels import PackedResidualBinary
 
-from .find import GraphWeights, LinearSite, SkippedSite, find_linears, weight_used_elsewhere
+from .find import (
+    ROUTER_REASON,
+    GraphWeights,
+    LinearSite,
+    SkippedSite,
+    find_linears,
+    selects_experts,
+    weight_used_elsewhere,
+)
 from .graph_edit import as_node, finish, oriented_weight, replace_site, unique_module_name
 
 
@@ -69,6 +77,8 @@ def _skip_reason(gm: fx.GraphModule, site: LinearSite, weight: torch.Tensor, sit
         return f"input dtype {example.dtype} differs from weight dtype {weight.dtype} (the original op raises)"
     if weight_used_elsewhere(gm, site, site_nodes):
         return "weight is also used outside this linear (e.g. tied to an embedding)"
+    if selects_experts(site.node, site_nodes):
+        return ROUTER_REASON
     return None
 
 

@@ -40,9 +40,10 @@ import torch
 import torch.fx as fx
 
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.experts import is_matrix_stack
 from rabit_compiler.kernels import PackedResidualBinary
 from rabit_compiler.kernels.cpu_lut import DEFAULT_TABLE_PRECISION
-from rabit_compiler.passes import PackedSite, freeze_and_pack, lower_for_cpu
+from rabit_compiler.passes import GraphWeights, PackedSite, freeze_and_pack, lower_for_cpu
 from rabit_compiler.passes.fuse import FUSED_TENSOR_ARGS, FusedMember, fuse_siblings
 from rabit_compiler.passes.graph_edit import oriented_weight
 from rabit_compiler.passes.lower import DerivedLayout
@@ -170,6 +171,9 @@ def rabit_backend(
     packed_sites, skipped = freeze_and_pack(gm, quantize, example_inputs, skip=config.skips)
     for site in skipped:
         logger.info("rabit: left in full precision: %s (%s)", site.node.name, site.reason)
+    for name in _expert_weights(gm, example_inputs):
+        logger.info("rabit: left in full precision: %s (stacked MoE expert weights: rabit.quantize_ packs experts, "
+                    "the backend packs 2-D linear weights)", name)
     logger.info("rabit: packed %d linear layers into %d-path residual binary", len(packed_sites), config.paths)
     fused = fuse_siblings(gm, example_inputs) if fuse else []
     if fused:
@@ -189,6 +193,13 @@ def rabit_backend(
                            type(error).__name__, error)
     layouts = [call.layout for call in lowered if call.layout is not None]
     return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE, layouts)
+
+
+def _expert_weights(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[str]:
+    """Names of the graph's parameter inputs that are stacks of matrices (MoE experts held as 3-D weights)."""
+    weights = GraphWeights(gm, example_inputs)
+    return [weights.name(node) for node, value in weights.placeholder_values.items()
+            if isinstance(value, torch.nn.Parameter) and is_matrix_stack(value) and node.users]
 
 
 def _inductor(gm: fx.GraphModule, example_inputs: Sequence[Any], mode: str | None,

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from rabit_compiler.passes import GraphWeights, LinearSite, find_linears, weight_used_elsewhere
+from rabit_compiler.passes import GraphWeights, LinearSite, find_linears, selects_experts, weight_used_elsewhere
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -83,7 +83,8 @@ class InputGram:
 
 @dataclass
 class CapturedLinear:
-    """One linear layer of the model: its weight parameter (as stored), bias, layout and statistics."""
+    """One linear layer of the model: its weight parameter (as stored), bias, layout and statistics; ``router``: its
+    output selects MoE experts (see :func:`~rabit_compiler.passes.find.selects_experts`)."""
 
     name: str
     weight: torch.nn.Parameter
@@ -93,6 +94,7 @@ class CapturedLinear:
     output_stat: ChannelStat = field(default_factory=ChannelStat)
     input_gram: InputGram | None = None
     other_uses: bool = False
+    router: bool = False
 
 
 class _StatsInterpreter(fx.Interpreter):
@@ -165,6 +167,8 @@ class LinearCapture:
                 grams.setdefault(site.x, captured.input_gram)
         if weight_used_elsewhere(gm, site, site_nodes):
             captured.other_uses = True
+        if selects_experts(site.node, site_nodes):
+            captured.router = True
         return captured
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -11,6 +11,9 @@
    that uses a raw parameter through ``F.linear``/``matmul`` is symbolically traced and its graph frozen by
    the same *freeze & pack* pass the backend uses. A layer that cannot be swapped stays in full precision
    with a logged reason.
+4. MoE experts held as 3-D parameters (transformers 5) are packed per expert into a
+   :class:`~rabit_compiler.experts.RaBiTExperts` (:mod:`rabit_compiler.experts`). A model with experts is traced
+   (step 1) so that its routers, the linears whose output selects experts, are found: they stay in full precision.
 
 The full-precision weights are dropped: the model's memory falls to about k/16 of the linear weights.
 """
@@ -26,11 +29,18 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from rabit_compiler.calibration import CapturedLinear, ChannelStat, capture_linears
+from rabit_compiler.calibration import CapturedLinear, ChannelStat
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.experts import (
+    ExpertsLayout,
+    ExpertStatistics,
+    capture_with_experts,
+    find_experts,
+    quantize_experts_,
+)
 from rabit_compiler.head import quantize_head_
 from rabit_compiler.kernels import PackedResidualBinary, words_per_row
-from rabit_compiler.passes import freeze_and_pack
+from rabit_compiler.passes import ROUTER_REASON, freeze_and_pack
 from rabit_compiler.quantizer import fit_linear, pack_fit
 from rabit_compiler.sequential import fit_in_block_order
 
@@ -138,8 +148,10 @@ def quantize_(
     config = config or RaBiTConfig()
     report = QuantizeReport(bytes_before=model_bytes(model))
     sequential = config.sequential and calibration is not None
-    linears, traced = find_linears(model, calibration, example_input, progress,
-                                   input_grams=config.needs_input_gram and not sequential)
+    experts, left = find_experts(model)
+    linears, traced, expert_stats = find_linears(model, calibration, example_input, progress, experts,
+                                                 input_grams=config.needs_input_gram and not sequential,
+                                                 expert_grams=config.needs_input_gram)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     by_owner: dict[str, list[tuple[str, CapturedLinear]]] = {}
     for linear in linears:
@@ -165,6 +177,9 @@ def quantize_(
     for owner_name, uses in tqdm(by_owner.items(), desc="rabit: fit + pack", disable=not progress):
         swap(owner_name, uses)
     linears.clear()
+    packed_experts, experts_left = quantize_experts_(model, experts, config, expert_stats, progress)
+    report.quantized.extend(packed_experts)
+    report.skipped.update({**left, **experts_left})
     report.head = quantize_head_(model, config.head, config.scale_dtype)
     report.skipped.pop(report.head, None)
     for name, reason in report.skipped.items():
@@ -181,23 +196,26 @@ def quantize_(
 
 
 def find_linears(model: torch.nn.Module, calibration: torch.Tensor | Iterable[torch.Tensor] | None,
-                 example_input: torch.Tensor | None, progress: bool,
-                 input_grams: bool = False) -> tuple[list[CapturedLinear], bool]:
-    """The linears to fit, and whether the model was traced to find them (see the module docstring); with
-    ``input_grams`` the calibration also collects each linear's ``X^T X``."""
+                 example_input: torch.Tensor | None, progress: bool, experts: dict[str, ExpertsLayout],
+                 input_grams: bool = False, expert_grams: bool = False
+                 ) -> tuple[list[CapturedLinear], bool, ExpertStatistics | None]:
+    """The linears to fit, whether the model was traced to find them (see the module docstring), and the
+    calibration statistics of the ``experts`` modules' experts (None without calibration); with ``input_grams`` /
+    ``expert_grams`` the calibration also collects each linear's / expert's ``X^T X``."""
     unowned = unowned_matrices(model)
-    if calibration is None and not unowned:
-        return module_linears(model), False
+    if calibration is None and not unowned and not experts:
+        return module_linears(model), False, None
     if example_input is None:
         example_input = default_example_input(model, calibration, unowned)
-    capture = capture_linears(model, example_input, calibration, progress=progress, input_grams=input_grams)
+    capture, statistics = capture_with_experts(model, example_input, calibration, experts, progress, input_grams,
+                                               expert_grams)
     for reason in capture.skipped:
         logger.info("rabit: not a quantizable linear: %s", reason)
     linears = list(capture.linears.values())
     if calibration is None:  # the tracing run recorded statistics of the example input: not calibration data
         for linear in linears:
             linear.input_stat, linear.output_stat = ChannelStat(), ChannelStat()
-    return linears, True
+    return linears, True, statistics
 
 
 def _linear_layout(module: torch.nn.Module) -> str | None:
@@ -260,6 +278,8 @@ def skip_reason(linear: CapturedLinear, config: RaBiTConfig, names: dict[int, st
         return "weight is not a parameter of the model"
     if linear.other_uses:
         return "weight is also used outside linear layers (e.g. tied to an embedding)"
+    if linear.router:
+        return ROUTER_REASON
     weight = linear.weight
     if weight.dim() != 2 or weight.numel() == 0:
         return f"weight of shape {tuple(weight.shape)} is empty or not 2-D"

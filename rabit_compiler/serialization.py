@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.experts import RaBiTExperts
 from rabit_compiler.head import WeightOnlyLinear
 from rabit_compiler.kernels import FORMAT_VERSION
 from rabit_compiler.passes import PackedLinearWeights
@@ -52,7 +53,8 @@ _SAFETENSORS_DTYPES = {
 _RECORD_KEYS = ("quant_method", "file_format_version", "packed_format_version", "library_version", "rabit_config",
                 "layers", "modules_to_not_convert")
 
-PACKED_MODULES: dict[str, type[torch.nn.Module]] = {"rabit_linear": RaBiTLinear, "weight_only_linear": WeightOnlyLinear}
+PACKED_MODULES: dict[str, type[torch.nn.Module]] = {"rabit_linear": RaBiTLinear, "weight_only_linear": WeightOnlyLinear,
+                                                     "rabit_experts": RaBiTExperts}
 
 
 class RaBiTFormatError(ValueError):

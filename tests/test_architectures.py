@@ -1,7 +1,7 @@
 """``torch.compile(model, backend="rabit")`` on arbitrary architectures (DESIGN.md §5, "Arbitrary architectures").
 
-For each of HF Llama, GPT-2 (``Conv1D``), Qwen2, Qwen3, Gemma3 (text), Mistral, BERT and a hand-written
-``F.linear`` module -- tiny, random weights, fp32, eval mode -- the test:
+For each of HF Llama, GPT-2 (``Conv1D``), Qwen2, Qwen3, Gemma3 (text), Mistral, Qwen3-MoE, OLMoE, BERT and a
+hand-written ``F.linear`` module -- tiny, random weights, fp32, eval mode -- the test:
 
 - compiles with the rabit backend (eager hand-off; Llama also through Inductor);
 - checks that every linear except the skipped LM head was packed: the count in the backend's log line equals
@@ -29,6 +29,7 @@ from rabit_compiler.passes.graph_edit import op_name
 
 import rabit_compiler.backend as rabit_backend_module
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.experts import find_experts
 from rabit_compiler.quantizer import fit_weight, pack_fit
 
 transformers = pytest.importorskip("transformers")
@@ -100,6 +101,12 @@ ARCHS = [
     Arch("gemma3", _hf("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, sliding_window=4,
                        layer_types=["sliding_attention", "full_attention"], **DECODER), "causal_lm"),
     Arch("mistral", _hf("MistralConfig", "MistralForCausalLM", **DECODER), "causal_lm"),
+    # MoE: the attention linears are packed; the routers and the 3-D experts stay fp with logged reasons (the
+    # experts are packed by quantize_, tests/test_moe.py)
+    Arch("qwen3_moe", _hf("Qwen3MoeConfig", "Qwen3MoeForCausalLM", head_dim=16, moe_intermediate_size=40,
+                          num_experts=4, num_experts_per_tok=2, **DECODER), "causal_lm"),
+    Arch("olmoe", _hf("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                      **{**DECODER, "intermediate_size": 40}), "causal_lm"),
     Arch("bert", _hf("BertConfig", "BertModel", vocab_size=VOCAB, hidden_size=64, intermediate_size=88,
                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, pad_token_id=0),
          "encoder"),
@@ -156,6 +163,8 @@ def dequantized_float64_copy(model: torch.nn.Module, names: set[str]) -> torch.n
         torch.testing.assert_close(w.float(), packed.dequantize(), rtol=1e-6, atol=1e-7)
         w_hat[name] = w.T if layout == "in_out" else w
     reference = copy.deepcopy(model).double()
+    if find_experts(reference)[0]:  # transformers' default grouped_mm has no float64 kernel; its eager loop has
+        reference.set_experts_implementation("eager")
     copied = linear_layers(reference)
     with torch.no_grad():
         for name, w in w_hat.items():

@@ -184,7 +184,7 @@ class Stack(torch.nn.Module):
 
 
 def no_tracing():
-    return mock.patch("rabit_compiler.quantize.capture_linears",
+    return mock.patch("rabit_compiler.quantize.capture_with_experts",
                       side_effect=AssertionError("quantize_ traced a model whose linears are all nn.Linear / Conv1D"))
 
 

@@ -90,6 +90,9 @@ class RaBiTHfQuantizer(HfQuantizer):
         they are now, and the sha256 of every tensor for the safetensors header."""
         config = getattr(model, "rabit_config", None)
         self.quantization_config.__dict__.update(quantization_record(model, config))
+        # save_pretrained next reverts transformers' weight conversions (e.g. MoE experts back to per-expert 2-D
+        # weights); a RaBiT checkpoint keeps the model's own names, which from_pretrained loads unconverted
+        model._weight_conversions = []
         state_dict = model.state_dict()
         return state_dict, digest_metadata(state_dict)
 

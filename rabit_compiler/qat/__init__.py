@@ -6,6 +6,7 @@ from rabit_compiler.qat.distributed import DistributedConfig, distributed_run
 from rabit_compiler.qat.layers import (
     METHODS,
     LinearFits,
+    ResidualBinaryTrainExperts,
     ResidualBinaryTrainLinear,
     convert,
     fit_linears,
@@ -20,7 +21,7 @@ from rabit_compiler.qat.layers import (
 from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
 
 __all__ = [
-    "METHODS", "OPTIMIZERS", "DistributedConfig", "LinearFits", "QATConfig", "QATTrainer", "ResidualBinaryTrainLinear",
-    "convert", "distributed_run", "fit_linears", "fits_settings", "load_fits", "packed_fits", "prepare_qat",
-    "qat_layers", "rtn_", "save_fits",
+    "METHODS", "OPTIMIZERS", "DistributedConfig", "LinearFits", "QATConfig", "QATTrainer", "ResidualBinaryTrainExperts",
+    "ResidualBinaryTrainLinear", "convert", "distributed_run", "fit_linears", "fits_settings", "load_fits",
+    "packed_fits", "prepare_qat", "qat_layers", "rtn_", "save_fits",
 ]

@@ -15,8 +15,10 @@ All use the identity straight-through estimator and start from the same fit (:fu
 fit_weight`, as :func:`rabit_compiler.quantize_` uses), reproduced exactly at step 0. The coupled latent
 starts either re-anchored inside the fit's sign intervals (:func:`~rabit_compiler.math.reanchor_latent`, any
 fit) or at the original weight (``latent_init="weight"``, for fits that obey the coupled sign rule: the
-``"coupled"`` fit). :func:`prepare_qat` swaps a model's linears for them, :func:`convert` packs the trained layers
-into :class:`~rabit_compiler.quantize.RaBiTLinear`, and :func:`rtn_` is the round-to-nearest baseline.
+``"coupled"`` fit). :func:`prepare_qat` swaps a model's linears for them (and MoE experts modules for
+:class:`ResidualBinaryTrainExperts`, one such layer per expert and projection), :func:`convert` packs the trained
+layers into :class:`~rabit_compiler.quantize.RaBiTLinear` / :class:`~rabit_compiler.experts.RaBiTExperts`, and
+:func:`rtn_` is the round-to-nearest baseline.
 """
 
 from __future__ import annotations
@@ -33,9 +35,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from rabit_compiler.calibration import CapturedLinear, capture_linears
+from rabit_compiler.calibration import CapturedLinear
 from rabit_compiler.config import RaBiTConfig
+from rabit_compiler.experts import (
+    ExpertsLayout,
+    ExpertStatistics,
+    RaBiTExperts,
+    capture_with_experts,
+    find_experts,
+    fit_experts,
+    packed_experts,
+    route_tokens,
+    skip_experts_reason,
+)
 from rabit_compiler.integrations.transformers import mark_quantized
+from rabit_compiler.kernels import PackedResidualBinary
+from rabit_compiler.kernels.experts import apply_per_expert
 from rabit_compiler.kernels.packing import unpack_signs
 from rabit_compiler.math import (
     ResidualBinaryPaths,
@@ -159,6 +174,54 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
                 f"method={self.method}, bias={self.bias is not None}")
 
 
+class ResidualBinaryTrainExperts(torch.nn.Module):
+    """MoE experts in QAT form: projection ``P`` of expert ``e`` is the :class:`ResidualBinaryTrainLinear` child
+    ``<e>.<P>`` (named like the expert layer ``<experts>.<e>.<P>`` of :mod:`rabit_compiler.experts`), applied to the
+    rows the router sends to ``e``; the forward is :func:`~rabit_compiler.experts.route_tokens`, routing unchanged.
+    Built from the experts ``module`` (fp, or a packed :class:`~rabit_compiler.experts.RaBiTExperts`; its biases and
+    activation are kept), its ``layout`` and the per-expert ``fits`` by layer name; ``latent_init="weight"`` starts
+    each coupled latent at the expert's fp weight."""
+
+    def __init__(self, module: torch.nn.Module, name: str, layout: ExpertsLayout, fits: dict[str, ResidualBinaryPaths],
+                 method: str, anchor_margin: float, latent_init: str = "reanchor"):
+        super().__init__()
+        missing = [layer for layer in layout.layer_names(name) if layer not in fits]
+        if missing:
+            raise ValueError(f"no fits for {len(missing)} expert layers of {name} (e.g. {missing[0]})")
+        self.projections, self.activation, self.num_experts = layout.projections, layout.activation, layout.num_experts
+        self.act_fn = module.act_fn
+        for expert in range(layout.num_experts):
+            layers = {}
+            for projection in layout.projections:
+                weight = layout.oriented(module, projection)[expert]
+                bias = getattr(module, f"{projection}_bias", None)
+                layers[projection] = ResidualBinaryTrainLinear(
+                    _on(fits[f"{name}.{expert}.{projection}"], weight.device), None if bias is None else bias[expert],
+                    method, anchor_margin, weight if latent_init == "weight" else None)
+            self.add_module(str(expert), torch.nn.ModuleDict(layers))
+
+    def layer(self, expert: int, projection: str) -> ResidualBinaryTrainLinear:
+        return self._modules[str(expert)][projection]
+
+    def _project(self, projection: str, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return apply_per_expert(rows, expert_ids, self.num_experts, self.layer(0, projection).out_features,
+                                lambda expert, x: self.layer(expert, projection)(x))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return route_tokens(hidden_states, top_k_index, top_k_weights, self.projections, self.act_fn, self._project)
+
+    def packed(self, config: RaBiTConfig) -> RaBiTExperts:
+        """The :class:`~rabit_compiler.experts.RaBiTExperts` holding the current signs and scales."""
+        fits, biases = {}, {}
+        for projection in self.projections:
+            layers = [self.layer(expert, projection) for expert in range(self.num_experts)]
+            fits[projection] = [layer.current_paths() for layer in layers]
+            has_bias = layers[0].bias is not None
+            biases[projection] = torch.stack([layer.bias.detach() for layer in layers]) if has_bias else None
+        return packed_experts(fits, biases, self.activation, config, layers[0].row_scale.device)
+
+
 @dataclass
 class LinearFits:
     """Initial fits of a model's swappable linears, by owner module name (``model.layers.0.mlp.up_proj``):
@@ -198,15 +261,16 @@ def load_fits(path: str | os.PathLike) -> LinearFits:
 
 def _swappable_linears(model: torch.nn.Module, config: RaBiTConfig,
                        calibration: torch.Tensor | Iterable[torch.Tensor] | None, example_input: torch.Tensor | None,
-                       progress: bool, sequential: bool = False
-                       ) -> tuple[list[tuple[str, CapturedLinear]], dict[str, str]]:
+                       progress: bool, sequential: bool = False, experts: dict[str, ExpertsLayout] | None = None
+                       ) -> tuple[list[tuple[str, CapturedLinear]], dict[str, str], ExpertStatistics | None]:
     """``[(owner name, captured linear)]`` for every ``nn.Linear`` / GPT-2 ``Conv1D`` that the skip rules of
     :func:`~rabit_compiler.quantize_` allow, with calibration statistics when ``calibration`` is given (and
-    ``X^T X`` when the fit needs it, unless ``sequential``: then the sequential pass takes it)."""
+    ``X^T X`` when the fit needs it, unless ``sequential``: then the sequential pass takes it); the linears left out
+    with the reason; with ``calibration``, the statistics of the ``experts`` modules' experts."""
     if example_input is None:
         example_input = default_example_input(model, calibration)
-    capture = capture_linears(model, example_input, calibration, progress=progress,
-                              input_grams=config.needs_input_gram and not sequential)
+    capture, statistics = capture_with_experts(model, example_input, calibration, experts or {}, progress,
+                                               config.needs_input_gram and not sequential, config.needs_input_gram)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     chosen, skipped = [], {}
     for linear in capture.linears.values():
@@ -222,7 +286,11 @@ def _swappable_linears(model: torch.nn.Module, config: RaBiTConfig,
         else:
             skipped[linear.name] = reason
     torch.compiler.reset()
-    return chosen, skipped
+    return chosen, skipped, statistics
+
+
+def _on(fit: ResidualBinaryPaths, device: torch.device | str) -> ResidualBinaryPaths:
+    return ResidualBinaryPaths(fit.signs.to(device), fit.row_scales.to(device), fit.col_scales.to(device))
 
 
 def fit_linears(model: torch.nn.Module, config: RaBiTConfig | None = None,
@@ -230,16 +298,24 @@ def fit_linears(model: torch.nn.Module, config: RaBiTConfig | None = None,
                 example_input: torch.Tensor | None = None, progress: bool = True) -> LinearFits:
     """Fit ``config.paths`` binary paths to every swappable linear of ``model`` (not modified) by ``config.fit``,
     with calibration statistics when ``calibration`` (token windows ``[num, T]``) is given. The same fit as
-    :func:`~rabit_compiler.quantize_`."""
+    :func:`~rabit_compiler.quantize_`, MoE experts included (one fit per expert layer ``<experts>.<e>.<proj>``, see
+    :mod:`rabit_compiler.experts`)."""
     config = config or RaBiTConfig()
     sequential = config.sequential and calibration is not None
-    chosen, skipped = _swappable_linears(model, config, calibration, example_input, progress, sequential)
-    result = LinearFits(skipped=skipped)
+    layouts, left = find_experts(model)
+    chosen, skipped, statistics = _swappable_linears(model, config, calibration, example_input, progress, sequential,
+                                                     layouts)
+    result = LinearFits(skipped={**skipped, **left})
+    for name, layout in tqdm(layouts.items(), desc="rabit: fit experts", disable=not progress):
+        reason = skip_experts_reason(config, name, layout)
+        if reason is not None:
+            result.skipped.update(dict.fromkeys(layout.layer_names(name), reason))
+            continue
+        for projection, fits in fit_experts(model.get_submodule(name), name, layout, config, statistics).items():
+            result.fits.update({f"{name}.{expert}.{projection}": _on(fit, "cpu") for expert, fit in enumerate(fits)})
 
     def fit(owner_name: str, linear: CapturedLinear) -> None:
-        paths = fit_linear(linear, config.for_layer(linear.name))
-        result.fits[owner_name] = ResidualBinaryPaths(paths.signs.cpu(), paths.row_scales.cpu(),
-                                                      paths.col_scales.cpu())
+        result.fits[owner_name] = _on(fit_linear(linear, config.for_layer(linear.name)), "cpu")
 
     if sequential:
         originals: dict[str, torch.Tensor] = {}
@@ -275,9 +351,10 @@ def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, metho
     given). ``latent_init`` (``"rabit"`` / ``"frozen"``): ``"reanchor"`` puts the latent inside the fit's sign
     intervals (any fit); ``"weight"`` starts it at the original weight, with the fit made by the ``"coupled"``
     rule (``config.fit`` is overridden when the fits are computed here; given fits must obey the rule), so step 0
-    is the coupled derivation of the true weight. Everything else in the model is frozen
-    (``requires_grad=False``): only the latents, scales and biases of the swapped layers train. Returns the fits
-    used."""
+    is the coupled derivation of the true weight. MoE experts modules (fp, or packed by ``quantize_``) become
+    :class:`ResidualBinaryTrainExperts` when ``fits`` has their expert layers. Everything else in the model is
+    frozen (``requires_grad=False``): only the latents, scales and biases of the swapped layers train; what stays in
+    full precision is logged with the reason. Returns the fits used."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if latent_init not in LATENT_INITS:
@@ -293,15 +370,25 @@ def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, metho
                          f"(skipped: {fits.skipped})")
     for p in model.parameters():
         p.requires_grad_(False)
+    layouts = {**find_experts(model)[0],
+               **{name: m.layout for name, m in model.named_modules() if isinstance(m, RaBiTExperts)}}
+    expert_layers = {layer for name, layout in layouts.items() for layer in layout.layer_names(name)}
     for owner_name, fit in fits.fits.items():
+        if owner_name in expert_layers:
+            continue
         owner = model.get_submodule(owner_name)
         device = owner.row_scale.device if isinstance(owner, RaBiTLinear) else owner.weight.device
-        fit = ResidualBinaryPaths(fit.signs.to(device), fit.row_scales.to(device), fit.col_scales.to(device))
         latent = None
         if latent_init == "weight":
             latent = owner.weight.T if type(owner).__name__ == "Conv1D" else owner.weight
         set_submodule(model, owner_name,
-                      ResidualBinaryTrainLinear(fit, owner.bias, method, config.anchor_margin, latent))
+                      ResidualBinaryTrainLinear(_on(fit, device), owner.bias, method, config.anchor_margin, latent))
+    for name, layout in layouts.items():
+        if not set(layout.layer_names(name)).isdisjoint(fits.fits):
+            set_submodule(model, name, ResidualBinaryTrainExperts(model.get_submodule(name), name, layout, fits.fits,
+                                                                  method, config.anchor_margin, latent_init))
+    for name, reason in fits.skipped.items():
+        logger.info("rabit: QAT leaves in full precision: %s (%s)", name, reason)
     return fits
 
 
@@ -312,11 +399,17 @@ def packed_fits(model: torch.nn.Module) -> LinearFits:
     fits = LinearFits()
     for name, module in model.named_modules():
         if isinstance(module, RaBiTLinear):
-            packed = module.packed()
-            signs = unpack_signs(packed.packed_signs, packed.in_features)
-            fits.fits[name] = ResidualBinaryPaths(signs.cpu(), packed.row_scale.float().cpu(),
-                                                  packed.col_scale.float().cpu())
+            fits.fits[name] = _unpacked(module.packed())
+        elif isinstance(module, RaBiTExperts):
+            fits.fits.update({f"{name}.{expert}.{projection}": _unpacked(module.expert(projection, expert))
+                              for expert in range(module.num_experts) for projection in module.projections})
     return fits
+
+
+def _unpacked(packed: PackedResidualBinary) -> ResidualBinaryPaths:
+    """A packed layer's paths on the CPU: signs unpacked, scales in fp32."""
+    signs = unpack_signs(packed.packed_signs, packed.in_features)
+    return ResidualBinaryPaths(signs.cpu(), packed.row_scale.float().cpu(), packed.col_scale.float().cpu())
 
 
 def qat_layers(model: torch.nn.Module) -> dict[str, ResidualBinaryTrainLinear]:
@@ -326,20 +419,23 @@ def qat_layers(model: torch.nn.Module) -> dict[str, ResidualBinaryTrainLinear]:
 
 def convert(model: torch.nn.Module, config: RaBiTConfig | None = None) -> list[str]:
     """Replace every trained :class:`ResidualBinaryTrainLinear` in place by a packed
-    :class:`~rabit_compiler.quantize.RaBiTLinear` holding its current signs and scales (in
+    :class:`~rabit_compiler.quantize.RaBiTLinear` (and every :class:`ResidualBinaryTrainExperts` by a
+    :class:`~rabit_compiler.experts.RaBiTExperts`) holding its current signs and scales (in
     ``config.scale_dtype``), ready for the packed op, ``torch.compile(backend="rabit")`` and
     :func:`rabit_compiler.serialization.save` (the config is recorded on the model). Returns the converted
     layer names."""
     config = config or RaBiTConfig()
-    layers = qat_layers(model)
-    if not layers:
+    converted = list(qat_layers(model))
+    if not converted:
         raise ValueError("the model has no ResidualBinaryTrainLinear layers to convert (call prepare_qat first)")
-    for name, layer in layers.items():
+    for name, experts in [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualBinaryTrainExperts)]:
+        set_submodule(model, name, experts.packed(config))
+    for name, layer in qat_layers(model).items():
         packed = pack_fit(layer.current_paths(), config, device=layer.row_scale.device)
         bias = None if layer.bias is None else layer.bias.detach()
         set_submodule(model, name, RaBiTLinear(packed, bias))
     mark_quantized(model, config)
-    return list(layers)
+    return converted
 
 
 def rtn_(model: torch.nn.Module, config: RaBiTConfig | None = None, bits: int = 2,
@@ -348,7 +444,11 @@ def rtn_(model: torch.nn.Module, config: RaBiTConfig | None = None, bits: int = 
     by :func:`~rabit_compiler.math.rtn_dequantized` (per output channel, asymmetric min/max, ``2**bits``
     levels), kept as a dense float weight. Returns the skipped layers (``fits`` stays empty)."""
     config = config or RaBiTConfig()
-    chosen, skipped = _swappable_linears(model, config, None, example_input, progress=False)
+    layouts, skipped = find_experts(model)
+    for name, layout in layouts.items():
+        skipped.update(dict.fromkeys(layout.layer_names(name), "the RTN baseline rounds nn.Linear / Conv1D weights"))
+    chosen, linears_skipped, _ = _swappable_linears(model, config, None, example_input, progress=False)
+    skipped.update(linears_skipped)
     with torch.no_grad():
         for _, linear in chosen:
             oriented = linear.weight.T if linear.layout == "in_out" else linear.weight
