@@ -401,6 +401,13 @@ def expert_statistics(model: torch.nn.Module, layouts: dict[str, ExpertsLayout],
             set_submodule(model, name, module)
 
 
+def log_not_sequential(layouts: dict[str, ExpertsLayout]) -> None:
+    """Sequential calibration (``RaBiTConfig.sequential``) is for ``nn.Linear`` modules: say so for the experts."""
+    if layouts:
+        logger.info("rabit: sequential calibration fits nn.Linear modules block by block; the experts of %d modules "
+                    "are fitted from the unquantized model's statistics", len(layouts))
+
+
 def log_unseen_experts(statistics: ExpertStatistics) -> None:
     """Log the expert projections that no calibration row reached (fitted data-free)."""
     unseen = [layer for layer, linear in statistics.items() if linear.input_stat.rows == 0]

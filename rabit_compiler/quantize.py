@@ -36,6 +36,7 @@ from rabit_compiler.experts import (
     ExpertStatistics,
     capture_with_experts,
     find_experts,
+    log_not_sequential,
     quantize_experts_,
 )
 from rabit_compiler.head import quantize_head_
@@ -171,6 +172,7 @@ def quantize_(
                 report.skipped[linear.name] = reason
 
     if sequential:
+        log_not_sequential(experts)
         single = {owner: uses[0][1] for owner, uses in by_owner.items() if len(uses) == 1 and uses[0][0] == "weight"}
         fit_in_block_order(model, single, calibration, config.needs_input_gram,
                            lambda owner, _: swap(owner, by_owner.pop(owner)), progress)

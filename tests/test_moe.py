@@ -40,7 +40,7 @@ from transformers.integrations.moe import use_experts_implementation
 import rabit_compiler as rabit
 from rabit_compiler.experts import RaBiTExperts, find_experts
 from rabit_compiler.head import WeightOnlyLinear
-from rabit_compiler.qat import ResidualBinaryTrainExperts, qat_layers
+from rabit_compiler.qat import ResidualBinaryTrainExperts, packed_fits, prepare_qat, qat_layers
 from rabit_compiler.quantizer import fit_weight, pack_fit
 
 from .reference import assert_close_scaled, packed_linear_float64
@@ -291,6 +291,25 @@ def test_qat_trains_every_routed_expert_and_converts_to_packed_experts(tmp_path)
     for name, module in packed.items():  # no optimizer step was taken: convert gives quantize_'s experts, bit for bit
         for key, value in module.state_dict().items():
             assert torch.equal(value, reference.get_submodule(name).state_dict()[key]), (name, key)
+
+
+def test_scale_tuning_of_packed_experts_round_trips(quantized):
+    """``prepare_qat(method="scales", fits=packed_fits(model))`` on a model packed by quantize_ puts the packed
+    experts in training form (signs fixed); converting back without a step gives the same tensors."""
+    architecture, _, model, _, _ = quantized
+    if architecture != "olmoe":
+        pytest.skip("one architecture is enough")
+    student = copy.deepcopy(model)
+    fits = packed_fits(student)
+    assert sum(".experts." in name for name in fits.fits) == LAYERS * NUM_EXPERTS * 2
+    prepare_qat(student, rabit.RaBiTConfig(), "scales", fits=fits, progress=False)
+    assert sum(isinstance(m, ResidualBinaryTrainExperts) for m in student.modules()) == LAYERS
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad and ".experts." in name}
+    assert trainable and all(name.endswith(("row_scale", "col_scale")) for name in trainable)
+    rabit.convert(student, rabit.RaBiTConfig())
+    expected = model.state_dict()
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 # ---------------------------------------------------------------- experts layouts beyond Qwen3-MoE / OLMoE / Mixtral

@@ -44,6 +44,7 @@ from rabit_compiler.experts import (
     capture_with_experts,
     find_experts,
     fit_experts,
+    log_not_sequential,
     packed_experts,
     route_tokens,
     skip_experts_reason,
@@ -318,6 +319,7 @@ def fit_linears(model: torch.nn.Module, config: RaBiTConfig | None = None,
         result.fits[owner_name] = _on(fit_linear(linear, config.for_layer(linear.name)), "cpu")
 
     if sequential:
+        log_not_sequential(layouts)
         originals: dict[str, torch.Tensor] = {}
 
         def fit_and_fake_quantize(owner_name: str, linear: CapturedLinear) -> None:
