@@ -142,8 +142,9 @@ def quantize_(
 
     ``calibration``: token windows ``[num, T]`` (or an iterable of batches) used for the channel-importance
     preconditioning; without it the fit is data-free. The model is traced (once, with ``example_input``; by
-    default the first calibration batch, else 8 token ids) only when calibration is given or a 2-D parameter
-    sits outside ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` modules (see the module docstring); tracing
+    default the first calibration batch, else 8 token ids) only when calibration is given, a 2-D parameter
+    sits outside ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` modules or the model has MoE experts (see the module
+    docstring); tracing
     resets the ``torch.compiler`` caches when done. Returns a :class:`QuantizeReport`.
     """
     config = config or RaBiTConfig()
