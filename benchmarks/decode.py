@@ -89,10 +89,12 @@ def torchao_int4(model: torch.nn.Module) -> str:
     return "group 128"
 
 
-def rabit_quantizer(paths: int, rounds: int) -> Callable[[torch.nn.Module], str]:
+def rabit_quantizer(paths: int, rounds: int, head: str | None = None) -> Callable[[torch.nn.Module], str]:
     def quantize(model: torch.nn.Module) -> str:
-        report = rabit.quantize_(model, rabit.RaBiTConfig(paths=paths, rounds=rounds), progress=False)
-        return f"k={paths}, data-free, {rounds} SVID rounds, {len(report.quantized)} linears packed"
+        config = rabit.RaBiTConfig(paths=paths, rounds=rounds, **({} if head is None else {"head": head}))
+        report = rabit.quantize_(model, config, progress=False)
+        return (f"k={paths}, data-free, {rounds} SVID rounds, {len(report.quantized)} linears packed, "
+                f"head {config.head}")
 
     return quantize
 
@@ -113,7 +115,7 @@ def variant_setup(variant: str, device: torch.device,
                   args: argparse.Namespace) -> tuple[Callable[[torch.nn.Module], str] | None, object]:
     """(how to transform the fp model, the decode CompileConfig or None for eager)."""
     inductor = decode_compile_config(device, "inductor")
-    quantize = rabit_quantizer(args.paths, args.rounds)
+    quantize = rabit_quantizer(args.paths, args.rounds, args.head)
     return {
         "fp-eager": (None, None),
         "fp-inductor": (None, inductor),
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="SVID rounds of the data-free fit (speed only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--head", default=None, help="RaBiTConfig.head of the rabit variants (default: its default)")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="rabit backend options for the rabit variant, e.g. cpu_tables=int8")
     args = parser.parse_args(argv)

@@ -12,11 +12,13 @@ Hugging Face ``generate`` with a static KV cache compiles the decode step once (
 ``generate`` of ``--new-tokens`` tokens is timed without the profiler (decode tokens/s) and one is profiled
 (``torch.profiler``, Inductor's kernels named in the trace). Every profiled event is put in one class, the first of:
 
-* ``packed linears``: ``rabit::lut_gemv`` and Inductor kernels of the bitwise form (``bitwise_and`` in the name);
-* ``head``: a matmul whose output has ``vocab`` columns (the lm_head); ``fp32 linears``: any other matmul;
-* ``norms``: kernels computing ``rsqrt`` (RMSNorm, fused with what Inductor put with it);
+* ``packed linears``: ``rabit::`` operators (``rabit::lut_gemv``; the sign-flip kernel before it) and Inductor
+  kernels of the bitwise form (``bitwise_and`` in the name);
+* ``head``: ``rabit::weight_only_linear``, or a matmul whose output has ``vocab`` columns (the lm_head);
+  ``fp32 linears``: any other matmul;
+* ``norms``: Inductor kernels computing ``rsqrt`` (RMSNorm, with the residual add Inductor fused into it);
 * ``attention``: attention, rotary embedding and KV-cache kernels (sdpa, softmax, bmm, index_copy, cat, neg, ...);
-* ``other kernels``: the remaining kernels of the compiled graph (residual adds, SwiGLU, embedding, casts);
+* ``other kernels``: the remaining kernels of the compiled graph (SwiGLU, embedding, copies);
 * ``eager ops``: ops outside the compiled graph (``generate``'s own token selection and bookkeeping);
 
 an event inside an event of a class counts in its ancestor's class. ``framework`` is the rest of the step's wall
@@ -49,21 +51,20 @@ _ATTENTION = re.compile(r"softmax|scaled_dot|bmm|amax|index_copy|index_put|\bcat
 def event_class(event, vocab: int, compiled: bool) -> str | None:
     """The class of one profiler event (None: none by itself; its time is its parent's or the framework's)."""
     name = event.name
-    if "lut_gemv" in name or ("cpp_fused" in name and "bitwise_and" in name):
+    if name.startswith("rabit::weight_only"):
+        return "head"
+    if name.startswith("rabit::") or ("cpp_fused" in name and "bitwise_and" in name):
         return "packed linears"
     if name in _MATMULS:
         shapes = [s for s in (event.input_shapes or []) if s]
-        columns = shapes[1][-1] if len(shapes) > 1 and name != "aten::addmm" else (
-            shapes[2][-1] if len(shapes) > 2 else None)
-        return "head" if columns == vocab else "fp32 linears"
+        weight = shapes[2] if name == "aten::addmm" and len(shapes) > 2 else shapes[1] if len(shapes) > 1 else None
+        return "head" if weight is not None and vocab in weight else "fp32 linears"
     if not compiled:
         return "eager ops" if name.startswith("aten::") else None
     if "cpp_fused" in name and "rsqrt" in name:
         return "norms"
-    if _ATTENTION.search(name.lower()):
-        return "attention"
     if "cpp_fused" in name or name.startswith("aten::"):
-        return "other kernels"
+        return "attention" if _ATTENTION.search(name.lower()) else "other kernels"
     return None
 
 
@@ -76,9 +77,10 @@ def _inside_compiled_region(event) -> bool:
     return False
 
 
-def classify(events, vocab: int) -> dict[str, float]:
-    """Microseconds per class over ``events`` (outermost classified events only)."""
+def classify(events, vocab: int) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """Microseconds per class over ``events`` (outermost classified events only), and per (class, event name)."""
     totals: dict[str, float] = defaultdict(float)
+    by_name: dict[tuple[str, str], float] = defaultdict(float)
     classes = {id(e): event_class(e, vocab, _inside_compiled_region(e)) for e in events}
     for event in events:
         label = classes[id(event)]
@@ -89,7 +91,8 @@ def classify(events, vocab: int) -> dict[str, float]:
             parent = parent.cpu_parent
         if parent is None:
             totals[label] += event.time_range.elapsed_us()
-    return totals
+            by_name[label, re.sub(r"_\d+$", "", event.name.removeprefix("graph_0_"))] += event.time_range.elapsed_us()
+    return totals, by_name
 
 
 def main() -> None:
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["rabit", "inductor"], default="rabit")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--top", type=int, default=12, help="list the events with the most time")
     parser.add_argument("--head", default=None, help="RaBiTConfig.head (default: RaBiTConfig's)")
     parser.add_argument("--options", nargs="*", default=[], metavar="KEY=VALUE",
                         help="backend options, e.g. cpu_tables=int8 (values parsed as Python literals)")
@@ -116,7 +120,7 @@ def main() -> None:
         _, profiled = timed_generate(model, prompt["input_ids"], args.new_tokens, config)
     steps = args.new_tokens - 1  # decode steps (the first token comes from the prefill)
     step_us = (profiled.total_s - profiled.time_to_first_token_s) / steps * 1e6
-    totals = classify(_decode_events(trace.events()), model.config.vocab_size)
+    totals, by_name = classify(_decode_events(trace.events()), model.config.vocab_size)
     totals["framework"] = step_us * steps - sum(totals.values())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"# decode step profile: SmolLM2-135M, backend={args.backend}, options={options}, head={args.head}, "
@@ -128,6 +132,9 @@ def main() -> None:
     for label in CLASSES:
         per_step = totals.get(label, 0.0) / steps
         print(f"| {label} | {per_step / 1e3:.3f} | {per_step / step_us:.1%} |")
+    print(f"\nthe {args.top} events (kernels numbered alike counted together) with the most time, ms per step:")
+    for (label, name), total in sorted(by_name.items(), key=lambda item: -item[1])[:args.top]:
+        print(f"  {total / steps / 1e3:7.3f}  {label:15s} {name[:110]}")
 
 
 def _decode_events(events):

@@ -110,14 +110,15 @@ def test_lut_kernel_matches_float64(paths, in_features, sizes, rows, dtype, scal
 @pytest.mark.parametrize("scale_dtype", DTYPES)
 def test_fp32_tables_are_exact_on_integers(isa, scale_dtype):
     """Integer-valued x, h, g and bias keep every table entry and partial sum an exact fp32 integer (all below
-    2^24): the result equals the float64 reference bit for bit, so one misread nibble anywhere shows."""
+    2^24): the result equals the float64 reference bit for bit, so one misread nibble anywhere shows. The layer is
+    large enough for the kernel to use both threads."""
     generator = torch.Generator().manual_seed(11)
-    paths, sizes, in_features = 3, [37, 16, 5], 203
+    paths, sizes, in_features = 3, [37, 16, 5], 301
     packed_signs, _, _, _ = random_siblings(paths, sizes, in_features, False, torch.float32, generator)
     row_scale = torch.randint(-3, 4, (paths, sum(sizes)), generator=generator).to(scale_dtype)
     col_scale = torch.randint(-3, 4, (len(sizes), paths, in_features), generator=generator).to(scale_dtype)
     bias = torch.randint(-50, 51, (sum(sizes),), generator=generator).float()
-    x = torch.randint(-4, 5, (3, in_features), generator=generator).float()
+    x = torch.randint(-4, 5, (4, in_features), generator=generator).float()
     out = run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, "fp32", isa, threads=2)
     expected, _ = expected_siblings(x, packed_signs, row_scale, col_scale, bias, in_features, sizes)
     assert torch.equal(out.double(), expected)
