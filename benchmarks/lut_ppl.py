@@ -10,7 +10,7 @@ every packed linear computed by
 * ``lut-fp32``: ``rabit::lut_gemv`` with fp32 tables (exact mode);
 * ``lut-int8``: ``rabit::lut_gemv`` with int8 tables (one scale per 32 columns).
 
-The kernel runs on every row of every window here (the backend uses it only for decode, <= 4 rows): a token's
+The kernel runs on every row of every window here (the backend uses it for at most 32 rows: decode): a token's
 result does not depend on the other rows, so this is the PPL that decoding with the kernel gives. Also printed: the
 fp32 model's PPL, and the largest relative difference of each mode's logits from the reference's on one window.
 """

@@ -47,12 +47,10 @@ def _keep(node: fx.Node) -> bool:
     return (name.endswith("_") and not name.endswith("__")) or (schema is not None and schema.is_mutable)
 
 
-def finish(gm: fx.GraphModule, delete_unused_submodules: bool = True) -> fx.GraphModule:
-    """Remove dead nodes (but not those :func:`_keep` names) and, unless told not to, submodules nothing uses any
-    more; lint and recompile."""
+def finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """Remove dead nodes (but not those :func:`_keep` names), lint and recompile."""
     gm.graph.eliminate_dead_code(is_impure_node=_keep)
-    if delete_unused_submodules:
-        gm.delete_all_unused_submodules()
+    gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     return gm

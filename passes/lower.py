@@ -74,29 +74,22 @@ class LutLayoutWeights(torch.nn.Module):
 
 @dataclass
 class DerivedLayout:
-    """A kernel call's layout copy, held by the :class:`LutLayoutWeights` ``module_name`` of ``gm``, and where it
-    came from: for packed_signs, row_scale, col_scale and bias, the index of the graph input (int) or the attribute
-    path of ``gm`` (str) that held the tensor, or None (no bias)."""
+    """A kernel call's layout copy, held by the :class:`LutLayoutWeights` ``module_name`` of ``gm``, and what it was
+    derived from: for packed_signs, row_scale, col_scale and bias, the index of the graph input that held it (int),
+    the tensor itself (a buffer of a packed-weights module, which the graph no longer reads), or None (no bias)."""
 
     module_name: str
-    sources: tuple[int | str | None, ...]
+    sources: tuple[int | torch.Tensor | None, ...]
     out_features: tuple[int, ...]
 
-    def source_tensors(self, gm: fx.GraphModule, args: Sequence[object]) -> list[torch.Tensor | None]:
+    def source_tensors(self, args: Sequence[object]) -> list[torch.Tensor | None]:
         """The tensors it is derived from, given the graph's inputs ``args``."""
-        return [None if source is None else args[source] if isinstance(source, int) else _attribute(gm, source)
-                for source in self.sources]
+        return [args[source] if isinstance(source, int) else source for source in self.sources]
 
     def refresh(self, gm: fx.GraphModule, args: Sequence[object]) -> None:
         """Derive the layout again from the current tensors, into the same buffers."""
-        tensors = (None if t is None else t.detach() for t in self.source_tensors(gm, args))
+        tensors = (None if t is None else t.detach() for t in self.source_tensors(args))
         gm.get_submodule(self.module_name).write(tiled_layout(*tensors, self.out_features))
-
-
-def _attribute(gm: fx.GraphModule, path: str) -> torch.Tensor:
-    """``gm``'s tensor at the dotted ``path``."""
-    module_name, _, name = path.rpartition(".")
-    return getattr(gm.get_submodule(module_name), name)
 
 
 @dataclass
@@ -214,7 +207,8 @@ def _skip_reason(arguments: dict[str, object], weights: GraphWeights) -> str | N
 _LAYOUT_ARGS = ("packed_signs", "row_scale", "col_scale", "bias")  # what a layout is derived from, in order
 
 
-def _layout_sources(arguments: dict[str, object], weights: GraphWeights) -> tuple[int | str | None, ...] | None:
+def _layout_sources(arguments: dict[str, object],
+                    weights: GraphWeights) -> tuple[int | torch.Tensor | None, ...] | None:
     """Where packed_signs, row_scale and bias come from (see :class:`DerivedLayout`), or None when one is computed
     in the graph or has no real value (then no layout can be derived at compile time)."""
     sources = []
@@ -228,7 +222,7 @@ def _layout_sources(arguments: dict[str, object], weights: GraphWeights) -> tupl
                 value, torch._subclasses.FakeTensor):
             return None
         if node.op == "get_attr":
-            sources.append(node.target)
+            sources.append(value)
         elif node.op == "placeholder" and node in weights.placeholder_index:
             sources.append(weights.placeholder_index[node])
         else:
@@ -333,5 +327,5 @@ def lower_for_cpu(
         chosen = _form(arguments, weights, x, form)
         calls.append(LoweredCall(node.name, form=chosen, layout=_lower(gm, node, tracer, x, chosen, tables)))
     if calls:
-        finish(gm, delete_unused_submodules=False)  # the packed holders stay: kernel layouts are derived from them
+        finish(gm)  # a packed-weights module the graph no longer reads leaves gm (not a graph input any more)
     return calls

@@ -63,6 +63,9 @@ class PackedWeightGuard:
       them); a member is re-copied when one of those inputs changed.
     - A CPU kernel call's layout copy (:class:`DerivedLayout`) is derived again when a tensor it was derived from
       was replaced or changed in place (after the two steps above, which change such tensors).
+
+    ``holders`` are the modules holding packed tensors by name, as they were before lowering (which drops from
+    ``gm`` those its graph no longer reads: the kernel calls read their layout copies).
     """
 
     def __init__(
@@ -74,10 +77,12 @@ class PackedWeightGuard:
         example_inputs: Sequence[Any],
         config: RaBiTConfig,
         cache: DataFreePackCache,
+        holders: dict[str, torch.nn.Module],
         layouts: Sequence[DerivedLayout] = (),
     ):
         self.compiled = compiled
         self.gm = gm
+        self.holders = holders
         self.config = config
         self.cache = cache
         self.repacks = 0
@@ -91,7 +96,7 @@ class PackedWeightGuard:
             (member, self._identity(example_inputs, member.input_indices)) for group in fused for member in group
             if any(index is not None for index in member.input_indices)
         ]
-        self._layouts = [(layout, self._versions(layout.source_tensors(gm, example_inputs))) for layout in layouts]
+        self._layouts = [(layout, self._versions(layout.source_tensors(example_inputs))) for layout in layouts]
 
     def __call__(self, *args: Any) -> Any:
         for position, (site, index, ref, version) in enumerate(self._checks):
@@ -102,7 +107,7 @@ class PackedWeightGuard:
             if identity != self._identity(args, member.input_indices):
                 self._recopy(position, member, args)
         for position, (layout, versions) in enumerate(self._layouts):
-            current = self._versions(layout.source_tensors(self.gm, args))
+            current = self._versions(layout.source_tensors(args))
             if current != versions:
                 layout.refresh(self.gm, args)
                 self._layouts[position] = (layout, current)
@@ -117,7 +122,7 @@ class PackedWeightGuard:
         return tuple((id(args[i]), args[i]._version) for i in indices if i is not None)
 
     def _recopy(self, position: int, member: FusedMember, args: Sequence[Any]) -> None:
-        holder = self.gm.get_submodule(member.module_name)
+        holder = self.holders[member.module_name]
         tensors = {name: args[index].detach() for name, index in zip(FUSED_TENSOR_ARGS, member.input_indices,
                                                                       strict=True) if index is not None}
         holder.write_segment(member.segment, **tensors)
@@ -133,10 +138,10 @@ class PackedWeightGuard:
         packed = self.cache.get(weight, oriented, self.config.for_layer(site.name))
         member = self._fused_at.get(site.module_name)
         if member is not None:
-            self.gm.get_submodule(member.module_name).write_segment(
+            self.holders[member.module_name].write_segment(
                 member.segment, packed.packed_signs, packed.row_scale, packed.col_scale)
         else:
-            self.gm.get_submodule(site.module_name).write(packed)
+            self.holders[site.module_name].write(packed)
         logger.info("rabit: re-packed %s (its weight tensor changed since compilation)", site.name)
         self.repacks += 1
         self._checks[position] = (site, site.weight_input_index, weakref.ref(weight), weight._version)
@@ -180,6 +185,7 @@ def rabit_backend(
         logger.info("rabit: fused %d sibling groups (%s)", len(fused),
                     ", ".join(str(len(group)) for group in fused))
     compiled: Callable[..., Any] = gm
+    holders = dict(gm.named_modules())  # before lowering drops the packed modules the graph no longer reads
     lowered = []
     if use_inductor:
         lowered = [call for call in lower_for_cpu(gm, example_inputs, tables=cpu_tables) if call.form is not None]
@@ -192,7 +198,7 @@ def rabit_backend(
             logger.warning("rabit: Inductor failed on this graph, running it eagerly (%s: %s)",
                            type(error).__name__, error)
     layouts = [call.layout for call in lowered if call.layout is not None]
-    return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE, layouts)
+    return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE, holders, layouts)
 
 
 def _expert_weights(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[str]:
