@@ -47,6 +47,7 @@ from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
 from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
 from rabit_compiler.qat.diagnostics import path_diagnostics, sign_changes
+from rabit_compiler.qat.layers import LATENT_INITS
 from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
 
 QAT_METHODS = ("frozen", "standard", "rabit")
@@ -127,6 +128,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--gamma", type=float, default=0.0)
     parser.add_argument("--anchor-margin", type=float, default=RaBiTConfig.anchor_margin)
+    parser.add_argument("--latent-init", default="reanchor", choices=LATENT_INITS,
+                        help="rabit / frozen: the latent re-anchored in the init's sign intervals, or the original "
+                             "weight with the 'coupled' fit as the init (standard keeps the default init)")
     parser.add_argument("--calibration-windows", type=int, default=16, help="x 512 tokens of lee_background")
     parser.add_argument("--eval-windows", type=int, default=None, help="x 512 tokens of lee.cor (default: all)")
     parser.add_argument("--compile", action="store_true", help="student forward under torch.compile (Inductor)")
@@ -162,7 +166,8 @@ def main() -> None:
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                           + (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"),
                "tokens_per_step": args.batch_size * args.seq_len, "train_windows": train_windows.shape[0],
-               "heldout_tokens": heldout.numel(), "qat_config": asdict(qat_config), "methods": {}}
+               "heldout_tokens": heldout.numel(), "qat_config": asdict(qat_config), "latent_init": args.latent_init,
+               "methods": {}}
     print(f"held-out {tuple(heldout.shape)}, train windows {tuple(train_windows.shape)}, "
           f"calibration {tuple(calibration.shape)}")
     fits = None
@@ -185,7 +190,10 @@ def main() -> None:
             convert(student, config)
             row["ppl"] = perplexity(student, heldout)
         else:
-            prepare_qat(student, config, method, fits=fits)
+            latent_init = "reanchor" if method == "standard" else args.latent_init
+            method_fits = cached_fits(model, replace(config, fit="coupled"), calibration) \
+                if latent_init == "weight" else fits
+            prepare_qat(student, config, method, fits=method_fits, latent_init=latent_init)
             method_config = replace(qat_config, lr_latent=learning_rates.get(method, default_lr))
             trainer = QATTrainer(student, model, method_config, train_windows, heldout)
             if args.init_eval and init_ppl is None:  # every method starts from the same function: eval once
@@ -199,7 +207,7 @@ def main() -> None:
                 for d in row["diagnostics"]:
                     print(f"  {d['layer']}: Corr(y1, y2) = {d['path_correlation']:.3f}, "
                           f"Corr(R1 x, y2) = {d['residual_alignment']:.3f}")
-            row["sign_changes"] = sign_changes(student, fits)
+            row["sign_changes"] = sign_changes(student, method_fits)
             print(f"  signs flipped since the init, per path: {', '.join(f'{c:.4%}' for c in row['sign_changes'])}")
             convert(student, config)
             row.update(steps=trainer.step, tokens=trainer.tokens_seen(), ppl=history["eval"][-1][2],

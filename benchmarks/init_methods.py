@@ -6,7 +6,9 @@
 
 Calibration: the first 16 x 512-token windows of lee_background.cor, captured once (channel statistics,
 output gradients and X^T X per linear); every method then fits all 210 linears from the same statistics
-into a fresh copy of the model, packs them (fp16 scales) and is scored on lee.cor, 9 x 512 tokens, no BOS.
+into a fresh copy of the model (sequential methods: input statistics re-taken block by block on the partly
+quantized copy), packs them (fp16 scales; the LM head stays fp32) and is scored on lee.cor, 9 x 512 tokens,
+no BOS.
 One line per (method, k): held-out PPL and the fit time of all linears (the calibration capture, shared by
 all methods, is timed once). ``--json FILE`` appends every result as one JSON line.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import subprocess
@@ -30,6 +33,7 @@ from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
 from rabit_compiler.quantize import RaBiTLinear, set_submodule, skip_reason
 from rabit_compiler.quantizer import fit_linear, pack_fit
+from rabit_compiler.sequential import fit_in_block_order
 
 METHODS = {
     "svid": dict(fit="svid"),  # the default before issue 14
@@ -44,6 +48,8 @@ METHODS = {
     "gptq-rows-unweighted": dict(fit="gptq", objective="hessian", alpha_out=0.0),
     "gptq-1round": dict(fit="gptq", objective="hessian", fit_rounds=1),
     "gptq-damp0.1": dict(fit="gptq", objective="hessian", damp=0.1),
+    "gptq-sequential": dict(fit="gptq", objective="hessian", sequential=True),
+    "gptq-greedy-2rounds-sequential": dict(fit="gptq", objective="hessian", rounds=0, fit_rounds=2, sequential=True),
 }
 
 
@@ -73,6 +79,26 @@ def captured_linears(model: torch.nn.Module, calibration: torch.Tensor,
                  input_stat=vars(linear.input_stat), output_stat=vars(linear.output_stat),
                  input_gram=vars(linear.input_gram)) for linear in linears]}, cache)
     return linears, seconds
+
+
+def quantize_from_statistics(model: torch.nn.Module, linears: list[CapturedLinear], config: rabit.RaBiTConfig,
+                             calibration: torch.Tensor) -> None:
+    """What ``quantize_`` does after its capture, from the cached statistics: every linear fitted, packed and
+    swapped in ``model`` (a copy of the captured one); with ``config.sequential``, block by block from input
+    statistics taken on the partly quantized model (the output-gradient statistics stay the cached ones)."""
+
+    def swap(owner_name: str, linear: CapturedLinear) -> None:
+        layer_config = config.for_layer(linear.name)
+        packed = pack_fit(fit_linear(linear, layer_config), layer_config)
+        set_submodule(model, owner_name, RaBiTLinear(packed, model.get_submodule(owner_name).bias))
+
+    owners = {linear.name: dataclasses.replace(linear, weight=model.get_parameter(linear.name + ".weight"))
+              for linear in linears}
+    done = set(fit_in_block_order(model, owners, calibration, config.needs_input_gram, swap, progress=False)
+               if config.sequential else [])
+    for name, linear in owners.items():
+        if name not in done:
+            swap(name, linear)
 
 
 def main() -> None:
@@ -108,11 +134,7 @@ def main() -> None:
             config = rabit.RaBiTConfig(paths=paths, **METHODS[name])
             quantized = copy.deepcopy(model)
             started = time.perf_counter()
-            for linear in linears:
-                owner_name = names[id(linear.weight)].rpartition(".")[0]
-                layer_config = config.for_layer(linear.name)
-                packed = pack_fit(fit_linear(linear, layer_config), layer_config)
-                set_submodule(quantized, owner_name, RaBiTLinear(packed, quantized.get_submodule(owner_name).bias))
+            quantize_from_statistics(quantized, linears, config, calibration)
             fit_seconds = time.perf_counter() - started
             ppl = perplexity(quantized, heldout, progress=False)
             print(f"{name} k={paths}: held-out PPL {ppl:.4g}; fit {fit_seconds:.1f} s", flush=True)

@@ -116,7 +116,12 @@ class QATConfig:
 
 def distillation_loss(student_out: Any, teacher_out: Any, gamma: float) -> torch.Tensor:
     """``KL(teacher || student)`` of the next-token distributions (fp32, mean over positions) plus
-    ``gamma * sum_l MSE`` of the decoder layers' hidden states (``hidden_states[1:]``, when gamma > 0)."""
+    ``gamma * sum_l MSE`` of the decoder layers' hidden states (``hidden_states[1:]``, when gamma > 0).
+
+    Scaling: the KL is summed over the vocabulary and averaged over the ``B*T`` positions (the per-token mean
+    of distillation codebases), not summed over tokens and divided by the batch (``T`` times larger). AdamW and
+    Muon are invariant to a global loss scale, so this choice only sets gamma's meaning: both terms are means
+    over positions, so a gamma does not change with the window length or batch size."""
     student_logp = F.log_softmax(student_out.logits.float(), dim=-1).flatten(0, -2)
     teacher_logp = F.log_softmax(teacher_out.logits.float(), dim=-1).flatten(0, -2)
     loss = F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
