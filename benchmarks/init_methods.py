@@ -10,7 +10,9 @@ into a fresh copy of the model (sequential methods: input statistics re-taken bl
 quantized copy), packs them (fp16 scales; the LM head stays fp32) and is scored on lee.cor, 9 x 512 tokens,
 no BOS.
 One line per (method, k): held-out PPL and the fit time of all linears (the calibration capture, shared by
-all methods, is timed once). ``--json FILE`` appends every result as one JSON line.
+all methods, is timed once); with ``--tune-steps N``, then the PPL after N steps of end-to-end scale tuning
+(signs fixed, KL to the fp model on 4 x 256-token windows of lee_background per step) and its time.
+``--json FILE`` appends every result as one JSON line.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from rabit_compiler.calibration import CapturedLinear, ChannelStat, InputGram, c
 from rabit_compiler.data import lee_corpus, token_windows
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
+from rabit_compiler.qat import QATConfig
+from rabit_compiler.qat.tune import tune_scales_
 from rabit_compiler.quantize import RaBiTLinear, set_submodule, skip_reason
 from rabit_compiler.quantizer import fit_linear, pack_fit
 from rabit_compiler.sequential import fit_in_block_order
@@ -50,6 +54,8 @@ METHODS = {
     "gptq-damp0.1": dict(fit="gptq", objective="hessian", damp=0.1),
     "gptq-sequential": dict(fit="gptq", objective="hessian", sequential=True),
     "gptq-greedy-2rounds-sequential": dict(fit="gptq", objective="hessian", rounds=0, fit_rounds=2, sequential=True),
+    "gptq-greedy-1round": dict(fit="gptq", objective="hessian", rounds=0, fit_rounds=1),
+    "gptq-greedy-1round-sequential": dict(fit="gptq", objective="hessian", rounds=0, fit_rounds=1, sequential=True),
 }
 
 
@@ -108,6 +114,9 @@ def main() -> None:
     parser.add_argument("--calibration-windows", type=int, default=16)
     parser.add_argument("--json", help="append one JSON line per result to this file")
     parser.add_argument("--list", action="store_true", help="print the methods and their settings")
+    parser.add_argument("--tune-steps", type=int, default=0, help="then tune the scales end to end for N steps")
+    parser.add_argument("--tune-lr", type=float, default=1e-3)
+    parser.add_argument("--tune-seq-len", type=int, default=256)
     parser.add_argument("--stats-cache", help="reuse (or write) the calibration statistics in this file")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (1 is faster on a machine shared with other jobs)")
@@ -122,6 +131,7 @@ def main() -> None:
     train_text, heldout_text = lee_corpus()
     heldout = token_windows(tokenizer, heldout_text, 512)
     calibration = token_windows(tokenizer, train_text, 512, max_windows=args.calibration_windows)
+    tune_windows = token_windows(tokenizer, train_text, args.tune_seq_len)
     names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     linears, capture_seconds = captured_linears(model, calibration, args.stats_cache)
     base = rabit.RaBiTConfig()
@@ -138,9 +148,22 @@ def main() -> None:
             fit_seconds = time.perf_counter() - started
             ppl = perplexity(quantized, heldout, progress=False)
             print(f"{name} k={paths}: held-out PPL {ppl:.4g}; fit {fit_seconds:.1f} s", flush=True)
+            tuned = {}
+            if args.tune_steps:
+                tune_config = QATConfig(steps=args.tune_steps, batch_size=4, seq_len=args.tune_seq_len,
+                                        lr_scale=args.tune_lr, warmup_steps=min(4, args.tune_steps - 1),
+                                        optimizer="adamw")
+                started = time.perf_counter()
+                tune_scales_(quantized, model, tune_windows, tune_config, progress=False)
+                tuned = dict(tune_steps=args.tune_steps, tune_lr=args.tune_lr,
+                             tune_seconds=time.perf_counter() - started,
+                             tuned_ppl=perplexity(quantized, heldout, progress=False))
+                print(f"  + scale tuning ({args.tune_steps} steps x 4 x {args.tune_seq_len} tokens, "
+                      f"lr {args.tune_lr:g}): held-out PPL {tuned['tuned_ppl']:.4g}; {tuned['tune_seconds']:.0f} s",
+                      flush=True)
             if args.json:
                 with open(args.json, "a") as handle:
-                    handle.write(json.dumps(dict(method=name, paths=paths, settings=METHODS[name], ppl=ppl,
+                    handle.write(json.dumps(dict(method=name, paths=paths, settings=METHODS[name], ppl=ppl, **tuned,
                                                  fit_seconds=fit_seconds, capture_seconds=capture_seconds,
                                                  commit=commit, date=time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                    time.gmtime()),
