@@ -56,6 +56,9 @@ METHODS = {
     "gptq-greedy-2rounds-sequential": dict(fit="gptq", objective="hessian", rounds=0, fit_rounds=2, sequential=True),
     "gptq-greedy-1round": dict(fit="gptq", objective="hessian", rounds=0, fit_rounds=1),
     "gptq-greedy-1round-sequential": dict(fit="gptq", objective="hessian", rounds=0, fit_rounds=1, sequential=True),
+    "gptq-1round-sequential": dict(fit="gptq", objective="hessian", fit_rounds=1, sequential=True),
+    "gptq-svid3-1round": dict(fit="gptq", objective="hessian", rounds=3, fit_rounds=1),
+    "gptq-svid3-1round-sequential": dict(fit="gptq", objective="hessian", rounds=3, fit_rounds=1, sequential=True),
 }
 
 

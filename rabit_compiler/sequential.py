@@ -99,24 +99,23 @@ class BlockStatistics:
     def __init__(self, modules: dict[str, torch.nn.Module], input_grams: bool):
         self.input_stats = {name: ChannelStat() for name in modules}
         self.input_grams = {name: InputGram() for name in modules} if input_grams else {}
-        self._seen: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, int]] = {}
+        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(x) -> (x, X^T X, rows)
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
 
     def _hook(self, name: str) -> Callable:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            x = args[0].detach()
+            x = args[0]
             self.input_stats[name].update(x)
             if name in self.input_grams:
-                key = (x.data_ptr(), tuple(x.shape))
-                if key not in self._seen:
+                if id(x) not in self._seen:  # the entry holds x, so its id is not reused within the call
                     rows = x.reshape(-1, x.shape[-1]).float()
-                    self._seen[key] = (rows.T @ rows, rows.shape[0])
-                self.input_grams[name].add(*self._seen[key])
+                    self._seen[id(x)] = (x, rows.T @ rows, rows.shape[0])
+                self.input_grams[name].add(*self._seen[id(x)][1:])
 
         return hook
 
     def end_call(self) -> None:
-        """Forget the shared products of the last block call (its tensors may be freed and reused)."""
+        """Forget the shared products of the last block call (and release its inputs)."""
         self._seen.clear()
 
     def remove(self) -> None:

@@ -70,6 +70,15 @@ def test_sequential_statistics_are_taken_after_the_earlier_blocks_are_quantized(
     for name, gram in sequential_grams.items():
         same = torch.allclose(gram, fp_grams[name], rtol=1e-4, atol=1e-6)
         assert same == name.startswith("model.layers.0."), name
+    # with nothing quantized, the pass sees exactly what one capture of the model sees, layer by layer
+    model = copy.deepcopy(teacher)
+    owners = {linear.name: linear for linear in capture_linears(model, windows[:1], progress=False).linears.values()
+              if linear.name != "lm_head"}
+    sequential_grams.clear()
+    fit_in_block_order(model, owners, windows[:4], True, lambda name, linear: sequential_grams.update(
+        {name: linear.input_gram.mean()}), progress=False)
+    for name, gram in sequential_grams.items():
+        torch.testing.assert_close(gram, fp_grams[name], rtol=1e-4, atol=1e-6)
 
 
 def test_sequential_quantize_and_fit_linears_pack_everything_and_restore_the_weights(teacher, windows):
