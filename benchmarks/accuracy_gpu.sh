@@ -18,7 +18,7 @@ mkdir -p "$out"
 if [[ "${1:-}" == "--dry-run" ]]; then
     budget=(--steps 2 --batch-size 1 --seq-len 32 --eval-every 2 --calibration-windows 1 --eval-windows 1
             --diagnostics 0 --device cpu)
-    limit=900
+    limit=2400
 else
     steps="${STEPS:-1200}"
     budget=(--steps "$steps" --batch-size "${BATCH:-16}" --seq-len 512 --eval-every $((steps / 4))
