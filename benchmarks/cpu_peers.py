@@ -7,8 +7,9 @@ step on a static KV cache. Variants, one after another in this process:
 - llama.cpp (``llama-cpp-python``) on the GGUF the model ships as, and on llama.cpp's own re-quantizations of it
   (``llama_model_quantize`` with ``allow_requantize``; ``--llama-formats``);
 - torch fp32 eager and fp32 Inductor (the decode step compiled, ``fullgraph=True``);
-- RaBiT: ``quantize_`` (k = 2, 16 x 512 calibration windows of the Lee news corpus) then ``backend="rabit"``, once
-  per LM-head scheme (``--heads``: weight-only int8 / int4, or fp).
+- RaBiT: ``quantize_`` (k = 2, the default fit, 16 x 512 calibration windows of the Lee news corpus) then
+  ``backend="rabit"``, once per LM-head scheme (``--heads``: weight-only int8 / int4, or fp) and CPU table precision
+  of the decode kernel (``--tables``: fp32, exact, or int8).
 
 Perplexity: held-out ``lee.cor``, 512-token windows, no BOS, the same token ids for every runtime (llama.cpp's from
 its logits of the same windows). Bytes per token: every weight tensor read to decode one token (the input embedding
@@ -147,13 +148,13 @@ def gguf_weight_bytes(path: Path) -> tuple[dict[str, int], int]:
 
 
 # --------------------------------------------------------------------------------------------------------- torch
-def torch_decode_steps(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int,
-                       backend: str | None) -> tuple[list[float], list[int]]:
+def torch_decode_steps(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, backend: str | None,
+                       options: dict | None = None) -> tuple[list[float], list[int]]:
     """Seconds of each decode-step forward on a static cache (after two warm-up steps that compile), and the
     greedy tokens."""
     cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 2)
     forward = model.forward if backend is None else torch.compile(model.forward, backend=backend, fullgraph=True,
-                                                                  dynamic=False)
+                                                                  dynamic=False, options=options)
     steps, tokens = [], []
     with torch.no_grad():
         logits = model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
@@ -183,31 +184,44 @@ def torch_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
-               windows: torch.Tensor, calibration: torch.Tensor, heads: list[str], new_tokens: int) -> list[Row]:
+def decode_rows(model_name: str, runtime: str, name: str, module: torch.nn.Module, tokenizer, threads: list[int],
+                prompt: torch.Tensor, new_tokens: int, backend: str | None, options: dict | None, ppl: float,
+                note: str) -> list[Row]:
     rows = []
-    variants: list[tuple[str, str, torch.nn.Module, str | None]] = [
-        ("torch", "fp32 eager", model, None), ("torch", "fp32 Inductor", model, "inductor")]
+    for t in threads:
+        torch.set_num_threads(t)
+        torch.compiler.reset()
+        steps, tokens = torch_decode_steps(module, prompt, new_tokens, backend, options)
+        rows.append(Row(model_name, runtime, name, t, median_tokens_per_s(steps), ppl,
+                        torch_bytes_per_token(module) / 1e6, note + f"greedy: {tokenizer.decode(tokens[:12])!r}"))
+        print(f"  {runtime} {name} threads={t}: {rows[-1].tokens_per_s:.1f} tok/s, PPL {ppl:.2f}", flush=True)
+    return rows
+
+
+def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
+               windows: torch.Tensor, calibration: torch.Tensor, heads: list[str], tables: list[str],
+               new_tokens: int) -> list[Row]:
+    """fp32 eager and Inductor, then RaBiT (k = 2, the default fit) per head scheme and CPU table precision. The
+    perplexity is the eager model's (prefill windows take the reference path, not the decode tables: the int8
+    tables' cost is measured by benchmarks/lut_ppl.py)."""
+    rows: list[Row] = []
+    fp_variants = [("fp32 eager", None), ("fp32 Inductor", "inductor")]
+    ppl = perplexity(model, windows, progress=False)
+    for name, backend in fp_variants:
+        rows += decode_rows(model_name, "torch", name, model, tokenizer, threads, prompt, new_tokens, backend, None,
+                            ppl, "")
     started = time.perf_counter()
-    quantized = copy.deepcopy(model)
-    report = rabit.quantize_(quantized, rabit.RaBiTConfig(head="fp"), calibration=calibration)
+    report = rabit.quantize_(model, rabit.RaBiTConfig(head="fp"), calibration=calibration)  # in place: no 2nd copy
     fit_note = (f"quantize_ {time.perf_counter() - started:.0f} s ({calibration.shape[0]} x 512 calibration), "
-                f"{len(report.quantized)} linears k=2")
+                f"{len(report.quantized)} linears k=2; ")
     for head in heads:
-        variant = copy.deepcopy(quantized) if head != "fp" else quantized
+        variant = copy.deepcopy(model)
         quantize_head_(variant, head)
-        variants.append(("rabit", f"k=2, head {head}", variant, "rabit"))
-    for runtime, name, module, backend in variants:
-        ppl = perplexity(module, windows, progress=False)
-        for t in threads:
-            torch.set_num_threads(t)
-            torch.compiler.reset()
-            steps, tokens = torch_decode_steps(module, prompt, new_tokens, backend)
-            rows.append(Row(model_name, runtime, name, t, median_tokens_per_s(steps), ppl,
-                            torch_bytes_per_token(module) / 1e6,
-                            (fit_note + "; " if runtime == "rabit" else "")
-                            + f"greedy: {tokenizer.decode(tokens[:12])!r}"))
-            print(f"  {runtime} {name} threads={t}: {rows[-1].tokens_per_s:.1f} tok/s, PPL {ppl:.2f}", flush=True)
+        ppl = perplexity(variant, windows, progress=False)
+        for table in tables:
+            rows += decode_rows(model_name, "rabit", f"k=2, head {head}, {table} tables", variant, tokenizer,
+                                threads, prompt, new_tokens, "rabit", {"cpu_tables": table}, ppl, fit_note)
+        del variant
         gc.collect()
     return rows
 
@@ -248,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--windows", type=int, default=9, help="held-out 512-token windows for perplexity")
     parser.add_argument("--llama-formats", nargs="*", default=list(LLAMA_FORMATS), choices=list(LLAMA_FORMATS))
-    parser.add_argument("--heads", nargs="*", default=["int8", "int4", "fp"], choices=["int8", "int4", "fp"])
+    parser.add_argument("--heads", nargs="*", default=["int8", "int4"], choices=["int8", "int4", "fp"])
+    parser.add_argument("--tables", nargs="*", default=["fp32", "int8"], choices=["fp32", "int8"],
+                        help="the CPU decode kernel's tables (backend option cpu_tables)")
     parser.add_argument("--calibration-windows", type=int, default=16, help="x 512 tokens for quantize_")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
@@ -266,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                           args.new_tokens)
     if not args.skip_torch:
         rows += torch_rows(args.model, model, tokenizer, args.threads, prompt, windows, calibration, args.heads,
-                           args.new_tokens)
+                           args.tables, args.new_tokens)
     print()
     print(header)
     print_table(rows)
