@@ -59,6 +59,10 @@ METHODS = {
     "gptq-1round-sequential": dict(fit="gptq", objective="hessian", fit_rounds=1, sequential=True),
     "gptq-svid3-1round": dict(fit="gptq", objective="hessian", rounds=3, fit_rounds=1),
     "gptq-svid3-1round-sequential": dict(fit="gptq", objective="hessian", rounds=3, fit_rounds=1, sequential=True),
+    "gptq-1round-sequential-no-gradients": dict(fit="gptq", objective="hessian", fit_rounds=1, sequential=True,
+                                                alpha_out=0.0),
+    "gptq-2rounds-sequential": dict(fit="gptq", objective="hessian", fit_rounds=2, sequential=True),
+    "gptq-svid3-2rounds-sequential": dict(fit="gptq", objective="hessian", rounds=3, fit_rounds=2, sequential=True),
 }
 
 

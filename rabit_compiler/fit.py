@@ -150,6 +150,12 @@ def refit_scales(weight: torch.Tensor, fit: ResidualBinaryPaths, objective: Obje
     """Up to ``sweeps`` alternations of :func:`refit_row_scales` and :func:`refit_col_scales` with ``fit``'s
     signs; a sweep is kept only if it lowers the objective (each update is an exact minimiser, so only rounding
     could raise it; then the sweeps stop)."""
+    return _refit_scales(weight, fit, objective, sweeps)[0]
+
+
+def _refit_scales(weight: torch.Tensor, fit: ResidualBinaryPaths, objective: Objective,
+                  sweeps: int = 2) -> tuple[ResidualBinaryPaths, float]:
+    """:func:`refit_scales` and the objective of its result."""
     best, best_error = fit, objective.error(weight, fit)
     for _ in range(sweeps):
         rows = refit_row_scales(weight, best.signs, best.col_scales, objective)
@@ -158,7 +164,7 @@ def refit_scales(weight: torch.Tensor, fit: ResidualBinaryPaths, objective: Obje
         if not error < best_error:
             break
         best, best_error = candidate, error
-    return best
+    return best, best_error
 
 
 def sign_combinations(num_paths: int) -> torch.Tensor:
@@ -280,9 +286,8 @@ def error_feedback_fit(weight: torch.Tensor, start: ResidualBinaryPaths, objecti
     fit = start
     for _ in range(rounds):
         signs = propagate_signs(weight[:, order], fit.row_scales, fit.col_scales[:, order], factor, block_size)
-        fit = refit_scales(weight, ResidualBinaryPaths(signs[:, :, inverse_order], fit.row_scales, fit.col_scales),
-                           objective)
-        error = objective.error(weight, fit)
+        fit, error = _refit_scales(weight, ResidualBinaryPaths(signs[:, :, inverse_order], fit.row_scales,
+                                                               fit.col_scales), objective)
         if error < best_error:
             best, best_error = fit, error
     return best
