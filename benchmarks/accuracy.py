@@ -185,7 +185,8 @@ def main() -> None:
             rtn_(student, config)
             row["ppl"] = perplexity(student, heldout)
         elif method in ("ptq-greedy", "ptq"):
-            method_fits = cached_fits(model, RaBiTConfig(rounds=0), None) if method == "ptq-greedy" else fits
+            greedy = RaBiTConfig(rounds=0, fit="svid")
+            method_fits = cached_fits(model, greedy, None) if method == "ptq-greedy" else fits
             prepare_qat(student, config, "rabit", fits=method_fits)
             convert(student, config)
             row["ppl"] = perplexity(student, heldout)

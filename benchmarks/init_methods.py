@@ -39,6 +39,8 @@ from rabit_compiler.quantize import RaBiTLinear, set_submodule, skip_reason
 from rabit_compiler.quantizer import fit_linear, pack_fit
 from rabit_compiler.sequential import fit_in_block_order
 
+# Every method states its settings over the fit before issue 14 (later defaults do not change what a name means).
+BEFORE_ISSUE_14 = dict(fit="svid", objective="diag", fit_rounds=4, sequential=False)
 METHODS = {
     "svid": dict(fit="svid"),  # the default before issue 14
     "svid-greedy": dict(fit="svid", rounds=0),
@@ -148,7 +150,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for paths in args.paths:
         for name in args.only or METHODS:
-            config = rabit.RaBiTConfig(paths=paths, **METHODS[name])
+            config = rabit.RaBiTConfig(paths=paths, **{**BEFORE_ISSUE_14, **METHODS[name]})
             quantized = copy.deepcopy(model)
             started = time.perf_counter()
             quantize_from_statistics(quantized, linears, config, calibration)

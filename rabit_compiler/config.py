@@ -37,7 +37,9 @@ class RaBiTConfig:
     - ``fit``: how the paths are fitted (:mod:`rabit_compiler.fit`): ``"svid"`` (iterative residual SVID of
       the preconditioned weight), ``"als"`` (from that, alternating least-squares scales and nearest signs),
       ``"coupled"`` (from greedy SVID, scales only, signs by the coupled rule: a latent equal to the weight
-      reproduces it), ``"gptq"`` (error feedback through ``H^-1`` in column blocks, then scale refits).
+      reproduces it), ``"gptq"`` (the default: error feedback through ``H^-1`` in column blocks, then scale
+      refits; without ``H``, as ``"als"``). The defaults (``gptq``, ``hessian``, 1 round, sequential) were
+      chosen by held-out perplexity on SmolLM2 (``benchmarks/RESULTS.md``, "Issue 14").
     - ``objective``: the error the fit lowers with calibration data: ``"diag"`` (the preconditioned weight
       error: row weights ``s_out^(2 alpha_out)``, column weights ``s_in^(2 alpha_in)``) or ``"hessian"`` (the
       layer's output error with the full input second moment ``H = X^T X``, rows weighted by
@@ -59,12 +61,12 @@ class RaBiTConfig:
     scale_dtype: torch.dtype = torch.float16
     anchor_margin: float = 0.5
     head: str = "int8"
-    fit: str = "svid"
-    objective: str = "diag"
-    fit_rounds: int = 4
+    fit: str = "gptq"
+    objective: str = "hessian"
+    fit_rounds: int = 1
     damp: float = 0.01
     block_size: int = 128
-    sequential: bool = False
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.skip, str):

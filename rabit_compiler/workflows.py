@@ -104,7 +104,7 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
         rtn_(model, config)
     elif args.method in ("ptq", "ptq-greedy"):
         greedy = args.method == "ptq-greedy"
-        fits = fit_linears(model, RaBiTConfig(paths=args.paths, rounds=0) if greedy else config,
+        fits = fit_linears(model, RaBiTConfig(paths=args.paths, rounds=0, fit="svid") if greedy else config,
                            None if greedy else calibration)
         prepare_qat(model, config, "rabit", fits=fits)
         convert(model, config)
