@@ -97,17 +97,21 @@ def dampened(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 def _solve_psd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve ``matrix x = rhs`` for symmetric positive semi-definite ``matrix [..., m, m]``, ``rhs [..., m]``
     (fp64). A singular system (a zero scale, two identical paths) gets a ridge ``1e-10 * mean(diag)``,
-    raised 100x until Cholesky succeeds: the minimum-norm-like solution of an underdetermined fit."""
+    raised 100x until Cholesky succeeds: the minimum-norm-like solution of an underdetermined fit. The ridge is
+    added to ``matrix``'s diagonal in place (callers pass a temporary): a full-``H`` system is ``kK x kK``, 2.6 GB
+    in fp64 for k = 2 and K = 8960, so no second copy of it is made."""
     matrix, rhs = matrix.double(), rhs.double()
-    size = matrix.shape[-1]
-    eye = torch.eye(size, dtype=matrix.dtype, device=matrix.device)
-    scale = matrix.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
+    diagonal = matrix.diagonal(dim1=-2, dim2=-1)
+    scale = diagonal.mean(-1).clamp_min(1e-300)[..., None]
     ridge = 0.0
     for _ in range(16):
-        factor, info = torch.linalg.cholesky_ex(matrix + ridge * scale * eye)
+        factor, info = torch.linalg.cholesky_ex(matrix)
         if not bool((info != 0).any()):
             return torch.cholesky_solve(rhs[..., None], factor)[..., 0]
-        ridge = 1e-10 if ridge == 0 else ridge * 100
+        del factor
+        raised = 1e-10 if ridge == 0 else ridge * 100
+        diagonal.add_((raised - ridge) * scale)
+        ridge = raised
     raise ValueError("least-squares system is not positive semi-definite (NaN/Inf in the statistics?)")
 
 
@@ -139,9 +143,14 @@ def refit_col_scales(weight: torch.Tensor, signs: torch.Tensor, row_scales: torc
         if objective.input_weight is not None:
             gram = gram * objective.input_weight.double()[:, None, None]
         return _solve_psd(gram, rhs.T).T.float()
-    flat = scaled.permute(1, 0, 2).reshape(rows, num_paths * in_features)  # [N, kK]
-    flat_weighted = weighted.permute(1, 0, 2).reshape(rows, num_paths * in_features)
-    gram = (flat_weighted.T @ flat).double() * objective.input_weight.double().repeat(num_paths, num_paths)
+    # the kK x kK system, built block by block in fp64 (one copy of it in memory, not four)
+    hessian = objective.input_weight.double()
+    gram = torch.empty(num_paths * in_features, num_paths * in_features, dtype=torch.float64, device=signs.device)
+    for j in range(num_paths):
+        for i in range(num_paths):
+            block = gram[j * in_features:(j + 1) * in_features, i * in_features:(i + 1) * in_features]
+            torch.mul((weighted[j].T @ scaled[i]).double(), hessian, out=block)
+    del hessian
     return _solve_psd(gram, rhs.reshape(-1)).reshape(num_paths, in_features).float()
 
 
