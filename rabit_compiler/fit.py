@@ -126,13 +126,47 @@ def refit_row_scales(weight: torch.Tensor, signs: torch.Tensor, col_scales: torc
     return _solve_psd(gram, rhs).T.float()
 
 
+DIRECT_SOLVE_MAX = 8192
+"""Full-``H`` column-scale systems of at most this size ``kK`` are solved by Cholesky (O((kK)^3)); larger ones (a
+down_proj with K = 8960: 17920 at k = 2, ~2e12 flops) by conjugate gradients from the current scales."""
+
+
+def _conjugate_gradient(matrix: torch.Tensor, rhs: torch.Tensor, start: torch.Tensor, iterations: int = 200,
+                        tolerance: float = 1e-6) -> torch.Tensor:
+    """Jacobi-preconditioned CG for ``matrix x = rhs`` (symmetric positive semi-definite ``[m, m]``) from ``start``.
+    Every iterate lowers ``x^T A x / 2 - b^T x``, the quadratic the scales minimise, so stopping early (after
+    ``iterations``, or at a residual ``tolerance * |rhs|``) never undoes the refit's progress."""
+    inverse_diagonal = 1 / matrix.diagonal().clamp_min(torch.finfo(matrix.dtype).tiny)
+    x = start.clone()
+    residual = rhs - matrix @ x
+    direction = inverse_diagonal * residual
+    residual_dot = residual @ direction
+    stop = tolerance * rhs.norm()
+    for _ in range(iterations):
+        if not residual.norm() > stop:
+            break
+        product = matrix @ direction
+        curvature = direction @ product
+        if not curvature > 0:
+            break
+        step = residual_dot / curvature
+        x.add_(step * direction)
+        residual.sub_(step * product)
+        preconditioned = inverse_diagonal * residual
+        next_dot = residual @ preconditioned
+        direction = preconditioned + (next_dot / residual_dot) * direction
+        residual_dot = next_dot
+    return x
+
+
 def refit_col_scales(weight: torch.Tensor, signs: torch.Tensor, row_scales: torch.Tensor,
-                     objective: Objective) -> torch.Tensor:
+                     objective: Objective, start: torch.Tensor | None = None) -> torch.Tensor:
     """The best column scales ``h [k, K]`` for fixed signs and row scales. With ``S_i = g_i * B_i [N, K]``::
 
         sum_i [H o (S_j^T D S_i)] h_i = colsum(S_j o (D W H))      for j = 1..k     (o: elementwise)
 
-    one ``kK x kK`` system for a full ``H``; ``k x k`` per column when ``H`` is diagonal.
+    one ``kK x kK`` system for a full ``H`` (above :data:`DIRECT_SOLVE_MAX`, approached by conjugate gradients
+    from ``start``, the current ``h``); ``k x k`` per column when ``H`` is diagonal.
     """
     num_paths, rows, in_features = signs.shape
     scaled = signs.float() * row_scales.float()[:, :, None]  # S: [k, N, K]
@@ -143,15 +177,21 @@ def refit_col_scales(weight: torch.Tensor, signs: torch.Tensor, row_scales: torc
         if objective.input_weight is not None:
             gram = gram * objective.input_weight.double()[:, None, None]
         return _solve_psd(gram, rhs.T).T.float()
-    # the kK x kK system, built block by block in fp64 (one copy of it in memory, not four)
-    hessian = objective.input_weight.double()
-    gram = torch.empty(num_paths * in_features, num_paths * in_features, dtype=torch.float64, device=signs.device)
+    direct = num_paths * in_features <= DIRECT_SOLVE_MAX
+    dtype = torch.float64 if direct else torch.float32
+    # the kK x kK system, built block by block (one copy of it in memory)
+    hessian = objective.input_weight.to(dtype)
+    gram = torch.empty(num_paths * in_features, num_paths * in_features, dtype=dtype, device=signs.device)
     for j in range(num_paths):
         for i in range(num_paths):
             block = gram[j * in_features:(j + 1) * in_features, i * in_features:(i + 1) * in_features]
-            torch.mul((weighted[j].T @ scaled[i]).double(), hessian, out=block)
+            torch.mul((weighted[j].T @ scaled[i]).to(dtype), hessian, out=block)
     del hessian
-    return _solve_psd(gram, rhs.reshape(-1)).reshape(num_paths, in_features).float()
+    if direct:
+        return _solve_psd(gram, rhs.reshape(-1)).reshape(num_paths, in_features).float()
+    initial = torch.zeros_like(rhs, dtype=dtype) if start is None else start.to(dtype)
+    return _conjugate_gradient(gram, rhs.to(dtype).reshape(-1), initial.reshape(-1)).reshape(num_paths,
+                                                                                              in_features).float()
 
 
 def refit_scales(weight: torch.Tensor, fit: ResidualBinaryPaths, objective: Objective,
@@ -168,7 +208,8 @@ def _refit_scales(weight: torch.Tensor, fit: ResidualBinaryPaths, objective: Obj
     best, best_error = fit, objective.error(weight, fit)
     for _ in range(sweeps):
         rows = refit_row_scales(weight, best.signs, best.col_scales, objective)
-        candidate = ResidualBinaryPaths(best.signs, rows, refit_col_scales(weight, best.signs, rows, objective))
+        cols = refit_col_scales(weight, best.signs, rows, objective, start=best.col_scales)
+        candidate = ResidualBinaryPaths(best.signs, rows, cols)
         error = objective.error(weight, candidate)
         if not error < best_error:
             break

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rabit_compiler import fit
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.fit import (
     Objective,
@@ -93,6 +94,27 @@ def test_row_and_column_refits_are_least_squares_optima(shape, seed, num_paths):
             nudged_cols = cols + 1e-2 * torch.randn(cols.shape, generator=g) * cols.abs().mean()
             assert at_most(best_rows, objective.error(weight, paths_with(nudged_rows, start.col_scales)))
             assert at_most(best_cols, objective.error(weight, paths_with(rows, nudged_cols)))
+
+
+@given(shape=shapes, seed=seeds, num_paths=paths)
+def test_conjugate_gradient_column_refit_never_raises_the_objective_and_nears_the_direct_solve(shape, seed,
+                                                                                              num_paths):
+    """Large full-H systems go to CG from the current scales (fit.DIRECT_SOLVE_MAX): forced here on small ones."""
+    weight = random_weight(shape, seed)
+    start = start_fit(weight, num_paths)
+    objective = objectives(shape, seed)[2]
+    rows = refit_row_scales(weight, start.signs, start.col_scales, objective)
+    direct = refit_col_scales(weight, start.signs, rows, objective)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit, "DIRECT_SOLVE_MAX", 0)
+        iterative = refit_col_scales(weight, start.signs, rows, objective, start=start.col_scales)
+    paths_with = lambda h: type(start)(start.signs, rows, h)  # noqa: E731
+    baseline, best = objective.error(weight, paths_with(start.col_scales)), objective.error(weight, paths_with(direct))
+    reached = objective.error(weight, paths_with(iterative))
+    assert at_most(reached, baseline)
+    # CG in fp32 on a dampened system: within 1e-3 of the gap to the optimum, or at fp32 noise of the whole error
+    whole = objective.error(weight, paths_with(torch.zeros_like(direct)))
+    assert reached - best <= 1e-3 * max(baseline - best, 0.0) + 1e-6 * whole
 
 
 @given(shape=shapes, seed=seeds, num_paths=paths)
