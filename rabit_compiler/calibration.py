@@ -28,6 +28,12 @@ from rabit_compiler.passes import GraphWeights, LinearSite, find_linears, select
 logger = logging.getLogger("rabit_compiler")
 
 CALIBRATION_BATCH = 4
+LOGITS_BUDGET_BYTES = 2**29
+"""The fp32 logits of one calibration batch may take this much: the next-token loss holds ~4 copies of them (the
+cast, the log-softmax and both gradients) while the backward runs, so a 152k-token vocabulary (Qwen2.5) calibrates
+one 512-token window at a time instead of 4; SmolLM2's 49k keeps 4. Each batch's loss is a mean, so equal-sized
+batches weigh alike whatever their size, and a uniform scale of the output-gradient statistics leaves every fit
+unchanged."""
 
 
 @dataclass
@@ -213,12 +219,15 @@ def capture_linears(
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        logits_model = _returns_logits(model, example_input.to(device))
+        vocab = _logits_width(model, example_input.to(device))
+        logits_model = vocab is not None
         capture = LinearCapture(model, output_gradients=logits_model, input_grams=input_grams)
         if calibration is None:
             with torch.no_grad():
                 capture(example_input.to(device))
             return capture
+        if logits_model and isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+            batch_size = min(batch_size, max(1, LOGITS_BUDGET_BYTES // (4 * vocab * max(1, calibration.shape[1]))))
         batches = calibration_batches(calibration, batch_size)
         for batch in tqdm(batches, desc="rabit: calibration", disable=not progress):
             batch = batch.to(device)
@@ -234,10 +243,11 @@ def capture_linears(
             p.requires_grad_(requires_grad[name])
 
 
-def _returns_logits(model: torch.nn.Module, example_input: torch.Tensor) -> bool:
-    """Whether the model maps token ids to an output with ``.logits`` (a language model)."""
+def _logits_width(model: torch.nn.Module, example_input: torch.Tensor) -> int | None:
+    """The vocabulary size if the model maps token ids to an output with ``.logits`` (a language model), else None."""
     if example_input.is_floating_point():
-        return False
+        return None
     with torch.no_grad():
         output = model(example_input[:1, :2] if example_input.dim() == 2 else example_input)
-    return isinstance(getattr(output, "logits", None), torch.Tensor)
+    logits = getattr(output, "logits", None)
+    return logits.shape[-1] if isinstance(logits, torch.Tensor) else None

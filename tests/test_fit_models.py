@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import rabit_compiler as rabit
+from rabit_compiler import calibration
 from rabit_compiler.calibration import capture_linears
 from rabit_compiler.math import coupled_residual_paths
 from rabit_compiler.qat import fit_linears, packed_fits, prepare_qat, qat_layers
@@ -48,6 +49,21 @@ def test_every_fit_of_every_captured_linear_is_finite_and_packs(teacher, windows
         for linear in linears:
             packed = pack_fit(fit_linear(linear, config), config)
             assert torch.isfinite(packed.dequantize()).all()
+
+
+def test_a_large_vocabulary_calibrates_in_smaller_batches_with_the_same_statistics(teacher, windows, monkeypatch):
+    """calibration.LOGITS_BUDGET_BYTES caps the batch (one window here): the input statistics and X^T X are the same
+    sums; the output gradients are those of a per-batch mean loss, so they scale by the batch ratio, uniformly."""
+    whole = capture_linears(teacher, windows[:1], windows[:4], progress=False, input_grams=True).linears
+    monkeypatch.setattr(calibration, "LOGITS_BUDGET_BYTES", 4 * VOCAB * SEQ)
+    single = capture_linears(teacher, windows[:1], windows[:4], progress=False, input_grams=True).linears
+    assert whole.keys() == single.keys()
+    for key, linear in whole.items():
+        other = single[key]
+        torch.testing.assert_close(other.input_stat.abs_sum, linear.input_stat.abs_sum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.input_gram.matrix, linear.input_gram.matrix, rtol=1e-5, atol=1e-5)
+        # one window per batch instead of four: each window's loss gradient is 4x larger
+        torch.testing.assert_close(other.output_stat.abs_sum, 4 * linear.output_stat.abs_sum, rtol=1e-4, atol=1e-9)
 
 
 def test_sequential_statistics_are_taken_after_the_earlier_blocks_are_quantized(teacher, windows):
