@@ -1,9 +1,9 @@
 """Accuracy benchmark: every method at the same token budget and seed on SmolLM2-135M, held-out perplexity.
 
 Methods: fp32 (reference), ``rtn`` (2-bit per-channel min/max), ``ptq-greedy`` (greedy residual SVID,
-data-free), ``ptq`` (iterative residual SVID + calibration preconditioning: the defaults), and QAT by
-distillation from that same ``ptq`` init: ``frozen`` (path freezing), ``standard`` (k independent
-latents) and ``rabit`` (coupled residual paths from one latent).
+data-free), ``ptq`` (``quantize_``'s default fit with calibration: GPTQ-style error feedback under X^T X,
+sequential), and QAT by distillation from that same ``ptq`` init: ``frozen`` (path freezing), ``standard``
+(k independent latents) and ``rabit`` (coupled residual paths from one latent).
 
 Text: ``lee_background.cor`` for calibration (the first windows) and training, ``lee.cor`` held out (DATA.md).
 The initial fit (minutes on a CPU) is cached under the user cache dir, keyed by its settings.
