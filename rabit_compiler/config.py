@@ -39,7 +39,7 @@ class RaBiTConfig:
       ``"coupled"`` (from greedy SVID, scales only, signs by the coupled rule: a latent equal to the weight
       reproduces it), ``"gptq"`` (the default: error feedback through ``H^-1`` in column blocks, then scale
       refits; without ``H``, as ``"als"``). The defaults (``gptq``, ``hessian``, 1 round, sequential) were
-      chosen by held-out perplexity on SmolLM2 (``benchmarks/RESULTS.md``, "Issue 14").
+      chosen by held-out perplexity on SmolLM2 (``benchmarks/RESULTS.md``, "PTQ fits (issue 14)").
     - ``objective``: the error the fit lowers with calibration data: ``"diag"`` (the preconditioned weight
       error: row weights ``s_out^(2 alpha_out)``, column weights ``s_in^(2 alpha_in)``) or ``"hessian"`` (the
       layer's output error with the full input second moment ``H = X^T X``, rows weighted by
