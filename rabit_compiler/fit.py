@@ -98,8 +98,8 @@ def _solve_psd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """Solve ``matrix x = rhs`` for symmetric positive semi-definite ``matrix [..., m, m]``, ``rhs [..., m]``
     (fp64). A singular system (a zero scale, two identical paths) gets a ridge ``1e-10 * mean(diag)``,
     raised 100x until Cholesky succeeds: the minimum-norm-like solution of an underdetermined fit. The ridge is
-    added to ``matrix``'s diagonal in place (callers pass a temporary): a full-``H`` system is ``kK x kK``, 2.6 GB
-    in fp64 for k = 2 and K = 8960, so no second copy of it is made."""
+    added to ``matrix``'s diagonal in place (callers pass a temporary): a full-``H`` system is ``kK x kK``, up to
+    512 MB in fp64 (:data:`DIRECT_SOLVE_MAX`), so no second copy of it is made."""
     matrix, rhs = matrix.double(), rhs.double()
     diagonal = matrix.diagonal(dim1=-2, dim2=-1)
     scale = diagonal.mean(-1).clamp_min(1e-300)[..., None]
