@@ -1,8 +1,10 @@
 """The ``rabit quantize`` and ``rabit eval`` workflows: load a model and text, run one method, save, compare.
 
 Methods: ``rabit`` / ``standard`` / ``frozen`` (QAT by distillation from the fp model, see
-:mod:`rabit_compiler.qat.train`), ``ptq`` (iterative residual SVID + calibration preconditioning, no training),
-``ptq-greedy`` (greedy residual SVID, data-free) and ``rtn`` (2-bit per-channel min/max, dense weights).
+:mod:`rabit_compiler.qat.train`), ``ptq`` (:func:`~rabit_compiler.quantize.quantize_` with the default
+``RaBiTConfig`` and the calibration windows, no training; it packs layer by layer, so a model loaded in bf16 is
+quantized in little more than its own memory), ``ptq-greedy`` (greedy residual SVID, data-free) and ``rtn``
+(2-bit per-channel min/max, dense weights).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -27,21 +30,24 @@ from rabit_compiler.qat.diagnostics import path_diagnostics
 from rabit_compiler.qat.distributed import STRATEGIES, TEACHER_PLACEMENTS, DistributedConfig, Parallel, distributed_run
 from rabit_compiler.qat.memory import DTYPE_BYTES, LLAMA2_7B_SHAPES, TrainingShape, llama2_7b_config, memory_table
 from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
+from rabit_compiler.quantize import quantize_
 
 logger = logging.getLogger("rabit_compiler")
 
 METHODS = (*QAT_METHODS, "ptq", "ptq-greedy", "rtn")
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODEL_DTYPES = TEACHER_DTYPES
 RUN_FILE = "rabit_run.json"
 
 
-def load_model(name: str) -> tuple[torch.nn.Module, Any]:
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """``"smollm2"`` (see :func:`rabit_compiler.models.load_smollm2`), a directory written by
-    :func:`rabit_compiler.serialization.save`, or a Hugging Face checkpoint directory; returns (model, tokenizer)."""
+    :func:`rabit_compiler.serialization.save` (in the dtypes it was saved in), or a Hugging Face checkpoint
+    directory; the reference models load in ``dtype``. Returns (model, tokenizer)."""
     if name == "smollm2":
         from rabit_compiler.models import load_smollm2
 
-        return load_smollm2()
+        return load_smollm2(dtype)
     directory = Path(name)
     if not directory.is_dir():
         raise FileNotFoundError(f"--model must be 'smollm2' or a model directory; {directory} does not exist")
@@ -51,7 +57,7 @@ def load_model(name: str) -> tuple[torch.nn.Module, Any]:
         return load(directory), load_tokenizer(directory)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
@@ -81,6 +87,9 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
     if not args.text or not args.out:
         raise ValueError("rabit quantize needs --text and --out (only --dry-run does without)")
+    if args.dtype != "fp32" and args.method in QAT_METHODS:
+        raise ValueError(f"--dtype {args.dtype} is for the methods that do not train ({METHODS[len(QAT_METHODS):]}); "
+                         "QAT keeps fp32 latent weights")
     distributed = DistributedConfig(args.distributed, args.teacher_placement, args.dist_timeout)
     with distributed_run(distributed) as parallel:
         if parallel.strategy != "none" and args.method not in QAT_METHODS:
@@ -91,7 +100,7 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any] | None:
 def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, MODEL_DTYPES[args.dtype])
     windows = text_windows(tokenizer, args.text, args.seq_len, model)
     if args.heldout:
         train, heldout = windows, text_windows(tokenizer, args.heldout, args.seq_len, model)
@@ -102,10 +111,12 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
     run: dict[str, Any] = {"method": args.method, "model": args.model, "text": args.text, "steps": 0, "tokens": 0}
     if args.method == "rtn":
         rtn_(model, config)
-    elif args.method in ("ptq", "ptq-greedy"):
-        greedy = args.method == "ptq-greedy"
-        fits = fit_linears(model, RaBiTConfig(paths=args.paths, rounds=0, fit="svid") if greedy else config,
-                           None if greedy else calibration)
+    elif args.method == "ptq":
+        fit_started = time.perf_counter()
+        quantize_(model, config, calibration=calibration)
+        run["quantize_seconds"] = time.perf_counter() - fit_started
+    elif args.method == "ptq-greedy":
+        fits = fit_linears(model, RaBiTConfig(paths=args.paths, rounds=0, fit="svid"))
         prepare_qat(model, config, "rabit", fits=fits)
         convert(model, config)
     else:
@@ -133,6 +144,7 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
         convert(model, config)
     run["heldout_ppl"] = perplexity(model, heldout)
     run["seconds"] = time.perf_counter() - started
+    run["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     _save(model, tokenizer, config, Path(args.out), run)
     return run
 
@@ -205,7 +217,7 @@ def _save(model: torch.nn.Module, tokenizer: Any, config: RaBiTConfig, out: Path
 def evaluate_models(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Held-out perplexity of the reference ``args.model`` and of every saved model in ``args.quantized``,
     on the windows of ``args.text``; one row per model."""
-    reference, tokenizer = load_model(args.model)
+    reference, tokenizer = load_model(args.model, MODEL_DTYPES[args.dtype])
     heldout = text_windows(tokenizer, args.text, args.seq_len, reference)
     rows = [{"model": args.model, "method": "reference", "steps": 0, "tokens": 0,
              "ppl": perplexity(reference, heldout, args.batch_size)}]
@@ -238,6 +250,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-placement", choices=TEACHER_PLACEMENTS, default="replicate",
                         help="the frozen teacher on every GPU, or sharded with FSDP")
     parser.add_argument("--teacher-dtype", choices=tuple(TEACHER_DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=tuple(MODEL_DTYPES), default="fp32",
+                        help="dtype the model is loaded in (bf16: ptq / rtn / ptq-greedy of a large model in half "
+                             "the memory)")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPE_BYTES), default="fp32",
                         help="activation dtype assumed by --dry-run (training uses autocast bf16 on a bf16 GPU)")
     parser.add_argument("--dist-timeout", type=float, default=DistributedConfig.timeout_s,
@@ -269,14 +284,16 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="the reference model: 'smollm2' or a directory")
     parser.add_argument("--quantized", nargs="*", default=[], help="directories written by rabit quantize")
+    parser.add_argument("--dtype", choices=tuple(MODEL_DTYPES), default="fp32", help="dtype of the reference model")
     parser.add_argument("--text", nargs="+", required=True, help="held-out text files")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
 
 
 def print_run(run: dict[str, Any]) -> None:
+    fit = f" (quantize_ {run['quantize_seconds']:.0f} s)" if "quantize_seconds" in run else ""
     print(f"{run['method']}: {run['steps']} steps, {run['tokens']} tokens, held-out PPL {run['heldout_ppl']:.2f}, "
-          f"{run['seconds']:.0f} s")
+          f"{run['seconds']:.0f} s{fit}, peak RSS {run['peak_rss_gb']:.1f} GB")
     for d in run.get("diagnostics", []):
         print(f"  {d['layer']}: Corr(y1, y2) = {d['path_correlation']:.3f}, "
               f"Corr(R1 x, y2) = {d['residual_alignment']:.3f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -246,13 +247,24 @@ def test_cli_quantize_then_eval(teacher, tmp_path, capsys, monkeypatch):
     main(["quantize", *common, "--method", "rabit", "--steps", "2", "--optimizer", "adamw", "--batch-size", "2",
           "--diagnostics", "2", "--out", str(tmp_path / "rabit")])
     main(["quantize", *common, "--method", "rtn", "--out", str(tmp_path / "rtn")])
+    main(["quantize", *common, "--method", "ptq", "--dtype", "bf16", "--calibration-windows", "4",
+          "--out", str(tmp_path / "ptq")])
     printed = capsys.readouterr().out
     assert "rabit: 2 steps, 64 tokens" in printed and "Corr(R1 x, y2)" in printed and "rtn: 0 steps" in printed
+    assert "ptq: 0 steps" in printed and "quantize_" in printed and "peak RSS" in printed
+    from rabit_compiler.serialization import load
+
+    packed = load(tmp_path / "ptq")  # quantize_'s packed layers, the rest in the dtype it was loaded in
+    assert {type(m).__name__ for m in packed.modules()} >= {"RaBiTLinear", "WeightOnlyLinear"}
+    assert packed.model.embed_tokens.weight.dtype == torch.bfloat16
     main(["eval", "--model", str(tmp_path / "fp"), "--quantized", str(tmp_path / "rabit"), str(tmp_path / "rtn"),
-          "--text", str(tmp_path / "train.txt"), "--seq-len", str(SEQ)])
+          str(tmp_path / "ptq"), "--text", str(tmp_path / "train.txt"), "--seq-len", str(SEQ)])
     table = capsys.readouterr().out.splitlines()
-    assert table[0].startswith("| model | method") and len(table) == 5
-    assert "| rabit | 2 | 64 |" in table[3] and "| rtn | 0 | 0 |" in table[4]
+    assert table[0].startswith("| model | method") and len(table) == 6
+    assert "| rabit | 2 | 64 |" in table[3] and "| rtn | 0 | 0 |" in table[4] and "| ptq | 0 | 0 |" in table[5]
+    assert math.isfinite(float(table[5].split("|")[-2]))
+    with pytest.raises(ValueError, match="QAT keeps fp32 latent weights"):
+        main(["quantize", *common, "--method", "rabit", "--dtype", "bf16", "--out", str(tmp_path / "bad")])
 
     def no_refit(*args, **kwargs):
         raise AssertionError("--resume fitted the model again instead of reading OUT/fits.safetensors")
