@@ -9,14 +9,17 @@ step on a static KV cache. Variants, one after another in this process:
 - torch fp32 eager and fp32 Inductor (the decode step compiled, ``fullgraph=True``);
 - RaBiT: ``quantize_`` (k = 2, the default fit, 16 x 512 calibration windows of the Lee news corpus) then
   ``backend="rabit"``, once per LM-head scheme (``--heads``: weight-only int8 / int4, or fp) and CPU table precision
-  of the decode kernel (``--tables``: fp32, exact, or int8).
+  of the decode kernel (``--tables``: fp32, exact, or int8). ``--rabit-model DIR`` reads a model that
+  ``rabit quantize --method ptq`` saved instead (a 1.5 B model's fit takes most of an hour here), with the head it
+  was saved with; its bf16 tensors (embedding, norms) are cast to fp32, as the fp rows run.
 
 Perplexity: held-out ``lee.cor``, 512-token windows, no BOS, the same token ids for every runtime (llama.cpp's from
 its logits of the same windows). Bytes per token: every weight tensor read to decode one token (the input embedding
 counts one row; a head tied to it counts in full, as llama.cpp reads it for the output).
 
     python benchmarks/cpu_peers.py --model smollm2 --threads 1 2 --out benchmarks/cpu_peers
-    python benchmarks/cpu_peers.py --model qwen-coder --threads 2 --windows 4 --out benchmarks/cpu_peers_qwen
+    python benchmarks/cpu_peers.py --model qwen-coder --threads 1 2 --windows 4 --rabit-model DIR \
+        --out benchmarks/cpu_peers_qwen
 
 llama-cpp-python is an optional benchmark extra built from source (see README); without it the llama.cpp rows say
 so and the rest runs.
@@ -200,16 +203,20 @@ def decode_rows(model_name: str, runtime: str, name: str, module: torch.nn.Modul
 
 def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
                windows: torch.Tensor, calibration: torch.Tensor, heads: list[str], tables: list[str],
-               new_tokens: int) -> list[Row]:
-    """fp32 eager and Inductor, then RaBiT (k = 2, the default fit) per head scheme and CPU table precision. The
-    perplexity is the eager model's (prefill windows take the reference path, not the decode tables: the int8
-    tables' cost is measured by benchmarks/lut_ppl.py)."""
+               new_tokens: int, saved: Path | None = None) -> list[Row]:
+    """fp32 eager and Inductor, then RaBiT (k = 2, the default fit) per head scheme and CPU table precision, or the
+    model ``saved`` by ``rabit quantize`` per table precision. The perplexity is the eager model's (prefill windows
+    take the reference path, not the decode tables: the int8 tables' cost is measured by benchmarks/lut_ppl.py)."""
     rows: list[Row] = []
     fp_variants = [("fp32 eager", None), ("fp32 Inductor", "inductor")]
     ppl = perplexity(model, windows, progress=False)
     for name, backend in fp_variants:
         rows += decode_rows(model_name, "torch", name, model, tokenizer, threads, prompt, new_tokens, backend, None,
                             ppl, "")
+    if saved is not None:
+        del model
+        gc.collect()
+        return rows + saved_rows(model_name, saved, tokenizer, threads, prompt, windows, heads, tables, new_tokens)
     started = time.perf_counter()
     report = rabit.quantize_(model, rabit.RaBiTConfig(head="fp"), calibration=calibration)  # in place: no 2nd copy
     fit_note = (f"quantize_ {time.perf_counter() - started:.0f} s ({calibration.shape[0]} x 512 calibration), "
@@ -222,6 +229,41 @@ def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list
             rows += decode_rows(model_name, "rabit", f"k=2, head {head}, {table} tables", variant, tokenizer,
                                 threads, prompt, new_tokens, "rabit", {"cpu_tables": table}, ppl, fit_note)
         del variant
+        gc.collect()
+    return rows
+
+
+def saved_rows(model_name: str, directory: Path, tokenizer, threads: list[int], prompt: torch.Tensor,
+               windows: torch.Tensor, heads: list[str], tables: list[str], new_tokens: int) -> list[Row]:
+    """The rows of a model saved by ``rabit quantize --method ptq``: its packed layers as saved, bf16 tensors cast
+    to fp32, per head scheme (one other than the saved one is re-quantized from the saved head's values)."""
+    saved = rabit.load(directory)
+    for tensor in (*saved.parameters(), *saved.buffers()):
+        if tensor.dtype == torch.bfloat16:
+            tensor.data = tensor.data.float()
+    run_file = directory / "rabit_run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    saved_head = saved.get_output_embeddings()
+    saved_scheme = f"int{saved_head.bits}" if hasattr(saved_head, "bits") else "fp"
+    rows = []
+    for head in heads:
+        model = copy.deepcopy(saved)
+        note = (f"saved by rabit quantize ({run.get('method', '?')}, quantize_ {run.get('quantize_seconds', 0):.0f} "
+                f"s), head {saved_scheme}")
+        if head != saved_scheme:
+            dense = torch.nn.Linear(saved_head.in_features, saved_head.out_features, bias=saved_head.bias is not None)
+            dense.weight.data = saved_head.dequantize() if saved_scheme != "fp" else saved_head.weight.data
+            if dense.bias is not None:
+                dense.bias.data = saved_head.bias.data.float()
+            model.set_output_embeddings(dense)
+            quantize_head_(model, head)
+            note += f" re-quantized to {head}"
+        ppl = perplexity(model, windows, progress=False)
+        for table in tables:
+            rows += decode_rows(model_name, "rabit", f"{directory.name}, head {head}, {table} tables", model,
+                                tokenizer, threads, prompt, new_tokens, "rabit", {"cpu_tables": table}, ppl,
+                                note + "; ")
+        del model
         gc.collect()
     return rows
 
@@ -267,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the CPU decode kernel's tables (backend option cpu_tables)")
     parser.add_argument("--calibration-windows", type=int, default=16, help="x 512 tokens for quantize_")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--rabit-model", type=Path, default=None,
+                        help="a model saved by `rabit quantize --method ptq` (instead of quantize_ here)")
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -282,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                           args.new_tokens)
     if not args.skip_torch:
         rows += torch_rows(args.model, model, tokenizer, args.threads, prompt, windows, calibration, args.heads,
-                           args.tables, args.new_tokens)
+                           args.tables, args.new_tokens, args.rabit_model)
     print()
     print(header)
     print_table(rows)

@@ -1,4 +1,5 @@
-"""The FX passes of the rabit compiler, one job per module: find, rewrite, freeze & pack, fuse, CPU lowering."""
+"""The FX passes of the rabit compiler, one job per module: find, rewrite, freeze & pack, fuse, CPU lowering,
+grouped-query decode attention."""
 
 from .find import (
     ROUTER_REASON,

@@ -13,7 +13,8 @@ real tensors. The backend:
    lookup-table C++ operator ``rabit::lut_gemv`` (:mod:`rabit_compiler.kernels.cpu_lut`), for prefill to unpack +
    matmul aten ops that Inductor fuses; on CUDA the ops stay ``triton_op`` calls that Inductor traces into the Triton
    kernels;
-5. hands the graph to Inductor (``options={"inductor": False}`` runs the packed graph eagerly instead, on
+5. *fold*s grouped-query decode attention onto the unrepeated KV cache (:mod:`rabit_compiler.passes.attention`);
+6. hands the graph to Inductor (``options={"inductor": False}`` runs the packed graph eagerly instead, on
    the op's own CPU kernel); ``mode`` is passed on (``"reduce-overhead"``: CUDA graphs on a GPU).
 
 The returned callable checks, on every call, that the weight tensors it receives are the ones that
@@ -25,8 +26,9 @@ re-copied (re-derived) the same way when what they were copied from changes.
 Options (``torch.compile(..., options={...})``): every :class:`RaBiTConfig` field (``paths``, ``skip``,
 ``rounds``, ``scale_dtype``, ...), ``inductor`` and ``fuse_siblings`` (bools, default True), ``cpu_tables``
 (the CPU kernel's tables: ``"fp32"`` or ``"int8"``, default :data:`~rabit_compiler.kernels.cpu_lut.
-DEFAULT_TABLE_PRECISION`) and ``cpp_wrapper`` (Inductor's C++ wrapper: the graph calls its kernels and the
-``rabit::`` operators from C++ instead of Python; default False).
+DEFAULT_TABLE_PRECISION`), ``cpp_wrapper`` (Inductor's C++ wrapper: the graph calls its kernels and the
+``rabit::`` operators from C++ instead of Python; default False) and ``fold_gqa`` (default True: a
+grouped-query model's decode attention reads its KV cache without repeating it, :mod:`rabit_compiler.passes.attention`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from rabit_compiler.experts import is_matrix_stack
 from rabit_compiler.kernels import PackedResidualBinary
 from rabit_compiler.kernels.cpu_lut import DEFAULT_TABLE_PRECISION
 from rabit_compiler.passes import GraphWeights, PackedSite, freeze_and_pack, lower_for_cpu
+from rabit_compiler.passes.attention import fold_grouped_query_attention
 from rabit_compiler.passes.fuse import FUSED_TENSOR_ARGS, FusedMember, fuse_siblings
 from rabit_compiler.passes.graph_edit import oriented_weight
 from rabit_compiler.passes.lower import DerivedLayout
@@ -159,6 +162,7 @@ def rabit_backend(
     fuse = bool(options.pop("fuse_siblings", True))
     cpu_tables = options.pop("cpu_tables", DEFAULT_TABLE_PRECISION)
     cpp_wrapper = bool(options.pop("cpp_wrapper", False))
+    fold_gqa = bool(options.pop("fold_gqa", True))
     if "head" in options:
         raise ValueError("rabit backend: the LM head is made weight-only by rabit.quantize_ (RaBiTConfig.head); "
                          "the backend's data-free path leaves linears tied to an embedding in full precision")
@@ -192,6 +196,10 @@ def rabit_backend(
         if lowered:
             logger.info("rabit: %d packed calls lowered for the CPU (%s)", len(lowered),
                         ", ".join(sorted({call.form for call in lowered})))
+    folded = fold_grouped_query_attention(gm) if fold_gqa else 0
+    if folded:
+        logger.info("rabit: %d grouped-query decode attention calls read the KV cache unrepeated", folded)
+    if use_inductor:
         try:
             compiled = _inductor(gm, example_inputs, mode, cpp_wrapper)
         except Exception as error:  # Inductor cannot compile this graph: run the packed graph eagerly
