@@ -153,7 +153,8 @@ def fit_in_block_order(model: torch.nn.Module, owners: dict[str, CapturedLinear]
     """The sequential pass over ``model``'s decoder blocks for the linear modules in ``owners`` (module name ->
     its captured linear): block by block, each owner's ``input_stat`` (and ``input_gram`` when ``input_grams``)
     is replaced by the statistics taken with the earlier blocks quantized, then ``apply(name, linear)`` must
-    quantize it in the model (swap it, or write its quantized weight). Returns the names it handled; the
+    quantize it in the model (swap it, or write its quantized weight); its ``input_gram`` is dropped after that, so
+    one block's ``X^T X`` matrices are in memory at a time. Returns the names it handled; the
     others (outside the blocks, or not linear modules) are the caller's. Without decoder blocks: a logged
     warning and nothing handled."""
     found = decoder_blocks(model)
@@ -172,6 +173,7 @@ def fit_in_block_order(model: torch.nn.Module, owners: dict[str, CapturedLinear]
             linear.input_stat = statistics.input_stats[name]
             linear.input_gram = statistics.input_grams.get(name)
             apply(name, linear)
+            linear.input_gram = None  # fitted: release its X^T X (K^2 fp32; 321 MB for a K = 8960 down_proj)
             handled.append(name)
 
     named_blocks = [(f"{list_name}.{index}", block) for index, block in enumerate(blocks)]
