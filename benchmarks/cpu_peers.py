@@ -33,6 +33,7 @@ import gc
 import json
 import math
 import platform
+import re
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -77,7 +78,8 @@ def llama_cpp_rows(model_name: str, gguf: Path, formats: list[str], threads: lis
     except ImportError:
         return [Row(model_name, "llama.cpp", "—", t, note="llama-cpp-python is not installed") for t in threads]
     rows = []
-    files = {gguf.stem.rsplit(".", 1)[-1].upper() + " (shipped)": gguf}
+    shipped = re.search(r"(?:BF16|F16|F32|I?Q\d\w*)$", gguf.stem, re.IGNORECASE)  # the name's quant type
+    files = {(shipped.group(0).upper() if shipped else gguf.stem) + " (shipped)": gguf}
     for name in formats:
         target = cache_dir("models", "llama.cpp") / f"{gguf.stem}.requant-{name}.gguf"
         if not target.is_file():
