@@ -154,10 +154,13 @@ def gguf_weight_bytes(path: Path) -> tuple[dict[str, int], int]:
 
 # --------------------------------------------------------------------------------------------------------- torch
 def torch_decode_steps(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, backend: str | None,
-                       options: dict | None = None) -> tuple[list[float], list[int]]:
-    """Seconds of each decode-step forward on a static cache (after two warm-up steps that compile), and the
-    greedy tokens."""
-    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 2)
+                       options: dict | None = None, max_cache_len: int | None = None) -> tuple[list[float], list[int]]:
+    """Seconds of each decode-step forward on a static cache (``max_cache_len``, default just long enough; after two
+    warm-up steps that compile), and the greedy tokens."""
+    needed = prompt.shape[1] + new_tokens + 2
+    if max_cache_len is not None and max_cache_len < needed:
+        raise ValueError(f"max_cache_len {max_cache_len} < the {needed} positions this decode needs")
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len or needed)
     forward = model.forward if backend is None else torch.compile(model.forward, backend=backend, fullgraph=True,
                                                                   dynamic=False, options=options)
     steps, tokens = [], []
