@@ -188,15 +188,14 @@ def refit_col_scales(weight: torch.Tensor, signs: torch.Tensor, row_scales: torc
         return _solve_psd(gram, rhs.T).T.float()
     direct = num_paths * in_features <= DIRECT_SOLVE_MAX
     dtype = torch.float64 if direct else torch.float32
-    # the symmetric kK x kK system, built block by block (one copy of it in memory; block (i, j) = block (j, i)^T)
+    # the kK x kK system, built block by block (one copy of it in memory). Every block is computed, none mirrored from
+    # its transpose: the GPTQ sign decisions amplify such rounding differences (RESULTS.md, "SmolLM2 peer table again")
     hessian = objective.input_weight.to(dtype)
     gram = torch.empty(num_paths * in_features, num_paths * in_features, dtype=dtype, device=signs.device)
-    blocks = [slice(i * in_features, (i + 1) * in_features) for i in range(num_paths)]
     for j in range(num_paths):
-        for i in range(j, num_paths):
-            torch.mul((weighted[j].T @ scaled[i]).to(dtype), hessian, out=gram[blocks[j], blocks[i]])
-            if i != j:
-                gram[blocks[i], blocks[j]] = gram[blocks[j], blocks[i]].T
+        for i in range(num_paths):
+            block = gram[j * in_features:(j + 1) * in_features, i * in_features:(i + 1) * in_features]
+            torch.mul((weighted[j].T @ scaled[i]).to(dtype), hessian, out=block)
     del hessian
     if direct:
         return _solve_psd(gram, rhs.reshape(-1)).reshape(num_paths, in_features).float()
@@ -295,16 +294,12 @@ def coupled_fit(weight: torch.Tensor, start: ResidualBinaryPaths, objective: Obj
 
 
 def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), ``[K, K]`` fp32, for a dampened ``H``.
-
-    With ``P`` the index reversal and ``P H P = L L^T`` (lower Cholesky), ``H = V V^T`` for the upper
-    ``V = P L P``, so ``U = V^-1 = P L^-1 P``: one Cholesky and one triangular inverse (fp64), not the
-    Cholesky, inverse and second Cholesky of ``H^-1`` (3x the work at K = 8960)."""
-    factor, info = torch.linalg.cholesky_ex(hessian.double().flip(0, 1))
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), ``[K, K]`` fp32, for a dampened ``H``."""
+    factor, info = torch.linalg.cholesky_ex(hessian.double())
     if info != 0:
         raise ValueError("the dampened input second moment is not positive definite; raise the dampening")
-    identity = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    return torch.linalg.solve_triangular(factor, identity, upper=False).flip(0, 1).float()
+    inverse = torch.cholesky_inverse(factor)
+    return torch.linalg.cholesky(inverse, upper=True).float()
 
 
 def propagate_signs(weight: torch.Tensor, row_scales: torch.Tensor, col_scales: torch.Tensor,
