@@ -35,8 +35,7 @@ from rabit_compiler.quantize import quantize_
 logger = logging.getLogger("rabit_compiler")
 
 METHODS = (*QAT_METHODS, "ptq", "ptq-greedy", "rtn")
-TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MODEL_DTYPES = TEACHER_DTYPES
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype / --teacher-dtype values
 RUN_FILE = "rabit_run.json"
 
 
@@ -100,7 +99,7 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any] | None:
 def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model, MODEL_DTYPES[args.dtype])
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
     windows = text_windows(tokenizer, args.text, args.seq_len, model)
     if args.heldout:
         train, heldout = windows, text_windows(tokenizer, args.heldout, args.seq_len, model)
@@ -120,7 +119,7 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
         prepare_qat(model, config, "rabit", fits=fits)
         convert(model, config)
     else:
-        teacher = copy.deepcopy(model).to(TEACHER_DTYPES[args.teacher_dtype])
+        teacher = copy.deepcopy(model).to(DTYPES[args.teacher_dtype])
         fits = _shared_fits(model, config, calibration, parallel, Path(args.out), args.resume)
         prepare_qat(model, config, args.method, fits=fits)
         qat_config = QATConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -217,7 +216,7 @@ def _save(model: torch.nn.Module, tokenizer: Any, config: RaBiTConfig, out: Path
 def evaluate_models(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Held-out perplexity of the reference ``args.model`` and of every saved model in ``args.quantized``,
     on the windows of ``args.text``; one row per model."""
-    reference, tokenizer = load_model(args.model, MODEL_DTYPES[args.dtype])
+    reference, tokenizer = load_model(args.model, DTYPES[args.dtype])
     heldout = text_windows(tokenizer, args.text, args.seq_len, reference)
     rows = [{"model": args.model, "method": "reference", "steps": 0, "tokens": 0,
              "ppl": perplexity(reference, heldout, args.batch_size)}]
@@ -249,8 +248,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: fsdp under torchrun with several processes, else one process")
     parser.add_argument("--teacher-placement", choices=TEACHER_PLACEMENTS, default="replicate",
                         help="the frozen teacher on every GPU, or sharded with FSDP")
-    parser.add_argument("--teacher-dtype", choices=tuple(TEACHER_DTYPES), default="fp32")
-    parser.add_argument("--dtype", choices=tuple(MODEL_DTYPES), default="fp32",
+    parser.add_argument("--teacher-dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                         help="dtype the model is loaded in (bf16: ptq / rtn / ptq-greedy of a large model in half "
                              "the memory)")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPE_BYTES), default="fp32",
@@ -284,7 +283,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="the reference model: 'smollm2' or a directory")
     parser.add_argument("--quantized", nargs="*", default=[], help="directories written by rabit quantize")
-    parser.add_argument("--dtype", choices=tuple(MODEL_DTYPES), default="fp32", help="dtype of the reference model")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the reference model")
     parser.add_argument("--text", nargs="+", required=True, help="held-out text files")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
