@@ -10,16 +10,25 @@ Format (``bits`` 8 or 4, ``group_size`` a multiple of 32, or None for one group 
   past K are ``q = 0``. Lows then highs of one block are 32 consecutive columns, so a SIMD kernel widens them
   without a shuffle.
 
-The CPU kernel (few rows, fp32 accumulation) streams ``qweight`` once: per 16 weights one widening load, one
-int-to-float conversion, then a multiply by ``x`` and an FMA by the group's scale per row, and one horizontal sum
-per output. AVX-512, AVX2 and portable paths, chosen when the C++ is built (Inductor's toolchain, as
-:mod:`.cpu_kernel`) from the ISA Inductor detects; tests build all three. More rows, or another device, take the
-reference (dequantize once, one matmul).
+The CPU kernel (:file:`weight_only.cpp`, few rows) streams ``qweight`` once, in one of two arithmetics:
+
+- fp32 activations (exact up to fp32 accumulation): per 32 weights one widening load and int-to-float conversion,
+  then an FMA per row of ``x``.
+- int8 activations (``int8_activations=True``; the backend's ``cpu_tables="int8"``): ``x`` is rounded per block
+  of 32 columns, ``d[b] = max |x_b| / 127``, ``q = round(x / d)`` (:func:`quantize_activations`), every block's
+  dot product is an exact integer (AVX-512 VNNI ``vpdpbusd``: 64 weights an instruction; AVX2 ``vpmaddubsw``), and
+  ``y[n] = sum_b s[n, g(b)] d[b] dot_b``: what :func:`weight_only_linear_reference` computes from
+  :func:`dequantize_activations`. The rounding moves each ``x`` by at most ``d / 2``.
+
+AVX-512, AVX2 and portable paths, chosen when the C++ is built (Inductor's toolchain) from the ISA Inductor detects
+(the AVX-512 build takes the AVX2 integer path on a CPU without VNNI); tests build all three. More rows, or another
+device, take the reference (dequantize once, one matmul).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -101,6 +110,25 @@ def dequantize_weight_only(qweight: torch.Tensor, scale: torch.Tensor, bits: int
     return (grouped * scale.to(dtype).unsqueeze(-1)).reshape(q.shape[0], -1)[:, :in_features]
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``x [..., K]`` -> int8 ``q [..., K]`` and fp32 steps ``d [..., ceil(K / 32)]``, per block of 32
+    columns: ``d = max |x_b| / 127``, ``q = round(x * (127 / max |x_b|))`` (0 where the block is all zero), the
+    kernel's rounding, operation for operation."""
+    k = x.shape[-1]
+    blocks = -(-k // BLOCK)
+    grouped = torch.nn.functional.pad(x.to(torch.float32), (0, blocks * BLOCK - k)).unflatten(-1, (blocks, BLOCK))
+    top = grouped.abs().amax(-1, keepdim=True)
+    inverse = torch.where(top > 0, 127.0 / top.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    q = torch.round(grouped * inverse).clamp(-127, 127).to(torch.int8).flatten(-2)[..., :k]
+    return q, (top / 127.0).squeeze(-1)
+
+
+def dequantize_activations(q: torch.Tensor, step: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``q * d`` in ``dtype`` -> ``[..., K]``: the ``x`` that the int8-activation kernel multiplies exactly."""
+    k = q.shape[-1]
+    return (q.to(dtype) * step.to(dtype).repeat_interleave(BLOCK, dim=-1)[..., :k])
+
+
 def weight_only_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                                  bias: torch.Tensor | None, bits: int, group_size: int | None,
                                  in_features: int) -> torch.Tensor:
@@ -111,139 +139,9 @@ def weight_only_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: 
     return out.to(x.dtype)
 
 
-_SOURCE = r"""
-#include <torch/csrc/inductor/cpp_prefix.h>
-#include <immintrin.h>
+_SOURCE = (Path(__file__).parent / "weight_only.cpp").read_text()
 
-namespace {
-constexpr int64_t kBlock = 32;
-constexpr int64_t kMaxRows = 4;
-
-#if RABIT_ISA == 2
-// 32 weights of one block as two 16-lane float vectors
-inline void widen(const uint8_t* q, __m512& lo, __m512& hi) {
-  #if RABIT_BITS == 8
-    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
-    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
-  #else
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
-    const __m128i nibble = _mm_set1_epi8(15);
-    const __m512i eight = _mm512_set1_epi32(8);
-    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble)), eight));
-    hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(
-        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)), eight));
-  #endif
-}
-#endif
-
-#if RABIT_ISA == 1
-// 32 weights of one block as four 8-lane float vectors
-inline void widen(const uint8_t* q, __m256* w) {
-  #if RABIT_BITS == 8
-    for (int p = 0; p < 4; ++p)
-        w[p] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8 * p))));
-  #else
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
-    const __m128i nibble = _mm_set1_epi8(15);
-    const __m256i eight = _mm256_set1_epi32(8);
-    const __m128i low = _mm_and_si128(bytes, nibble);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-    const __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
-    for (int p = 0; p < 4; ++p)
-        w[p] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[p]), eight));
-  #endif
-}
-
-inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-// weight of column c of one row: int8 value, or the nibble of the block layout minus 8
-inline float weight_at(const uint8_t* row, int64_t c) {
-  #if RABIT_BITS == 8
-    return static_cast<float>(reinterpret_cast<const int8_t*>(row)[c]);
-  #else
-    const uint8_t byte = row[(c / kBlock) * 16 + (c % kBlock) % 16];
-    return static_cast<float>(((c % kBlock) < 16 ? (byte & 15) : (byte >> 4)) - 8);
-  #endif
-}
-
-template <typename scale_t>
-void weight_only_gemv(const float* x, const uint8_t* qweight, const scale_t* scale, const float* bias, float* out,
-                      int64_t rows, int64_t out_features, int64_t in_features, int64_t group_size, int64_t groups,
-                      int64_t has_bias, int64_t threads) {
-    const int64_t row_bytes = RABIT_BITS == 8 ? in_features : 16 * ((in_features + kBlock - 1) / kBlock);
-    const int64_t full_blocks = in_features / kBlock;
-    const int64_t blocks_per_group = group_size / kBlock;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < out_features; ++n) {
-        const uint8_t* row = qweight + n * row_bytes;
-        const scale_t* row_scale = scale + n * groups;
-        float total[kMaxRows] = {0.0f, 0.0f, 0.0f, 0.0f};
-#if RABIT_ISA == 2
-        __m512 acc[kMaxRows];
-        for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < full_blocks; ++b) {
-            const __m512 s = _mm512_set1_ps(static_cast<float>(row_scale[b / blocks_per_group]));
-            __m512 lo, hi;
-            widen(row + b * (RABIT_BITS == 8 ? kBlock : 16), lo, hi);
-            for (int64_t m = 0; m < rows; ++m) {
-                const float* xb = x + m * in_features + b * kBlock;
-                const __m512 dot =
-                    _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xb)));
-                acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
-            }
-        }
-        for (int64_t m = 0; m < rows; ++m) total[m] = _mm512_reduce_add_ps(acc[m]);
-#elif RABIT_ISA == 1
-        __m256 acc[kMaxRows];
-        for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps();
-        for (int64_t b = 0; b < full_blocks; ++b) {
-            const __m256 s = _mm256_set1_ps(static_cast<float>(row_scale[b / blocks_per_group]));
-            __m256 w[4];
-            widen(row + b * (RABIT_BITS == 8 ? kBlock : 16), w);
-            for (int64_t m = 0; m < rows; ++m) {
-                const float* xb = x + m * in_features + b * kBlock;
-                __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
-                for (int p = 1; p < 4; ++p) dot = _mm256_fmadd_ps(w[p], _mm256_loadu_ps(xb + 8 * p), dot);
-                acc[m] = _mm256_fmadd_ps(dot, s, acc[m]);
-            }
-        }
-        for (int64_t m = 0; m < rows; ++m) total[m] = sum8(acc[m]);
-#else
-        for (int64_t b = 0; b < full_blocks; ++b) {
-            const float s = static_cast<float>(row_scale[b / blocks_per_group]);
-            for (int64_t m = 0; m < rows; ++m) {
-                float dot = 0.0f;
-                for (int64_t c = b * kBlock; c < (b + 1) * kBlock; ++c)
-                    dot += weight_at(row, c) * x[m * in_features + c];
-                total[m] += dot * s;
-            }
-        }
-#endif
-        // columns of the last, partial block
-        for (int64_t c = full_blocks * kBlock; c < in_features; ++c) {
-            const float w = weight_at(row, c) * static_cast<float>(row_scale[c / group_size]);
-            for (int64_t m = 0; m < rows; ++m) total[m] += w * x[m * in_features + c];
-        }
-        for (int64_t m = 0; m < rows; ++m) out[m * out_features + n] = total[m] + (has_bias ? bias[n] : 0.0f);
-    }
-}
-}  // namespace
-
-extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* scale, const float* bias, float* out,
-                       int64_t rows, int64_t out_features, int64_t in_features, int64_t group_size, int64_t groups,
-                       int64_t has_bias, int64_t threads) {
-    weight_only_gemv<SCALE_T>(x, qweight, scale, bias, out, rows, out_features, in_features, group_size, groups,
-                              has_bias, threads);
-}
-"""
-
-_ARGUMENT_TYPES = ["const float*", "const uint8_t*", "const SCALE_T*", "const float*", "float*"] + ["int64_t"] * 7
+_ARGUMENT_TYPES = ["const float*", "const uint8_t*", "const SCALE_T*", "const float*", "float*"] + ["int64_t"] * 8
 _CPP_SCALE_TYPES = {torch.float32: "float", torch.float16: "at::Half", torch.bfloat16: "at::BFloat16"}
 _BUILT: dict[tuple[int, str, torch.dtype], object] = {}
 
@@ -275,11 +173,13 @@ def _built_kernel(bits: int, isa: str, scale_dtype: torch.dtype):
 
 def weight_only_linear_kernel(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                               bits: int, group_size: int | None, in_features: int, isa: str | None = None,
-                              threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                              threads: int | None = None, out: torch.Tensor | None = None,
+                              int8_activations: bool = False) -> torch.Tensor:
     """The C++ kernel on CPU ``x [..., K]`` (at most :data:`KERNEL_MAX_ROWS` rows) -> ``[..., N]`` in x.dtype.
 
-    ``isa`` forces a path (one of :data:`ISAS`, at most :func:`native_isa`); ``threads`` defaults to torch's;
-    ``out``: a contiguous fp32 ``[rows, N]`` to write the kernel's result into (tests poison it first)."""
+    ``int8_activations``: the integer arithmetic of the module docstring; ``isa`` forces a path (one of
+    :data:`ISAS`, at most :func:`native_isa`); ``threads`` defaults to torch's; ``out``: a contiguous fp32
+    ``[rows, N]`` to write the kernel's result into (tests poison it first)."""
     isa = isa or native_isa()
     if isa not in ISAS or ISAS.index(isa) < ISAS.index(native_isa()):
         raise ValueError(f"isa must be one of {ISAS[ISAS.index(native_isa()):]} on this CPU, got {isa!r}")
@@ -298,7 +198,7 @@ def weight_only_linear_kernel(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         rows, qweight.contiguous().view(torch.uint8), scale.contiguous(),
         rows if bias is None else bias.to(torch.float32).contiguous(), out, rows.shape[0], out_features, in_features,
         group, num_groups(in_features, group_size), int(bias is not None),
-        torch.get_num_threads() if threads is None else threads)
+        torch.get_num_threads() if threads is None else threads, int(int8_activations))
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -317,25 +217,27 @@ def _check_inputs(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, b
 
 @torch.library.custom_op("rabit::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                       bits: int, group_size: int, in_features: int) -> torch.Tensor:
+                       bits: int, group_size: int, in_features: int, int8_activations: bool = False) -> torch.Tensor:
     """``y = x @ (q * s)^T + b`` -> ``[..., N]`` (format in the module docstring; ``group_size`` 0 = per row).
 
-    CPU: the C++ kernel for at most :data:`KERNEL_MAX_ROWS` rows of fp32/fp16/bf16, else the reference; other
-    devices: the reference (dequantize + one matmul)."""
+    CPU: the C++ kernel for at most :data:`KERNEL_MAX_ROWS` rows of fp32/fp16/bf16 (``int8_activations``: in the
+    integer arithmetic), else the reference; other devices: the reference (dequantize + one matmul). The
+    reference, and so any call of more rows, keeps ``x`` as it is: int8 activations are a decode-kernel mode."""
     _check_inputs(x, qweight, scale, bias, bits, group_size, in_features)
     few_rows = x.numel() <= KERNEL_MAX_ROWS * max(in_features, 1)
     if x.device.type == "cpu" and few_rows and x.dtype in _CPP_SCALE_TYPES and scale.dtype in _CPP_SCALE_TYPES:
-        return weight_only_linear_kernel(x, qweight, scale, bias, bits, group_size or None, in_features)
+        return weight_only_linear_kernel(x, qweight, scale, bias, bits, group_size or None, in_features,
+                                         int8_activations=int8_activations)
     return weight_only_linear_reference(x, qweight, scale, bias, bits, group_size or None, in_features)
 
 
 @weight_only_linear.register_fake
-def _(x, qweight, scale, bias, bits, group_size, in_features):
+def _(x, qweight, scale, bias, bits, group_size, in_features, int8_activations=False):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, scale, bias, bits, group_size, in_features = inputs
+    x, qweight, scale, bias, bits, group_size, in_features, *_ = inputs
     ctx.save_for_backward(qweight, scale)
     ctx.scheme = (bits, group_size or None, in_features)
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -351,7 +253,7 @@ def _backward(ctx, grad_out):
         grad_x = (grad_out.to(accumulate) @ weight).to(grad_out.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, grad_bias, None, None, None
+    return grad_x, None, None, grad_bias, None, None, None, None
 
 
 weight_only_linear.register_autograd(_backward, setup_context=_setup_context)

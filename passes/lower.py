@@ -17,6 +17,9 @@ at compile time (a symbolic row count uses its size hint, the example the graph 
 
 Every form is correct for every row count; only its speed depends on the rows.
 
+With int8 tables, the weight-only LM head (``rabit::weight_only_linear``) is told to take the same integer
+arithmetic: its decode kernel rounds ``x`` to int8 per 32 columns (:mod:`rabit_compiler.kernels.weight_only`).
+
 Use: ``lower_for_cpu(gm, example_inputs)`` after freeze/fuse and before ``compile_fx``. Calls that cannot be
 lowered (a CUDA tensor, an ``x`` whose dtype and shape are unknown) are left as they are, with the reason
 logged and returned.
@@ -326,6 +329,21 @@ def lower_for_cpu(
         x = _example(arguments["x"], weights)
         chosen = _form(arguments, weights, x, form)
         calls.append(LoweredCall(node.name, form=chosen, layout=_lower(gm, node, tracer, x, chosen, tables)))
+    if tables == "int8":
+        _int8_head_activations(gm)
     if calls:
         finish(gm)  # a packed-weights module the graph no longer reads leaves gm (not a graph input any more)
     return calls
+
+
+def _int8_head_activations(gm: fx.GraphModule) -> None:
+    """Every ``rabit::weight_only_linear`` call of ``gm`` takes ``int8_activations=True``."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node.target) == "rabit::weight_only_linear":
+            node.args = node.args[:7]
+            node.kwargs = {**node.kwargs, "int8_activations": True}
+            changed += 1
+    if changed:
+        logger.info("rabit: %d weight-only head calls take int8 activations (int8 tables)", changed)
+        gm.recompile()

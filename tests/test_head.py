@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from rabit_compiler.kernels.weight_only import (
     ISAS,
     QMAX,
+    dequantize_activations,
     dequantize_weight_only,
     native_isa,
     pack_int4,
+    quantize_activations,
     quantize_weight_only,
     unpack_int4,
     weight_only_linear_kernel,
@@ -73,6 +75,60 @@ def test_kernel_matches_float64_reference_on_every_isa(scheme, n, k, rows, dtype
         assert ((out.double() - reference).abs() <= bound).all(), isa
     via_op = torch.ops.rabit.weight_only_linear(x, quantized.qweight, quantized.scale, b, bits, group_size or 0, k)
     assert via_op.dtype == dtype and torch.equal(via_op, outputs[native_isa()].to(dtype))
+
+
+@given(k=st.integers(1, 200), rows=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_activation_rounding_is_within_half_a_step(k, rows, seed):
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))
+    x[0, : k // 3] = 0.0  # an all-zero block has step 0 and q = 0
+    q, step = quantize_activations(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape and step.shape == (rows, -(-k // 32))
+    assert q.abs().max() <= 127 and torch.isfinite(step).all()
+    per_column = step.double().repeat_interleave(32, dim=1)[:, :k]
+    # round to nearest: |x - q d| <= d / 2, plus the fp32 rounding of d = max / 127 times |q| <= 127
+    assert ((dequantize_activations(q, step) - x.double()).abs() <= per_column * (0.5 + 127 * 2**-23)).all()
+
+
+@given(scheme=SCHEMES, n=st.integers(1, 70), k=st.integers(1, 200), rows=st.integers(1, 4),
+       bias=st.booleans(), scale_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       threads=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_int8_activation_kernel_matches_float64_reference_on_every_isa(scheme, n, k, rows, bias, scale_dtype, threads,
+                                                                        seed):
+    bits, group_size = scheme
+    generator = torch.Generator().manual_seed(seed)
+    quantized = quantize_weight_only(torch.randn(n, k, generator=generator), bits, group_size, scale_dtype)
+    x = torch.randn(rows, k, generator=generator)
+    b = torch.randn(n, generator=generator) if bias else None
+    weight = dequantize_weight_only(quantized.qweight, quantized.scale, bits, group_size, k, torch.float64)
+    rounded = dequantize_activations(*quantize_activations(x))
+    reference = rounded @ weight.T + (0 if b is None else b.double())
+    # the block dot products are exact integers; fp32 scaling and summing them: a few roundings per term
+    bound = 4 * k * 2**-23 * (rounded.abs() @ weight.abs().T) + 1e-6
+    outputs = {}
+    for isa in RUNNABLE_ISAS:
+        out = outputs[isa] = torch.full((rows, n), float("nan"))
+        weight_only_linear_kernel(x, quantized.qweight, quantized.scale, b, bits, group_size, k, isa=isa,
+                                  threads=threads, out=out, int8_activations=True)
+        assert ((out.double() - reference).abs() <= bound).all(), isa
+    via_op = torch.ops.rabit.weight_only_linear(x, quantized.qweight, quantized.scale, b, bits, group_size or 0, k,
+                                                int8_activations=True)
+    assert torch.equal(via_op, outputs[native_isa()])
+
+
+def test_int8_tables_give_the_head_int8_activations_in_the_cpu_lowering():
+    from rabit_compiler.passes.lower import lower_for_cpu
+
+    torch.manual_seed(0)
+    head = WeightOnlyLinear.from_linear(torch.nn.Linear(100, 37), 8, None)
+    x = torch.randn(1, 100)
+    exact = head(x)
+    rounded = torch.ops.rabit.weight_only_linear(x, head.qweight, head.scale, head.bias, 8, 0, 100,
+                                                 int8_activations=True)
+    assert not torch.equal(exact, rounded)
+    for tables, expected in (("fp32", exact), ("int8", rounded)):
+        gm = torch.fx.symbolic_trace(head)
+        lower_for_cpu(gm, [x], tables=tables)
+        assert torch.equal(gm(x), expected), tables
 
 
 def test_op_gradients_and_many_rows_match_the_dequantized_linear():

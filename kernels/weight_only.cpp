@@ -1,0 +1,408 @@
+// The weight-only int8 / int4 linear for few rows (the LM head at decode); format and error bounds in weight_only.py.
+// Built by Inductor's C++ toolchain with RABIT_BITS (8 or 4), RABIT_ISA (2 AVX-512, 1 AVX2, 0 portable) and
+// SCALE_T (the scale's C++ type) defined in front of this file.
+//
+// Two arithmetics, chosen per call:
+// - fp32 activations: per 32 weights one widening load and int-to-float conversion, an FMA per row of x.
+// - int8 activations: x is rounded per block of 32 columns, d[b] = max |x_b| / 127, q = round(x / d), and each
+//   block's dot product is an exact integer: vpdpbusd (AVX-512 VNNI, 64 weights an instruction) or
+//   vpmaddubsw + vpmaddwd (AVX2, 32), then y[n] = sum_b s[n, g(b)] * d[b] * dot_b in fp32.
+//   int8 weights: vpdpbusd multiplies unsigned by signed bytes, so |q| is the unsigned side and the weight takes q's
+//   sign. int4 weights: the nibble u = w + 8 is the unsigned side, sum_c u_c q_c - 8 sum_c q_c = sum_c w_c q_c.
+
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#define RABIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+namespace {
+constexpr int64_t kBlock = 32;
+constexpr int64_t kMaxRows = 4;
+
+// ---------------------------------------------------------------------------------------------------------------
+// fp32 activations
+
+#if RABIT_ISA == 2
+// 32 weights of one block as two 16-lane float vectors
+inline void widen(const uint8_t* q, __m512& lo, __m512& hi) {
+  #if RABIT_BITS == 8
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
+  #else
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
+    const __m128i nibble = _mm_set1_epi8(15);
+    const __m512i eight = _mm512_set1_epi32(8);
+    lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nibble)), eight));
+    hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+        _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)), eight));
+  #endif
+}
+#endif
+
+#if RABIT_ISA >= 1
+// 32 weights of one block as four 8-lane float vectors
+inline void widen(const uint8_t* q, __m256* w) {
+  #if RABIT_BITS == 8
+    for (int p = 0; p < 4; ++p)
+        w[p] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8 * p))));
+  #else
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
+    const __m128i nibble = _mm_set1_epi8(15);
+    const __m256i eight = _mm256_set1_epi32(8);
+    const __m128i low = _mm_and_si128(bytes, nibble);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+    const __m128i parts[4] = {low, _mm_srli_si128(low, 8), high, _mm_srli_si128(high, 8)};
+    for (int p = 0; p < 4; ++p)
+        w[p] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[p]), eight));
+  #endif
+}
+
+inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// weight of column c of one row: the int8 value, or the nibble of the block layout minus 8
+inline int32_t weight_at(const uint8_t* row, int64_t c) {
+  #if RABIT_BITS == 8
+    return reinterpret_cast<const int8_t*>(row)[c];
+  #else
+    const uint8_t byte = row[(c / kBlock) * 16 + (c % kBlock) % 16];
+    return ((c % kBlock) < 16 ? (byte & 15) : (byte >> 4)) - 8;
+  #endif
+}
+
+constexpr int64_t row_bytes(int64_t in_features) {
+    return RABIT_BITS == 8 ? in_features : 16 * ((in_features + kBlock - 1) / kBlock);
+}
+
+template <typename scale_t>
+void gemv_fp32(const float* x, const uint8_t* qweight, const scale_t* scale, float* total_out, int64_t rows,
+               int64_t n, int64_t in_features, int64_t group_size, int64_t groups) {
+    const uint8_t* row = qweight + n * row_bytes(in_features);
+    const scale_t* row_scale = scale + n * groups;
+    const int64_t full_blocks = in_features / kBlock;
+    const int64_t blocks_per_group = group_size / kBlock;
+    float total[kMaxRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if RABIT_ISA == 2
+    __m512 acc[kMaxRows];
+    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < full_blocks; ++b) {
+        const __m512 s = _mm512_set1_ps(static_cast<float>(row_scale[b / blocks_per_group]));
+        __m512 lo, hi;
+        widen(row + b * (RABIT_BITS == 8 ? kBlock : 16), lo, hi);
+        for (int64_t m = 0; m < rows; ++m) {
+            const float* xb = x + m * in_features + b * kBlock;
+            const __m512 dot =
+                _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(xb)));
+            acc[m] = _mm512_fmadd_ps(dot, s, acc[m]);
+        }
+    }
+    for (int64_t m = 0; m < rows; ++m) total[m] = _mm512_reduce_add_ps(acc[m]);
+#elif RABIT_ISA == 1
+    __m256 acc[kMaxRows];
+    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < full_blocks; ++b) {
+        const __m256 s = _mm256_set1_ps(static_cast<float>(row_scale[b / blocks_per_group]));
+        __m256 w[4];
+        widen(row + b * (RABIT_BITS == 8 ? kBlock : 16), w);
+        for (int64_t m = 0; m < rows; ++m) {
+            const float* xb = x + m * in_features + b * kBlock;
+            __m256 dot = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));
+            for (int p = 1; p < 4; ++p) dot = _mm256_fmadd_ps(w[p], _mm256_loadu_ps(xb + 8 * p), dot);
+            acc[m] = _mm256_fmadd_ps(dot, s, acc[m]);
+        }
+    }
+    for (int64_t m = 0; m < rows; ++m) total[m] = sum8(acc[m]);
+#else
+    for (int64_t b = 0; b < full_blocks; ++b) {
+        const float s = static_cast<float>(row_scale[b / blocks_per_group]);
+        for (int64_t m = 0; m < rows; ++m) {
+            float dot = 0.0f;
+            for (int64_t c = b * kBlock; c < (b + 1) * kBlock; ++c)
+                dot += static_cast<float>(weight_at(row, c)) * x[m * in_features + c];
+            total[m] += dot * s;
+        }
+    }
+#endif
+    // columns of the last, partial block
+    for (int64_t c = full_blocks * kBlock; c < in_features; ++c) {
+        const float w = static_cast<float>(weight_at(row, c)) * static_cast<float>(row_scale[c / group_size]);
+        for (int64_t m = 0; m < rows; ++m) total[m] += w * x[m * in_features + c];
+    }
+    for (int64_t m = 0; m < rows; ++m) total_out[m] = total[m];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// int8 activations
+
+// x rounded per block of 32 columns, zero-padded to whole 64-column chunks (two blocks).
+struct Activations {
+    int64_t chunks = 0;
+    std::vector<int8_t> q;        // [rows, 64 chunks], natural column order
+    std::vector<float> d;         // [rows, 2 chunks]: the block's step, max |x_b| / 127
+    std::vector<int32_t> sum;     // [rows, 2 chunks]: sum of the block's q
+    // the VNNI paths' operands, per row and chunk
+    std::vector<uint8_t> magnitude;  // int8 weights: |q| [rows, 64 chunks]
+    std::vector<uint64_t> negative;  // int8 weights: bit c set where q_c < 0 [rows, chunks]
+    std::vector<int8_t> permuted;    // int4 weights: q in the order the nibbles widen to [rows, 64 chunks]
+    std::vector<int32_t> offset;     // int4 weights: -8 * the sum of each lane's 4 q [rows, chunks, 16]
+    std::vector<float> step;         // d of each int32 lane [rows, chunks, 16]
+};
+
+void quantize_activations(const float* x, int64_t rows, int64_t in_features, Activations& a) {
+    a.chunks = (in_features + 2 * kBlock - 1) / (2 * kBlock);
+    const int64_t blocks = 2 * a.chunks, padded = blocks * kBlock;
+    a.q.assign(rows * padded, 0);
+    a.d.assign(rows * blocks, 0.0f);
+    a.sum.assign(rows * blocks, 0);
+    for (int64_t m = 0; m < rows; ++m) {
+        for (int64_t b = 0; b < blocks; ++b) {
+            const float* xb = x + m * in_features + b * kBlock;
+            const int64_t count = std::max<int64_t>(0, std::min(kBlock, in_features - b * kBlock));
+            float top = 0.0f;
+            for (int64_t c = 0; c < count; ++c) top = std::max(top, std::fabs(xb[c]));
+            a.d[m * blocks + b] = top / 127.0f;
+            const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+            int32_t sum = 0;
+            for (int64_t c = 0; c < count; ++c) {
+                const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(xb[c] * inverse)), -127, 127);
+                a.q[m * padded + b * kBlock + c] = static_cast<int8_t>(q);
+                sum += q;
+            }
+            a.sum[m * blocks + b] = sum;
+        }
+    }
+}
+
+#if RABIT_ISA == 2
+// int32 lane l of a 64-byte chunk holds bytes 4l..4l+3. int8 weights keep the natural order: lanes 0-7 are block
+// 2c, 8-15 block 2c + 1. int4 weights widen 32 bytes (two blocks) to [2c low nibbles, 2c+1 low, 2c high, 2c+1 high]
+// = columns [2c: 0-15, 2c+1: 0-15, 2c: 16-31, 2c+1: 16-31], so q is permuted to match: lanes 0-3 and 8-11 are block
+// 2c, 4-7 and 12-15 block 2c + 1.
+void prepare_vnni(int64_t rows, Activations& a) {
+    const int64_t chunks = a.chunks, padded = 64 * chunks;
+    a.step.assign(rows * chunks * 16, 0.0f);
+    if (RABIT_BITS == 8) {
+        a.magnitude.assign(rows * padded, 0);
+        a.negative.assign(rows * chunks, 0);
+    } else {
+        a.permuted.assign(rows * padded, 0);
+        a.offset.assign(rows * chunks * 16, 0);
+    }
+    for (int64_t m = 0; m < rows; ++m) {
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int8_t* q = a.q.data() + m * padded + 64 * c;
+            const int64_t chunk = m * chunks + c;
+            for (int64_t lane = 0; lane < 16; ++lane) {
+                const int64_t second = RABIT_BITS == 8 ? lane >= 8 : (lane / 4) % 2;
+                a.step[chunk * 16 + lane] = a.d[m * 2 * chunks + 2 * c + second];
+            }
+            if (RABIT_BITS == 8) {
+                for (int64_t j = 0; j < 64; ++j) {
+                    a.magnitude[chunk * 64 + j] = static_cast<uint8_t>(std::abs(q[j]));
+                    if (q[j] < 0) a.negative[chunk] |= uint64_t{1} << j;
+                }
+            } else {
+                for (int64_t j = 0; j < 64; ++j) {
+                    // byte j: block 2c + (j / 16) % 2, column (j % 16) + 16 * (j / 32) of that block
+                    const int8_t value = q[32 * ((j / 16) % 2) + (j % 16) + 16 * (j / 32)];
+                    a.permuted[chunk * 64 + j] = value;
+                    a.offset[chunk * 16 + j / 4] -= 8 * value;
+                }
+            }
+        }
+    }
+}
+
+// 16 scales from p (fewer where count < 16) as floats
+RABIT_VNNI inline __m512 load_scales(const float* p, int64_t count) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1), p);
+}
+RABIT_VNNI inline __m512 load_scales(const at::Half* p, int64_t count) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1), p));
+}
+RABIT_VNNI inline __m512 load_scales(const at::BFloat16* p, int64_t count) {
+    const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// kPerRow: one scale per row, applied once at the end; else a scale per group of group_size columns, from a vector
+// of 16 block scales (group_size 32) or two scalars per chunk, spread over the chunk's int32 lanes.
+template <typename scale_t, bool kPerRow>
+RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, const scale_t* scale,
+                                float* total_out, int64_t rows, int64_t n, int64_t in_features, int64_t group_size,
+                                int64_t groups) {
+    const uint8_t* row = qweight + n * row_bytes(in_features);
+    const scale_t* row_scale = scale + n * groups;
+    const int64_t chunks = a.chunks, last_group = groups - 1;
+    __m512 acc[kMaxRows];
+    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
+    __m512 block_scales = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+        __m512 s = _mm512_set1_ps(1.0f);
+        if (!kPerRow && group_size == kBlock) {
+            if (c % 8 == 0) block_scales = load_scales(row_scale + 2 * c, groups - 2 * c);
+            // lanes of block 2c + (lane's block): int8 [0 x8, 1 x8], int4 [0 x4, 1 x4, 0 x4, 1 x4], + 2 (c % 8)
+            const __m512i lane_block = RABIT_BITS == 8
+                ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+            s = _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(2 * (c % 8))), block_scales);
+        } else if (!kPerRow) {
+            const float first = static_cast<float>(row_scale[std::min(2 * c * kBlock / group_size, last_group)]);
+            const float second = static_cast<float>(row_scale[std::min((2 * c + 1) * kBlock / group_size, last_group)]);
+            s = _mm512_mask_blend_ps(RABIT_BITS == 8 ? 0xFF00 : 0xF0F0, _mm512_set1_ps(first), _mm512_set1_ps(second));
+        }
+#if RABIT_BITS == 8
+        const int64_t remaining = in_features - 64 * c;
+        const __mmask64 valid = remaining >= 64 ? ~__mmask64{0} : (__mmask64{1} << remaining) - 1;
+        const __m512i w = _mm512_maskz_loadu_epi8(valid, row + 64 * c);
+        for (int64_t m = 0; m < rows; ++m) {
+            const int64_t chunk = m * chunks + c;
+            const __m512i signed_w = _mm512_mask_sub_epi8(w, a.negative[chunk], _mm512_setzero_si512(), w);
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                    _mm512_loadu_si512(a.magnitude.data() + chunk * 64), signed_w);
+            const __m512 step = _mm512_loadu_ps(a.step.data() + chunk * 16);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kPerRow ? step : _mm512_mul_ps(step, s), acc[m]);
+        }
+#else
+        const int64_t bytes = std::min<int64_t>(32, row_bytes(in_features) - 32 * c);
+        const __m256i packed = _mm256_maskz_loadu_epi8(bytes == 32 ? ~__mmask32{0} : __mmask32{0xFFFF},
+                                                       row + 32 * c);
+        const __m256i nibble = _mm256_set1_epi8(15);
+        const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble)),
+                                             _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), 1);
+        for (int64_t m = 0; m < rows; ++m) {
+            const int64_t chunk = m * chunks + c;
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.offset.data() + chunk * 16), u,
+                                                    _mm512_loadu_si512(a.permuted.data() + chunk * 64));
+            const __m512 step = _mm512_loadu_ps(a.step.data() + chunk * 16);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kPerRow ? step : _mm512_mul_ps(step, s), acc[m]);
+        }
+#endif
+    }
+    const float row_factor = kPerRow ? static_cast<float>(row_scale[0]) : 1.0f;
+    for (int64_t m = 0; m < rows; ++m) total_out[m] = _mm512_reduce_add_ps(acc[m]) * row_factor;
+}
+#endif
+
+// AVX2 (also the AVX-512 build's path on a CPU without VNNI): one 32-column block per vector.
+#if RABIT_ISA >= 1
+template <typename scale_t>
+void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t* scale, float* total_out,
+                     int64_t rows, int64_t n, int64_t in_features, int64_t group_size, int64_t groups) {
+    const uint8_t* row = qweight + n * row_bytes(in_features);
+    const scale_t* row_scale = scale + n * groups;
+    const int64_t full_blocks = in_features / kBlock, blocks = 2 * a.chunks, padded = blocks * kBlock;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[kMaxRows];
+    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < full_blocks; ++b) {
+        const float s = static_cast<float>(row_scale[b * kBlock / group_size]);
+#if RABIT_BITS == 8
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+#else
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+        const __m128i nibble = _mm_set1_epi8(15);
+        const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble),
+                                           _mm_and_si128(packed, nibble));
+#endif
+        for (int64_t m = 0; m < rows; ++m) {
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * padded +
+                                                                                  b * kBlock));
+#if RABIT_BITS == 8
+            __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(w, q)), ones);
+#else
+            __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones);
+            dot = _mm256_add_epi32(dot, _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * a.sum[m * blocks + b])));
+#endif
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[m * blocks + b] * s), acc[m]);
+        }
+    }
+    for (int64_t m = 0; m < rows; ++m) {
+        float total = sum8(acc[m]);
+        // the last, partial block
+        if (full_blocks < blocks && full_blocks * kBlock < in_features) {
+            int32_t dot = 0;
+            for (int64_t c = full_blocks * kBlock; c < in_features; ++c)
+                dot += weight_at(row, c) * a.q[m * padded + c];
+            total += static_cast<float>(dot) *
+                     (a.d[m * blocks + full_blocks] * static_cast<float>(row_scale[full_blocks * kBlock / group_size]));
+        }
+        total_out[m] = total;
+    }
+}
+#endif
+
+template <typename scale_t>
+void gemv_int8x_portable(const Activations& a, const uint8_t* qweight, const scale_t* scale, float* total_out,
+                         int64_t rows, int64_t n, int64_t in_features, int64_t group_size, int64_t groups) {
+    const uint8_t* row = qweight + n * row_bytes(in_features);
+    const scale_t* row_scale = scale + n * groups;
+    const int64_t blocks = 2 * a.chunks, padded = blocks * kBlock;
+    for (int64_t m = 0; m < rows; ++m) {
+        float total = 0.0f;
+        for (int64_t b = 0; b * kBlock < in_features; ++b) {
+            int32_t dot = 0;
+            for (int64_t c = b * kBlock; c < std::min((b + 1) * kBlock, in_features); ++c)
+                dot += weight_at(row, c) * a.q[m * padded + c];
+            total += static_cast<float>(dot) *
+                     (a.d[m * blocks + b] * static_cast<float>(row_scale[b * kBlock / group_size]));
+        }
+        total_out[m] = total;
+    }
+}
+
+#if RABIT_ISA == 2
+bool cpu_has_vnni() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+#endif
+}  // namespace
+
+extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* scale, const float* bias, float* out,
+                       int64_t rows, int64_t out_features, int64_t in_features, int64_t group_size, int64_t groups,
+                       int64_t has_bias, int64_t threads, int64_t int8_activations) {
+    Activations activations;
+    bool vnni = false;
+    if (int8_activations) {
+        quantize_activations(x, rows, in_features, activations);
+#if RABIT_ISA == 2
+        vnni = cpu_has_vnni();
+        if (vnni) prepare_vnni(rows, activations);
+#endif
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < out_features; ++n) {
+        float total[kMaxRows];
+        if (!int8_activations) {
+            gemv_fp32<SCALE_T>(x, qweight, scale, total, rows, n, in_features, group_size, groups);
+        } else {
+#if RABIT_ISA == 2
+            if (vnni && groups == 1)
+                gemv_int8x_vnni<SCALE_T, true>(activations, qweight, scale, total, rows, n, in_features, group_size,
+                                              groups);
+            else if (vnni)
+                gemv_int8x_vnni<SCALE_T, false>(activations, qweight, scale, total, rows, n, in_features, group_size,
+                                               groups);
+            else
+                gemv_int8x_avx2<SCALE_T>(activations, qweight, scale, total, rows, n, in_features, group_size, groups);
+#elif RABIT_ISA == 1
+            gemv_int8x_avx2<SCALE_T>(activations, qweight, scale, total, rows, n, in_features, group_size, groups);
+#else
+            gemv_int8x_portable<SCALE_T>(activations, qweight, scale, total, rows, n, in_features, group_size,
+                                         groups);
+#endif
+        }
+        for (int64_t m = 0; m < rows; ++m) out[m * out_features + n] = total[m] + (has_bias ? bias[n] : 0.0f);
+    }
+}
