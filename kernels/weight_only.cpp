@@ -149,12 +149,13 @@ struct Activations {
     std::vector<int8_t> q;        // [rows, 64 chunks], natural column order
     std::vector<float> d;         // [rows, 2 chunks]: the block's step, max |x_b| / 127
     std::vector<int32_t> sum;     // [rows, 2 chunks]: sum of the block's q
-    // the VNNI paths' operands, per row and chunk
-    std::vector<uint8_t> magnitude;  // int8 weights: |q| [rows, 64 chunks]
-    std::vector<uint64_t> negative;  // int8 weights: bit c set where q_c < 0 [rows, chunks]
-    std::vector<int8_t> permuted;    // int4 weights: q in the order the nibbles widen to [rows, 64 chunks]
-    std::vector<int32_t> offset;     // int4 weights: -8 * the sum of each lane's 4 q [rows, chunks, 16]
-    std::vector<float> step;         // d of each int32 lane [rows, chunks, 16]
+    // the VNNI paths' operands, per row and step of 64 weight bytes (prepare_vnni)
+    int64_t steps = 0;
+    std::vector<int8_t> operand;     // int8 weights: |q|; int4: q under the low nibbles [rows, steps, 64]
+    std::vector<int8_t> high;        // int4 weights: q under the high nibbles [rows, steps, 64]
+    std::vector<uint64_t> negative;  // int8 weights: bit j set where byte j's q < 0 [rows, steps]
+    std::vector<int32_t> offset;     // int4 weights: -8 * the sum of each lane's 8 q [rows, steps, 16]
+    std::vector<float> step;         // d of each int32 lane's block [rows, steps, 16]
 };
 
 void quantize_activations(const float* x, int64_t rows, int64_t in_features, Activations& a) {
@@ -183,39 +184,47 @@ void quantize_activations(const float* x, int64_t rows, int64_t in_features, Act
 }
 
 #if RABIT_ISA == 2
-// int32 lane l of a 64-byte chunk holds bytes 4l..4l+3. int8 weights keep the natural order: lanes 0-7 are block
-// 2c, 8-15 block 2c + 1. int4 weights widen 32 bytes (two blocks) to [2c low nibbles, 2c+1 low, 2c high, 2c+1 high]
-// = columns [2c: 0-15, 2c+1: 0-15, 2c: 16-31, 2c+1: 16-31], so q is permuted to match: lanes 0-3 and 8-11 are block
-// 2c, 4-7 and 12-15 block 2c + 1.
-void prepare_vnni(int64_t rows, Activations& a) {
-    const int64_t chunks = a.chunks, padded = 64 * chunks;
-    a.step.assign(rows * chunks * 16, 0.0f);
+// The VNNI paths take 64 weight bytes a step: int8, 64 columns (blocks 2t, 2t + 1); int4, 128 columns (blocks
+// 4t..4t + 3: 16 bytes each, low nibbles = columns 0-15 and high nibbles = 16-31 of a block). vpdpbusd adds 4 bytes
+// into each int32 lane l (bytes 4l..4l+3), so lane l belongs to block lane / 8 (int8) or lane / 4 (int4) of the
+// step; the low and the high nibbles of int4 weights are two vpdpbusd into the same lanes.
+constexpr int64_t kStepColumns = RABIT_BITS == 8 ? 64 : 128;
+constexpr int64_t kStepBlocks = kStepColumns / kBlock;
+constexpr int64_t kLanesPerBlock = 16 / kStepBlocks;
+
+void prepare_vnni(int64_t rows, int64_t in_features, Activations& a) {
+    const int64_t steps = (in_features + kStepColumns - 1) / kStepColumns, blocks = 2 * a.chunks;
+    const int64_t padded = blocks * kBlock;
+    a.steps = steps;
+    a.step.assign(rows * steps * 16, 0.0f);
+    a.operand.assign(rows * steps * 64, 0);
     if (RABIT_BITS == 8) {
-        a.magnitude.assign(rows * padded, 0);
-        a.negative.assign(rows * chunks, 0);
+        a.negative.assign(rows * steps, 0);
     } else {
-        a.permuted.assign(rows * padded, 0);
-        a.offset.assign(rows * chunks * 16, 0);
+        a.high.assign(rows * steps * 64, 0);
+        a.offset.assign(rows * steps * 16, 0);
     }
     for (int64_t m = 0; m < rows; ++m) {
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int8_t* q = a.q.data() + m * padded + 64 * c;
-            const int64_t chunk = m * chunks + c;
+        const int8_t* q = a.q.data() + m * padded;
+        for (int64_t t = 0; t < steps; ++t) {
+            const int64_t at = m * steps + t;
             for (int64_t lane = 0; lane < 16; ++lane) {
-                const int64_t second = RABIT_BITS == 8 ? lane >= 8 : (lane / 4) % 2;
-                a.step[chunk * 16 + lane] = a.d[m * 2 * chunks + 2 * c + second];
+                const int64_t block = kStepBlocks * t + lane / kLanesPerBlock;
+                a.step[at * 16 + lane] = block < blocks ? a.d[m * blocks + block] : 0.0f;
             }
-            if (RABIT_BITS == 8) {
-                for (int64_t j = 0; j < 64; ++j) {
-                    a.magnitude[chunk * 64 + j] = static_cast<uint8_t>(std::abs(q[j]));
-                    if (q[j] < 0) a.negative[chunk] |= uint64_t{1} << j;
-                }
-            } else {
-                for (int64_t j = 0; j < 64; ++j) {
-                    // byte j: block 2c + (j / 16) % 2, column (j % 16) + 16 * (j / 32) of that block
-                    const int8_t value = q[32 * ((j / 16) % 2) + (j % 16) + 16 * (j / 32)];
-                    a.permuted[chunk * 64 + j] = value;
-                    a.offset[chunk * 16 + j / 4] -= 8 * value;
+            for (int64_t j = 0; j < 64; ++j) {
+                if (RABIT_BITS == 8) {
+                    const int64_t column = kStepColumns * t + j;
+                    const int8_t value = column < padded ? q[column] : 0;
+                    a.operand[at * 64 + j] = static_cast<int8_t>(std::abs(value));  // |q| <= 127: the unsigned side
+                    if (value < 0) a.negative[at] |= uint64_t{1} << j;
+                } else {
+                    // byte j of the step's 64: block 4t + j / 16, column j % 16 (low nibble) or 16 + j % 16 (high)
+                    const int64_t column = (kStepBlocks * t + j / 16) * kBlock + j % 16;
+                    const int8_t low = column < padded ? q[column] : 0, high = column < padded ? q[column + 16] : 0;
+                    a.operand[at * 64 + j] = low;
+                    a.high[at * 64 + j] = high;
+                    a.offset[at * 16 + j / 4] -= 8 * (low + high);
                 }
             }
         }
@@ -234,59 +243,55 @@ RABIT_VNNI inline __m512 load_scales(const at::BFloat16* p, int64_t count) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// kPerRow: one scale per row, applied once at the end; else a scale per group of group_size columns, from a vector
-// of 16 block scales (group_size 32) or two scalars per chunk, spread over the chunk's int32 lanes.
+// kPerRow: one scale per row, applied once at the end; else each lane takes its block's scale: from a vector of 16
+// block scales (group_size 32, loaded every 16 blocks) or from the step's block scalars (other group sizes).
 template <typename scale_t, bool kPerRow>
 RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, const scale_t* scale,
                                 float* total_out, int64_t rows, int64_t n, int64_t in_features, int64_t group_size,
                                 int64_t groups) {
     const uint8_t* row = qweight + n * row_bytes(in_features);
     const scale_t* row_scale = scale + n * groups;
-    const int64_t chunks = a.chunks, last_group = groups - 1;
+    const int64_t steps = a.steps, bytes_per_row = row_bytes(in_features), last_group = groups - 1;
+    const __m512i lane_block = kStepBlocks == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                                : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc[kMaxRows];
     for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
     __m512 block_scales = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t t = 0; t < steps; ++t) {
         __m512 s = _mm512_set1_ps(1.0f);
         if (!kPerRow && group_size == kBlock) {
-            if (c % 8 == 0) block_scales = load_scales(row_scale + 2 * c, groups - 2 * c);
-            // lanes of block 2c + (lane's block): int8 [0 x8, 1 x8], int4 [0 x4, 1 x4, 0 x4, 1 x4], + 2 (c % 8)
-            const __m512i lane_block = RABIT_BITS == 8
-                ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-            s = _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(2 * (c % 8))), block_scales);
+            const int64_t reload = 16 / kStepBlocks;
+            if (t % reload == 0) block_scales = load_scales(row_scale + kStepBlocks * t, groups - kStepBlocks * t);
+            s = _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(kStepBlocks * (t % reload))),
+                                      block_scales);
         } else if (!kPerRow) {
-            const float first = static_cast<float>(row_scale[std::min(2 * c * kBlock / group_size, last_group)]);
-            const float second = static_cast<float>(row_scale[std::min((2 * c + 1) * kBlock / group_size, last_group)]);
-            s = _mm512_mask_blend_ps(RABIT_BITS == 8 ? 0xFF00 : 0xF0F0, _mm512_set1_ps(first), _mm512_set1_ps(second));
+            alignas(16) float step_scales[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t b = 0; b < kStepBlocks; ++b)
+                step_scales[b] = static_cast<float>(row_scale[std::min((kStepBlocks * t + b) * kBlock / group_size,
+                                                                       last_group)]);
+            s = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_load_ps(step_scales)));
         }
-#if RABIT_BITS == 8
-        const int64_t remaining = in_features - 64 * c;
+        const int64_t remaining = bytes_per_row - 64 * t;
         const __mmask64 valid = remaining >= 64 ? ~__mmask64{0} : (__mmask64{1} << remaining) - 1;
-        const __m512i w = _mm512_maskz_loadu_epi8(valid, row + 64 * c);
-        for (int64_t m = 0; m < rows; ++m) {
-            const int64_t chunk = m * chunks + c;
-            const __m512i signed_w = _mm512_mask_sub_epi8(w, a.negative[chunk], _mm512_setzero_si512(), w);
-            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                                    _mm512_loadu_si512(a.magnitude.data() + chunk * 64), signed_w);
-            const __m512 step = _mm512_loadu_ps(a.step.data() + chunk * 16);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kPerRow ? step : _mm512_mul_ps(step, s), acc[m]);
-        }
-#else
-        const int64_t bytes = std::min<int64_t>(32, row_bytes(in_features) - 32 * c);
-        const __m256i packed = _mm256_maskz_loadu_epi8(bytes == 32 ? ~__mmask32{0} : __mmask32{0xFFFF},
-                                                       row + 32 * c);
-        const __m256i nibble = _mm256_set1_epi8(15);
-        const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(packed, nibble)),
-                                             _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), 1);
-        for (int64_t m = 0; m < rows; ++m) {
-            const int64_t chunk = m * chunks + c;
-            const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.offset.data() + chunk * 16), u,
-                                                    _mm512_loadu_si512(a.permuted.data() + chunk * 64));
-            const __m512 step = _mm512_loadu_ps(a.step.data() + chunk * 16);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kPerRow ? step : _mm512_mul_ps(step, s), acc[m]);
-        }
+        const __m512i w = _mm512_maskz_loadu_epi8(valid, row + 64 * t);
+#if RABIT_BITS == 4
+        const __m512i nibble = _mm512_set1_epi8(15);
+        const __m512i low = _mm512_and_si512(w, nibble), high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
 #endif
+        for (int64_t m = 0; m < rows; ++m) {
+            const int64_t at = m * steps + t;
+#if RABIT_BITS == 8
+            const __m512i signed_w = _mm512_mask_sub_epi8(w, a.negative[at], _mm512_setzero_si512(), w);
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                    _mm512_loadu_si512(a.operand.data() + at * 64), signed_w);
+#else
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.offset.data() + at * 16), low,
+                                              _mm512_loadu_si512(a.operand.data() + at * 64));
+            dot = _mm512_dpbusd_epi32(dot, high, _mm512_loadu_si512(a.high.data() + at * 64));
+#endif
+            const __m512 step = _mm512_loadu_ps(a.step.data() + at * 16);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kPerRow ? step : _mm512_mul_ps(step, s), acc[m]);
+        }
     }
     const float row_factor = kPerRow ? static_cast<float>(row_scale[0]) : 1.0f;
     for (int64_t m = 0; m < rows; ++m) total_out[m] = _mm512_reduce_add_ps(acc[m]) * row_factor;
@@ -378,7 +383,7 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
         quantize_activations(x, rows, in_features, activations);
 #if RABIT_ISA == 2
         vnni = cpu_has_vnni();
-        if (vnni) prepare_vnni(rows, activations);
+        if (vnni) prepare_vnni(rows, in_features, activations);
 #endif
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
