@@ -26,9 +26,10 @@ re-copied (re-derived) the same way when what they were copied from changes.
 Options (``torch.compile(..., options={...})``): every :class:`RaBiTConfig` field (``paths``, ``skip``,
 ``rounds``, ``scale_dtype``, ...), ``inductor`` and ``fuse_siblings`` (bools, default True), ``cpu_tables``
 (the CPU kernel's tables: ``"fp32"`` or ``"int8"``, default :data:`~rabit_compiler.kernels.cpu_lut.
-DEFAULT_TABLE_PRECISION`; ``"int8"`` also gives a weight-only LM head int8 activations), ``cpp_wrapper`` (Inductor's C++ wrapper: the graph calls its kernels and the
-``rabit::`` operators from C++ instead of Python; default False) and ``fold_gqa`` (default True: a
-grouped-query model's decode attention reads its KV cache without repeating it, :mod:`rabit_compiler.passes.attention`).
+DEFAULT_TABLE_PRECISION`; ``"int8"`` also gives a weight-only LM head int8 activations), ``cpp_wrapper``
+(Inductor's C++ wrapper: the graph calls its kernels and the ``rabit::`` operators from C++ instead of Python;
+default False) and ``fold_gqa`` (default True: a grouped-query model's decode attention reads its KV cache without
+repeating it, :mod:`rabit_compiler.passes.attention`).
 """
 
 from __future__ import annotations
