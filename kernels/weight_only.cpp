@@ -148,8 +148,7 @@ struct Activations {
     int64_t chunks = 0;
     std::vector<int8_t> q;        // [rows, 64 chunks], natural column order
     std::vector<float> d;         // [rows, 2 chunks]: the block's step, max |x_b| / 127
-    std::vector<int32_t> sum;     // [rows, 2 chunks]: sum of the block's q
-    // the VNNI paths' operands, per row and step of 64 weight bytes (prepare_vnni)
+    // the VNNI and AVX2 int4 paths' operands, per row and step of 64 weight bytes (prepare_steps)
     int64_t steps = 0;
     std::vector<int8_t> operand;     // int8 weights: |q|; int4: q under the low nibbles [rows, steps, 64]
     std::vector<int8_t> high;        // int4 weights: q under the high nibbles [rows, steps, 64]
@@ -163,7 +162,6 @@ void quantize_activations(const float* x, int64_t rows, int64_t in_features, Act
     const int64_t blocks = 2 * a.chunks, padded = blocks * kBlock;
     a.q.assign(rows * padded, 0);
     a.d.assign(rows * blocks, 0.0f);
-    a.sum.assign(rows * blocks, 0);
     for (int64_t m = 0; m < rows; ++m) {
         for (int64_t b = 0; b < blocks; ++b) {
             const float* xb = x + m * in_features + b * kBlock;
@@ -172,27 +170,24 @@ void quantize_activations(const float* x, int64_t rows, int64_t in_features, Act
             for (int64_t c = 0; c < count; ++c) top = std::max(top, std::fabs(xb[c]));
             a.d[m * blocks + b] = top / 127.0f;
             const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
-            int32_t sum = 0;
-            for (int64_t c = 0; c < count; ++c) {
-                const int32_t q = std::clamp(static_cast<int32_t>(std::nearbyint(xb[c] * inverse)), -127, 127);
-                a.q[m * padded + b * kBlock + c] = static_cast<int8_t>(q);
-                sum += q;
-            }
-            a.sum[m * blocks + b] = sum;
+            for (int64_t c = 0; c < count; ++c)
+                a.q[m * padded + b * kBlock + c] = static_cast<int8_t>(
+                    std::clamp(static_cast<int32_t>(std::nearbyint(xb[c] * inverse)), -127, 127));
         }
     }
 }
 
-#if RABIT_ISA == 2
+#if RABIT_ISA >= 1
 // The VNNI paths take 64 weight bytes a step: int8, 64 columns (blocks 2t, 2t + 1); int4, 128 columns (blocks
 // 4t..4t + 3: 16 bytes each, low nibbles = columns 0-15 and high nibbles = 16-31 of a block). vpdpbusd adds 4 bytes
 // into each int32 lane l (bytes 4l..4l+3), so lane l belongs to block lane / 8 (int8) or lane / 4 (int4) of the
-// step; the low and the high nibbles of int4 weights are two vpdpbusd into the same lanes.
+// step; the low and the high nibbles of int4 weights are two vpdpbusd into the same lanes. The AVX2 int4 path reads
+// the same int4 operands 32 bytes (two blocks, 8 lanes) at a time.
 constexpr int64_t kStepColumns = RABIT_BITS == 8 ? 64 : 128;
 constexpr int64_t kStepBlocks = kStepColumns / kBlock;
 constexpr int64_t kLanesPerBlock = 16 / kStepBlocks;
 
-void prepare_vnni(int64_t rows, int64_t in_features, Activations& a) {
+void prepare_steps(int64_t rows, int64_t in_features, Activations& a) {
     const int64_t steps = (in_features + kStepColumns - 1) / kStepColumns, blocks = 2 * a.chunks;
     const int64_t padded = blocks * kBlock;
     a.steps = steps;
@@ -231,6 +226,9 @@ void prepare_vnni(int64_t rows, int64_t in_features, Activations& a) {
     }
 }
 
+#endif
+
+#if RABIT_ISA == 2
 // 16 scales from p (fewer where count < 16) as floats
 RABIT_VNNI inline __m512 load_scales(const float* p, int64_t count) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1), p);
@@ -298,43 +296,36 @@ RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, co
 }
 #endif
 
-// AVX2 (also the AVX-512 build's path on a CPU without VNNI): one 32-column block per vector.
+// AVX2 (also the AVX-512 build's path on a CPU without VNNI). int8 weights: one 32-column block per vector, q's
+// sign moved onto the weight (vpsignb), |q| the unsigned side of vpmaddubsw. int4 weights: two blocks per vector
+// (32 packed bytes, the operands of prepare_steps), low and high nibbles' vpmaddubsw added in int16 (at most
+// 2 * 2 * 15 * 127 = 7620) before one vpmaddwd.
 #if RABIT_ISA >= 1
 template <typename scale_t>
 void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t* scale, float* total_out,
                      int64_t rows, int64_t n, int64_t in_features, int64_t group_size, int64_t groups) {
     const uint8_t* row = qweight + n * row_bytes(in_features);
     const scale_t* row_scale = scale + n * groups;
-    const int64_t full_blocks = in_features / kBlock, blocks = 2 * a.chunks, padded = blocks * kBlock;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[kMaxRows];
     for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps();
+#if RABIT_BITS == 8
+    const int64_t full_blocks = in_features / kBlock, blocks = 2 * a.chunks, padded = blocks * kBlock;
     for (int64_t b = 0; b < full_blocks; ++b) {
         const float s = static_cast<float>(row_scale[b * kBlock / group_size]);
-#if RABIT_BITS == 8
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-#else
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
-        const __m128i nibble = _mm_set1_epi8(15);
-        const __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble),
-                                           _mm_and_si128(packed, nibble));
-#endif
         for (int64_t m = 0; m < rows; ++m) {
             const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * padded +
                                                                                   b * kBlock));
-#if RABIT_BITS == 8
-            __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(w, q)), ones);
-#else
-            __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones);
-            dot = _mm256_add_epi32(dot, _mm256_zextsi128_si256(_mm_cvtsi32_si128(-8 * a.sum[m * blocks + b])));
-#endif
+            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(w, q)),
+                                                  ones);
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[m * blocks + b] * s), acc[m]);
         }
     }
     for (int64_t m = 0; m < rows; ++m) {
         float total = sum8(acc[m]);
         // the last, partial block
-        if (full_blocks < blocks && full_blocks * kBlock < in_features) {
+        if (full_blocks * kBlock < in_features) {
             int32_t dot = 0;
             for (int64_t c = full_blocks * kBlock; c < in_features; ++c)
                 dot += weight_at(row, c) * a.q[m * padded + c];
@@ -343,6 +334,34 @@ void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t
         }
         total_out[m] = total;
     }
+#else
+    const int64_t bytes_per_row = row_bytes(in_features), pairs = (bytes_per_row + 31) / 32, last_group = groups - 1;
+    const __m256i nibble = _mm256_set1_epi8(15);
+    for (int64_t p = 0; p < pairs; ++p) {
+        const __m256i w = bytes_per_row - 32 * p >= 32
+            ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * p))
+            : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * p)));
+        const __m256i low = _mm256_and_si256(w, nibble), high = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+        __m256 s = _mm256_set1_ps(1.0f);
+        if (groups > 1)
+            s = _mm256_set_m128(_mm_set1_ps(static_cast<float>(row_scale[std::min((2 * p + 1) * kBlock / group_size,
+                                                                                   last_group)])),
+                                _mm_set1_ps(static_cast<float>(row_scale[std::min(2 * p * kBlock / group_size,
+                                                                                   last_group)])));
+        for (int64_t m = 0; m < rows; ++m) {
+            const int64_t at = m * a.steps * 64 + 32 * p;  // bytes of the operands; lanes at / 4
+            const __m256i sums = _mm256_add_epi16(
+                _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.operand.data() + at))),
+                _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.high.data() + at))));
+            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(sums, ones), _mm256_loadu_si256(
+                reinterpret_cast<const __m256i*>(a.offset.data() + at / 4)));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_loadu_ps(a.step.data() + at / 4), s),
+                                     acc[m]);
+        }
+    }
+    const float row_factor = groups == 1 ? static_cast<float>(row_scale[0]) : 1.0f;
+    for (int64_t m = 0; m < rows; ++m) total_out[m] = sum8(acc[m]) * row_factor;
+#endif
 }
 #endif
 
@@ -383,7 +402,9 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
         quantize_activations(x, rows, in_features, activations);
 #if RABIT_ISA == 2
         vnni = cpu_has_vnni();
-        if (vnni) prepare_vnni(rows, in_features, activations);
+#endif
+#if RABIT_ISA >= 1
+        if (vnni || RABIT_BITS == 4) prepare_steps(rows, in_features, activations);
 #endif
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
