@@ -43,7 +43,7 @@ inline void widen(const uint8_t* q, __m512& lo, __m512& hi) {
 }
 #endif
 
-#if RABIT_ISA >= 1
+#if RABIT_ISA == 1
 // 32 weights of one block as four 8-lane float vectors
 inline void widen(const uint8_t* q, __m256* w) {
   #if RABIT_BITS == 8
@@ -60,7 +60,9 @@ inline void widen(const uint8_t* q, __m256* w) {
         w[p] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[p]), eight));
   #endif
 }
+#endif
 
+#if RABIT_ISA >= 1
 inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -126,7 +126,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_activations(q: torch.Tensor, step: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``q * d`` in ``dtype`` -> ``[..., K]``: the ``x`` that the int8-activation kernel multiplies exactly."""
     k = q.shape[-1]
-    return (q.to(dtype) * step.to(dtype).repeat_interleave(BLOCK, dim=-1)[..., :k])
+    return q.to(dtype) * step.to(dtype).repeat_interleave(BLOCK, dim=-1)[..., :k]
 
 
 def weight_only_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
