@@ -2,8 +2,9 @@
 
 Methods: ``rabit`` / ``standard`` / ``frozen`` (QAT by distillation from the fp model, see
 :mod:`rabit_compiler.qat.train`), ``ptq`` (:func:`~rabit_compiler.quantize.quantize_` with the default
-``RaBiTConfig`` and the calibration windows, no training; it packs layer by layer, so a model loaded in bf16 is
-quantized in little more than its own memory), ``ptq-greedy`` (greedy residual SVID, data-free) and ``rtn``
+``RaBiTConfig`` and the calibration windows; it packs layer by layer, so a model loaded in bf16 is quantized in
+little more than its own memory; ``--tune-steps`` then tunes the scales end to end, ``--init`` starts from a saved
+``ptq`` model instead of fitting), ``ptq-greedy`` (greedy residual SVID, data-free) and ``rtn``
 (2-bit per-channel min/max, dense weights).
 """
 
@@ -86,6 +87,12 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError(f"--method must be one of {METHODS}, got {args.method!r}")
     if not args.text or not args.out:
         raise ValueError("rabit quantize needs --text and --out (only --dry-run does without)")
+    if (args.init or args.tune_steps) and args.method != "ptq":
+        raise ValueError(f"--init and --tune-steps belong to --method ptq, not {args.method!r}")
+    if args.init and not Path(args.init).is_dir():
+        raise FileNotFoundError(f"--init {args.init}: no such directory (a model saved by rabit quantize)")
+    if args.tune_steps < 0:
+        raise ValueError(f"--tune-steps must be >= 0, got {args.tune_steps}")
     if args.dtype != "fp32" and args.method in QAT_METHODS:
         raise ValueError(f"--dtype {args.dtype} is for the methods that do not train ({METHODS[len(QAT_METHODS):]}); "
                          "QAT keeps fp32 latent weights")
@@ -111,9 +118,22 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
     if args.method == "rtn":
         rtn_(model, config)
     elif args.method == "ptq":
-        fit_started = time.perf_counter()
-        quantize_(model, config, calibration=calibration)
-        run["quantize_seconds"] = time.perf_counter() - fit_started
+        if args.init:
+            from rabit_compiler.serialization import is_saved_model
+
+            if not is_saved_model(args.init):
+                raise ValueError(f"--init {args.init} is not a model saved by rabit quantize (no RaBiT "
+                                 "quantization_config in its config.json)")
+            del model
+            model, _ = load_model(args.init)
+            config = getattr(model, "rabit_config", None) or config
+            run["init"] = args.init
+        else:
+            fit_started = time.perf_counter()
+            quantize_(model, config, calibration=calibration)
+            run["quantize_seconds"] = time.perf_counter() - fit_started
+        if args.tune_steps:
+            _tune(model, args, train, run)
     elif args.method == "ptq-greedy":
         fits = fit_linears(model, RaBiTConfig(paths=args.paths, rounds=0, fit="svid"))
         prepare_qat(model, config, "rabit", fits=fits)
@@ -146,6 +166,21 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
     run["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     _save(model, tokenizer, config, Path(args.out), run)
     return run
+
+
+def _tune(model: torch.nn.Module, args: argparse.Namespace, train: torch.Tensor, run: dict[str, Any]) -> None:
+    """End-to-end scale tuning (:func:`~rabit_compiler.qat.tune.tune_scales_`) of the packed ``model`` against the
+    reference ``args.model`` (loaded now, in ``--teacher-dtype``, so the fit never holds two models)."""
+    from rabit_compiler.qat.tune import tune_scales_
+
+    teacher, _ = load_model(args.model, DTYPES[args.teacher_dtype])
+    tune_config = QATConfig(steps=args.tune_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                            lr_scale=args.tune_lr, warmup_steps=min(4, args.tune_steps - 1), optimizer="adamw",
+                            gamma=args.gamma, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
+    started = time.perf_counter()
+    history = tune_scales_(model, teacher, train, tune_config)
+    run.update(steps=args.tune_steps, tokens=args.tune_steps * args.batch_size * args.seq_len,
+               tune_seconds=time.perf_counter() - started, tune_loss=history["loss"])
 
 
 def _shared_fits(model: torch.nn.Module, config: RaBiTConfig, calibration: torch.Tensor, parallel: Parallel,
@@ -260,6 +295,11 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
     parser.add_argument("--method", choices=METHODS, default="rabit")
     parser.add_argument("--out", help="output directory (saved model, checkpoints, run record)")
+    parser.add_argument("--init", help="ptq: start from this model saved by rabit quantize (skip the fit)")
+    parser.add_argument("--tune-steps", type=int, default=0,
+                        help="ptq: then tune the scales end to end (signs fixed) for this many distillation steps of "
+                             "--batch-size x --seq-len tokens of --text")
+    parser.add_argument("--tune-lr", type=float, default=1e-3, help="learning rate of the scale tuning (AdamW)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--paths", type=int, default=RaBiTConfig.paths)
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)

@@ -265,6 +265,18 @@ def test_cli_quantize_then_eval(teacher, tmp_path, capsys, monkeypatch):
     assert math.isfinite(float(table[5].split("|")[-2]))
     with pytest.raises(ValueError, match="QAT keeps fp32 latent weights"):
         main(["quantize", *common, "--method", "rabit", "--dtype", "bf16", "--out", str(tmp_path / "bad")])
+    main(["quantize", *common, "--method", "ptq", "--init", str(tmp_path / "ptq"), "--tune-steps", "2",
+          "--batch-size", "2", "--out", str(tmp_path / "tuned")])
+    assert "ptq: 2 steps, 64 tokens" in capsys.readouterr().out
+    tuned = {n: m for n, m in load(tmp_path / "tuned").named_modules() if type(m).__name__ == "RaBiTLinear"}
+    fitted = {n: m for n, m in packed.named_modules() if type(m).__name__ == "RaBiTLinear"}
+    assert tuned.keys() == fitted.keys() and len(tuned) == 7 * teacher.config.num_hidden_layers
+    assert all(torch.equal(tuned[n].packed_signs, fitted[n].packed_signs) for n in tuned)  # signs kept
+    assert any(not torch.equal(tuned[n].row_scale, fitted[n].row_scale) for n in tuned)  # scales trained
+    with pytest.raises(ValueError, match="belong to --method ptq"):
+        main(["quantize", *common, "--method", "rtn", "--tune-steps", "2", "--out", str(tmp_path / "bad")])
+    with pytest.raises(ValueError, match="not a model saved by rabit quantize"):
+        main(["quantize", *common, "--method", "ptq", "--init", str(tmp_path / "fp"), "--out", str(tmp_path / "bad")])
 
     def no_refit(*args, **kwargs):
         raise AssertionError("--resume fitted the model again instead of reading OUT/fits.safetensors")

@@ -8,8 +8,9 @@ its trainable tensors on every forward, by one of four methods (a switch, not fo
 - ``"standard"``: k independent latents ``W_i [N, K]``; ``W_hat = sum_i g_i * sign(W_i) * h_i``.
 - ``"frozen"``: paths ``< k`` are buffers fixed at their initial signs and scales; only the last path is
   trained: ``W_hat = sum_{j<k} path_j + g_k * sign(W_FP - sum_{j<k} path_j) * h_k``.
-- ``"scales"``: every sign fixed at the fit (buffers); only ``g``, ``h`` (and the bias) train: the end-to-end
-  scale tuning of a PTQ fit, ``2k(N + K)`` numbers per layer.
+- ``"scales"``: every sign fixed at the fit (int8 buffers); only ``g``, ``h`` (and the bias) train: the end-to-end
+  scale tuning of a PTQ fit, ``2k(N + K)`` numbers per layer, through :func:`~rabit_compiler.qat.fixed_signs.
+  fixed_signs_linear` (which rebuilds ``W_hat`` in the backward instead of keeping it).
 
 All use the identity straight-through estimator and start from the same fit (:func:`~rabit_compiler.quantizer.
 fit_weight`, as :func:`rabit_compiler.quantize_` uses), reproduced exactly at step 0. The coupled latent
@@ -51,6 +52,7 @@ from rabit_compiler.experts import (
 )
 from rabit_compiler.integrations.transformers import mark_quantized
 from rabit_compiler.kernels import PackedResidualBinary
+from rabit_compiler.qat.fixed_signs import fixed_signs_linear
 from rabit_compiler.kernels.experts import apply_per_expert
 from rabit_compiler.kernels.packing import unpack_signs
 from rabit_compiler.math import (
@@ -99,7 +101,7 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
         if method == "standard":
             self.latents = torch.nn.ParameterList(sign_preserving_latents(fit).unbind(0))
         elif method == "scales":
-            self.register_buffer("signs", fit.signs.float().clone())
+            self.register_buffer("signs", fit.signs.to(torch.int8))
         elif latent is not None:
             if not latent.is_floating_point() or latent.shape != fit.signs.shape[1:]:
                 raise ValueError(f"latent_init='weight' needs the full-precision weight {tuple(fit.signs.shape[1:])}, "
@@ -168,7 +170,11 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
             return ResidualBinaryPaths(torch.stack(signs), row_scales.detach().clone(), col_scales.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.method == "scales":
+            y = fixed_signs_linear(x, self.signs, self.row_scale, self.col_scale)
+            return y if bias is None else y + bias
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, paths={self.num_paths}, "
@@ -395,9 +401,9 @@ def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, metho
 
 
 def packed_fits(model: torch.nn.Module) -> LinearFits:
-    """The fits held by a quantized model's :class:`~rabit_compiler.quantize.RaBiTLinear` layers (signs unpacked,
-    scales in fp32), by layer name: ``prepare_qat(model, config, "scales", fits=packed_fits(model))`` tunes the
-    scales of a model that :func:`~rabit_compiler.quantize_` packed."""
+    """The fits held by a quantized model's :class:`~rabit_compiler.quantize.RaBiTLinear` layers (signs unpacked
+    to int8 +-1, a quarter of fp32; scales in fp32), by layer name: ``prepare_qat(model, config, "scales",
+    fits=packed_fits(model))`` tunes the scales of a model that :func:`~rabit_compiler.quantize_` packed."""
     fits = LinearFits()
     for name, module in model.named_modules():
         if isinstance(module, RaBiTLinear):
@@ -409,8 +415,8 @@ def packed_fits(model: torch.nn.Module) -> LinearFits:
 
 
 def _unpacked(packed: PackedResidualBinary) -> ResidualBinaryPaths:
-    """A packed layer's paths on the CPU: signs unpacked, scales in fp32."""
-    signs = unpack_signs(packed.packed_signs, packed.in_features)
+    """A packed layer's paths on the CPU: signs unpacked to int8, scales in fp32."""
+    signs = unpack_signs(packed.packed_signs, packed.in_features, dtype=torch.int8)
     return ResidualBinaryPaths(signs.cpu(), packed.row_scale.float().cpu(), packed.col_scale.float().cpu())
 
 
