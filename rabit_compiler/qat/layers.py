@@ -52,7 +52,6 @@ from rabit_compiler.experts import (
 )
 from rabit_compiler.integrations.transformers import mark_quantized
 from rabit_compiler.kernels import PackedResidualBinary
-from rabit_compiler.qat.fixed_signs import fixed_signs_linear
 from rabit_compiler.kernels.experts import apply_per_expert
 from rabit_compiler.kernels.packing import unpack_signs
 from rabit_compiler.math import (
@@ -66,6 +65,7 @@ from rabit_compiler.math import (
     sign_preserving_latents,
     standard_residual_weight,
 )
+from rabit_compiler.qat.fixed_signs import fixed_signs_linear
 from rabit_compiler.quantize import RaBiTLinear, default_example_input, set_submodule, skip_reason
 from rabit_compiler.quantizer import fit_linear, pack_fit
 from rabit_compiler.sequential import fit_in_block_order
