@@ -33,8 +33,7 @@ from rabit_compiler.calibration import CapturedLinear, ChannelStat, InputGram, c
 from rabit_compiler.data import lee_corpus, token_windows
 from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
-from rabit_compiler.qat import QATConfig
-from rabit_compiler.qat.tune import tune_scales_
+from rabit_compiler.qat.tune import tune_config, tune_scales_
 from rabit_compiler.quantize import RaBiTLinear, set_submodule, skip_reason
 from rabit_compiler.quantizer import fit_linear, pack_fit
 from rabit_compiler.sequential import fit_in_block_order
@@ -159,11 +158,9 @@ def main() -> None:
             print(f"{name} k={paths}: held-out PPL {ppl:.4g}; fit {fit_seconds:.1f} s", flush=True)
             tuned = {}
             if args.tune_steps:
-                tune_config = QATConfig(steps=args.tune_steps, batch_size=4, seq_len=args.tune_seq_len,
-                                        lr_scale=args.tune_lr, warmup_steps=min(4, args.tune_steps - 1),
-                                        optimizer="adamw")
                 started = time.perf_counter()
-                tune_scales_(quantized, model, tune_windows, tune_config, progress=False)
+                tune_scales_(quantized, model, tune_windows,
+                             tune_config(args.tune_steps, 4, args.tune_seq_len, args.tune_lr), progress=False)
                 tuned = dict(tune_steps=args.tune_steps, tune_lr=args.tune_lr,
                              tune_seconds=time.perf_counter() - started,
                              tuned_ppl=perplexity(quantized, heldout, progress=False))

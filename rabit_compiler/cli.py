@@ -46,14 +46,11 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"2-bit RaBiT perplexity (PTQ, no training; compiled with backend='rabit'): {quant_ppl:.1f} "
           f"[compile + eval {time.perf_counter() - started:.1f} s]")
     if teacher is not None:
-        from rabit_compiler.qat import QATConfig
-        from rabit_compiler.qat.tune import tune_scales_
+        from rabit_compiler.qat.tune import tune_config, tune_scales_
 
         tune_windows = token_windows(tokenizer, train_text, args.tune_seq_len)
-        tune_config = QATConfig(steps=args.tune_steps, batch_size=4, seq_len=args.tune_seq_len, lr_scale=args.tune_lr,
-                                warmup_steps=min(4, args.tune_steps - 1), optimizer="adamw")
         started = time.perf_counter()
-        tune_scales_(model, teacher, tune_windows, tune_config)
+        tune_scales_(model, teacher, tune_windows, tune_config(args.tune_steps, 4, args.tune_seq_len, args.tune_lr))
         tune_seconds = time.perf_counter() - started
         del teacher
         model.compile(backend="rabit", options={"inductor": not args.no_inductor})

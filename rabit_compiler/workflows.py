@@ -89,8 +89,14 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError("rabit quantize needs --text and --out (only --dry-run does without)")
     if (args.init or args.tune_steps) and args.method != "ptq":
         raise ValueError(f"--init and --tune-steps belong to --method ptq, not {args.method!r}")
-    if args.init and not Path(args.init).is_dir():
-        raise FileNotFoundError(f"--init {args.init}: no such directory (a model saved by rabit quantize)")
+    if args.init:
+        from rabit_compiler.serialization import is_saved_model
+
+        if not Path(args.init).is_dir():
+            raise FileNotFoundError(f"--init {args.init}: no such directory (a model saved by rabit quantize)")
+        if not is_saved_model(args.init):
+            raise ValueError(f"--init {args.init} is not a model saved by rabit quantize (no RaBiT "
+                             "quantization_config in its config.json)")
     if args.tune_steps < 0:
         raise ValueError(f"--tune-steps must be >= 0, got {args.tune_steps}")
     if args.dtype != "fp32" and args.method in QAT_METHODS:
@@ -106,7 +112,7 @@ def quantize_model(args: argparse.Namespace) -> dict[str, Any] | None:
 def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    model, tokenizer = load_model(args.init or args.model, DTYPES[args.dtype])  # --init: the saved model, as saved
     windows = text_windows(tokenizer, args.text, args.seq_len, model)
     if args.heldout:
         train, heldout = windows, text_windows(tokenizer, args.heldout, args.seq_len, model)
@@ -119,13 +125,6 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
         rtn_(model, config)
     elif args.method == "ptq":
         if args.init:
-            from rabit_compiler.serialization import is_saved_model
-
-            if not is_saved_model(args.init):
-                raise ValueError(f"--init {args.init} is not a model saved by rabit quantize (no RaBiT "
-                                 "quantization_config in its config.json)")
-            del model
-            model, _ = load_model(args.init)
             config = getattr(model, "rabit_config", None) or config
             run["init"] = args.init
         else:
@@ -171,14 +170,13 @@ def _quantize(args: argparse.Namespace, parallel: Parallel) -> dict[str, Any] | 
 def _tune(model: torch.nn.Module, args: argparse.Namespace, train: torch.Tensor, run: dict[str, Any]) -> None:
     """End-to-end scale tuning (:func:`~rabit_compiler.qat.tune.tune_scales_`) of the packed ``model`` against the
     reference ``args.model`` (loaded now, in ``--teacher-dtype``, so the fit never holds two models)."""
-    from rabit_compiler.qat.tune import tune_scales_
+    from rabit_compiler.qat.tune import tune_config, tune_scales_
 
     teacher, _ = load_model(args.model, DTYPES[args.teacher_dtype])
-    tune_config = QATConfig(steps=args.tune_steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                            lr_scale=args.tune_lr, warmup_steps=min(4, args.tune_steps - 1), optimizer="adamw",
-                            gamma=args.gamma, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
+    config = tune_config(args.tune_steps, args.batch_size, args.seq_len, args.tune_lr, gamma=args.gamma,
+                         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
     started = time.perf_counter()
-    history = tune_scales_(model, teacher, train, tune_config)
+    history = tune_scales_(model, teacher, train, config)
     run.update(steps=args.tune_steps, tokens=args.tune_steps * args.batch_size * args.seq_len,
                tune_seconds=time.perf_counter() - started, tune_loss=history["loss"])
 
