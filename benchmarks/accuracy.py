@@ -2,8 +2,9 @@
 
 Methods: fp32 (reference), ``rtn`` (2-bit per-channel min/max), ``ptq-greedy`` (greedy residual SVID,
 data-free), ``ptq`` (``quantize_``'s default fit with calibration: GPTQ-style error feedback under X^T X,
-sequential), and QAT by distillation from that same ``ptq`` init: ``frozen`` (path freezing), ``standard``
-(k independent latents) and ``rabit`` (coupled residual paths from one latent).
+sequential), and QAT by distillation from that same ``ptq`` init: ``scales`` (signs fixed, only the scales and
+biases train: the end-to-end scale tuning of ``rabit demo --tune-steps``), ``frozen`` (path freezing),
+``standard`` (k independent latents) and ``rabit`` (coupled residual paths from one latent).
 
 Text: ``lee_background.cor`` for calibration (the first windows) and training, ``lee.cor`` held out (DATA.md).
 The initial fit (minutes on a CPU) is cached under the user cache dir, keyed by its settings.
@@ -50,7 +51,7 @@ from rabit_compiler.qat.diagnostics import path_diagnostics, sign_changes
 from rabit_compiler.qat.layers import LATENT_INITS
 from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
 
-QAT_METHODS = ("frozen", "standard", "rabit")
+QAT_METHODS = ("scales", "frozen", "standard", "rabit")
 ALL_METHODS = ("fp32", "rtn", "ptq-greedy", "ptq", *QAT_METHODS)
 DIAGNOSED = "model.layers.15."  # the diagnostics' layers: one decoder block in the middle of SmolLM2
 
@@ -191,7 +192,7 @@ def main() -> None:
             convert(student, config)
             row["ppl"] = perplexity(student, heldout)
         else:
-            latent_init = "reanchor" if method == "standard" else args.latent_init
+            latent_init = args.latent_init if method in ("rabit", "frozen") else "reanchor"
             method_fits = cached_fits(model, replace(config, fit="coupled"), calibration) \
                 if latent_init == "weight" else fits
             prepare_qat(student, config, method, fits=method_fits, latent_init=latent_init)
@@ -212,7 +213,8 @@ def main() -> None:
             print(f"  signs flipped since the init, per path: {', '.join(f'{c:.4%}' for c in row['sign_changes'])}")
             convert(student, config)
             row.update(steps=trainer.step, tokens=trainer.tokens_seen(), ppl=history["eval"][-1][2],
-                       lr_latent=method_config.lr_latent,
+                       lr_latent=None if method == "scales" else method_config.lr_latent,
+                       lr_scale=method_config.lr_scale,
                        history=history, train_seconds=trained_seconds)
             if args.packed_eval:
                 row["packed_ppl"] = perplexity(student, heldout)
@@ -229,7 +231,7 @@ def main() -> None:
     print("\n| method | latent lr | steps | tokens | held-out PPL | packed PPL | wall |\n|---|---|---|---|---|---|---|")
     for method, row in results["methods"].items():
         packed = f"{row['packed_ppl']:.2f}" if "packed_ppl" in row else "—"
-        lr = f"{row['lr_latent']:g}" if "lr_latent" in row else "—"
+        lr = f"{row['lr_latent']:g}" if row.get("lr_latent") is not None else "—"
         print(f"| {method} | {lr} | {row['steps']} | {row['tokens']} | {row['ppl']:.2f} | {packed} | "
               f"{row['seconds']:.0f} s |")
     if "fp32" in results["methods"]:
