@@ -48,7 +48,7 @@ from rabit_compiler.evaluate import perplexity
 from rabit_compiler.models import load_smollm2
 from rabit_compiler.qat import LinearFits, convert, fit_linears, load_fits, prepare_qat, rtn_, save_fits
 from rabit_compiler.qat.diagnostics import path_diagnostics, sign_changes
-from rabit_compiler.qat.layers import LATENT_INITS
+from rabit_compiler.qat.layers import COUPLED_METHODS, LATENT_INITS
 from rabit_compiler.qat.train import OPTIMIZERS, QATConfig, QATTrainer
 
 QAT_METHODS = ("scales", "frozen", "standard", "rabit")
@@ -192,7 +192,7 @@ def main() -> None:
             convert(student, config)
             row["ppl"] = perplexity(student, heldout)
         else:
-            latent_init = args.latent_init if method in ("rabit", "frozen") else "reanchor"
+            latent_init = args.latent_init if method in COUPLED_METHODS else "reanchor"
             method_fits = cached_fits(model, replace(config, fit="coupled"), calibration) \
                 if latent_init == "weight" else fits
             prepare_qat(student, config, method, fits=method_fits, latent_init=latent_init)

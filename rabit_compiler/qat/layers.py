@@ -74,6 +74,7 @@ logger = logging.getLogger("rabit_compiler")
 
 METHODS = ("rabit", "standard", "frozen", "scales")
 LATENT_INITS = ("reanchor", "weight")
+COUPLED_METHODS = ("rabit", "frozen")  # the methods whose paths derive from one shared latent
 
 
 class ResidualBinaryTrainLinear(torch.nn.Module):
@@ -96,7 +97,7 @@ class ResidualBinaryTrainLinear(torch.nn.Module):
         self.num_paths = fit.num_paths
         self.out_features, self.in_features = fit.signs.shape[1:]
         row_scales, col_scales = fit.row_scales.float(), fit.col_scales.float()
-        if latent is not None and method not in ("rabit", "frozen"):
+        if latent is not None and method not in COUPLED_METHODS:
             raise ValueError(f"a given latent (latent_init='weight') needs method 'rabit' or 'frozen', not {method!r}")
         if method == "standard":
             self.latents = torch.nn.ParameterList(sign_preserving_latents(fit).unbind(0))
@@ -367,7 +368,7 @@ def prepare_qat(model: torch.nn.Module, config: RaBiTConfig | None = None, metho
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if latent_init not in LATENT_INITS:
         raise ValueError(f"latent_init must be one of {LATENT_INITS}, got {latent_init!r}")
-    if latent_init == "weight" and method not in ("rabit", "frozen"):
+    if latent_init == "weight" and method not in COUPLED_METHODS:
         raise ValueError(f"latent_init='weight' applies to the coupled latent of 'rabit' / 'frozen', not {method!r}")
     config = config or RaBiTConfig()
     if fits is None:
