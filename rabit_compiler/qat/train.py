@@ -60,7 +60,7 @@ class QATConfig:
 
     steps: int = 200
     lr_latent: float = 2e-3
-    lr_scale: float = 1e-4
+    lr_scale: float = 1e-3
     warmup_steps: int = 10
     schedule: str = "cosine"
     batch_size: int = 4
