@@ -38,6 +38,7 @@ import logging
 import operator
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -174,26 +175,30 @@ class PackedWeightGuard:
         self._checks[position] = (site, site.weight_input_index, weakref.ref(weight), weight._version)
 
 
-def rabit_backend(
-    gm: fx.GraphModule,
-    example_inputs: Sequence[Any],
-    mode: str | None = None,
-    options: dict[str, Any] | None = None,
-) -> Callable[..., Any]:
-    """``torch.compile(model, backend="rabit", mode=..., options=...)``; see the module docstring."""
-    options = dict(options or {})
-    use_inductor = bool(options.pop("inductor", True))
+@dataclass
+class PreparedGraph:
+    """``gm`` after the passes (packed, fused, lowered for the CPU, GQA-folded), with what the weight guard needs."""
+
+    gm: fx.GraphModule
+    config: RaBiTConfig
+    packed_sites: list[PackedSite]
+    fused: list[list[FusedMember]]
+    holders: dict[str, torch.nn.Module]
+    layouts: list[DerivedLayout]
+
+
+def prepare_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict[str, Any],
+                  lower: bool = True) -> PreparedGraph:
+    """Steps 1-5 of the module docstring on ``gm``, in place (step 4 only if ``lower``). ``options``: the backend's,
+    less the Inductor ones (``inductor``, ``cpp_wrapper``)."""
+    options = dict(options)
     fuse = bool(options.pop("fuse_siblings", True))
     cpu_tables = options.pop("cpu_tables", DEFAULT_TABLE_PRECISION)
-    cpp_wrapper = bool(options.pop("cpp_wrapper", False))
     fold_gqa = bool(options.pop("fold_gqa", True))
     if "head" in options:
         raise ValueError("rabit backend: the LM head is made weight-only by rabit.quantize_ (RaBiTConfig.head); "
                          "the backend's data-free path leaves linears tied to an embedding in full precision")
     config = RaBiTConfig.from_options(options)
-    if mode not in _INDUCTOR_MODES:
-        valid = sorted(m for m in _INDUCTOR_MODES if m)
-        raise ValueError(f"rabit backend: unknown mode {mode!r}; expected one of {valid}")
 
     def quantize(name: str, weight: torch.Tensor, oriented: torch.Tensor) -> PackedResidualBinary:
         # a copy: the graph's buffers are re-packed in place, the cache's entry must not change with them
@@ -212,10 +217,9 @@ def rabit_backend(
     if fused:
         logger.info("rabit: fused %d sibling groups (%s)", len(fused),
                     ", ".join(str(len(group)) for group in fused))
-    compiled: Callable[..., Any] = gm
     holders = dict(gm.named_modules())  # before lowering drops the packed modules the graph no longer reads
     lowered = []
-    if use_inductor:
+    if lower:
         lowered = [call for call in lower_for_cpu(gm, example_inputs, tables=cpu_tables) if call.form is not None]
         if lowered:
             logger.info("rabit: %d packed calls lowered for the CPU (%s)", len(lowered),
@@ -223,14 +227,33 @@ def rabit_backend(
     folded = fold_grouped_query_attention(gm) if fold_gqa else 0
     if folded:
         logger.info("rabit: %d grouped-query decode attention calls read the KV cache unrepeated", folded)
+    layouts = [call.layout for call in lowered if call.layout is not None]
+    return PreparedGraph(gm, config, list(packed_sites), [list(group) for group in fused], holders, layouts)
+
+
+def rabit_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable[..., Any]:
+    """``torch.compile(model, backend="rabit", mode=..., options=...)``; see the module docstring."""
+    options = dict(options or {})
+    use_inductor = bool(options.pop("inductor", True))
+    cpp_wrapper = bool(options.pop("cpp_wrapper", False))
+    if mode not in _INDUCTOR_MODES:
+        valid = sorted(m for m in _INDUCTOR_MODES if m)
+        raise ValueError(f"rabit backend: unknown mode {mode!r}; expected one of {valid}")
+    prepared = prepare_graph(gm, example_inputs, options, lower=use_inductor)
+    compiled: Callable[..., Any] = gm
     if use_inductor:
         try:
             compiled = _inductor(gm, example_inputs, mode, cpp_wrapper)
         except Exception as error:  # Inductor cannot compile this graph: run the packed graph eagerly
             logger.warning("rabit: Inductor failed on this graph, running it eagerly (%s: %s)",
                            type(error).__name__, error)
-    layouts = [call.layout for call in lowered if call.layout is not None]
-    return PackedWeightGuard(compiled, gm, packed_sites, fused, example_inputs, config, PACK_CACHE, holders, layouts)
+    return PackedWeightGuard(compiled, gm, prepared.packed_sites, prepared.fused, example_inputs, prepared.config,
+                             PACK_CACHE, prepared.holders, prepared.layouts)
 
 
 def _expert_weights(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[str]:
