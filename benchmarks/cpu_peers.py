@@ -9,9 +9,10 @@ step on a static KV cache. Variants, one after another in this process:
 - torch fp32 eager and fp32 Inductor (the decode step compiled, ``fullgraph=True``);
 - RaBiT: ``quantize_`` (k = 2, the default fit, 16 x 512 calibration windows of the Lee news corpus) then
   ``backend="rabit"``, once per LM-head scheme (``--heads``: weight-only int8 / int4, or fp) and CPU table precision
-  of the decode kernel (``--tables``: fp32, exact, or int8). ``--rabit-model DIR`` reads a model that
-  ``rabit quantize --method ptq`` saved instead (a 1.5 B model's fit takes most of an hour here), with the head it
-  was saved with; its bf16 tensors (embedding, norms) are cast to fp32, as the fp rows run.
+  of the decode kernel (``--tables``: fp32, exact, or int8), the decode step compiled by ``torch.compile`` and/or
+  ahead of time by :class:`~rabit_compiler.aot_decode.AOTDecoder` (``--decoders``). ``--rabit-model DIR`` reads a
+  model that ``rabit quantize --method ptq`` saved instead (a 1.5 B model's fit takes most of an hour here), with
+  the head it was saved with; its bf16 tensors (embedding, norms) are cast to fp32, as the fp rows run.
 
 Perplexity: held-out ``lee.cor``, 512-token windows, no BOS, the same token ids for every runtime (llama.cpp's from
 its logits of the same windows). Bytes per token: every weight tensor read to decode one token (the input embedding
@@ -45,6 +46,7 @@ import torch
 from transformers import StaticCache
 
 import rabit_compiler as rabit
+from rabit_compiler.aot_decode import AOTDecoder
 from rabit_compiler.cache import cache_dir
 from rabit_compiler.data import lee_corpus, token_windows
 from rabit_compiler.evaluate import perplexity
@@ -206,9 +208,33 @@ def decode_rows(model_name: str, runtime: str, name: str, module: torch.nn.Modul
     return rows
 
 
+def aot_rows(model_name: str, name: str, module: torch.nn.Module, tokenizer, threads: list[int],
+             prompt: torch.Tensor, new_tokens: int, options: dict, ppl: float, note: str) -> list[Row]:
+    """The RaBiT rows with the decode step compiled ahead of time (:class:`rabit_compiler.aot_decode.AOTDecoder`,
+    built once, then timed per thread count: its kernels take torch's thread count at run time)."""
+    started = time.perf_counter()
+    decoder = AOTDecoder(module, max_cache_len=prompt.shape[1] + new_tokens + 3, options=options)
+    note += f"AOTInductor build {time.perf_counter() - started:.0f} s; "
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        logits = decoder.prefill(prompt)
+        steps, tokens = [], []
+        for _ in range(new_tokens + 2):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            started = time.perf_counter()
+            logits = decoder.step(token)
+            steps.append(time.perf_counter() - started)
+        rows.append(Row(model_name, "rabit", name + ", AOTInductor", t, median_tokens_per_s(steps[2:]), ppl,
+                        torch_bytes_per_token(module) / 1e6, note + f"greedy: {tokenizer.decode(tokens[:12])!r}"))
+        print(f"  rabit {rows[-1].variant} threads={t}: {rows[-1].tokens_per_s:.1f} tok/s, PPL {ppl:.2f}", flush=True)
+    return rows
+
+
 def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
                windows: torch.Tensor, calibration: torch.Tensor, heads: list[str], tables: list[str],
-               new_tokens: int, saved: Path | None = None) -> list[Row]:
+               new_tokens: int, decoders: list[str], saved: Path | None = None) -> list[Row]:
     """fp32 eager and Inductor, then RaBiT (k = 2, the default fit) per head scheme and CPU table precision, or the
     model ``saved`` by ``rabit quantize`` per table precision. The perplexity is the eager model's (prefill windows
     take the reference path, not the decode tables: the int8 tables' cost is measured by benchmarks/lut_ppl.py)."""
@@ -221,7 +247,8 @@ def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list
     if saved is not None:
         del model
         gc.collect()
-        return rows + saved_rows(model_name, saved, tokenizer, threads, prompt, windows, heads, tables, new_tokens)
+        return rows + saved_rows(model_name, saved, tokenizer, threads, prompt, windows, heads, tables, new_tokens,
+                                 decoders)
     started = time.perf_counter()
     report = rabit.quantize_(model, rabit.RaBiTConfig(head="fp"), calibration=calibration)  # in place: no 2nd copy
     fit_note = (f"quantize_ {time.perf_counter() - started:.0f} s ({calibration.shape[0]} x 512 calibration), "
@@ -231,15 +258,21 @@ def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list
         quantize_head_(variant, head)
         ppl = perplexity(variant, windows, progress=False)
         for table in tables:
-            rows += decode_rows(model_name, "rabit", f"k=2, head {head}, {table} tables", variant, tokenizer,
-                                threads, prompt, new_tokens, "rabit", {"cpu_tables": table}, ppl, fit_note)
+            name = f"k=2, head {head}, {table} tables"
+            if "compile" in decoders:
+                rows += decode_rows(model_name, "rabit", name, variant, tokenizer, threads, prompt, new_tokens,
+                                    "rabit", {"cpu_tables": table}, ppl, fit_note)
+            if "aot" in decoders:
+                rows += aot_rows(model_name, name, variant, tokenizer, threads, prompt, new_tokens,
+                                 {"cpu_tables": table}, ppl, fit_note)
         del variant
         gc.collect()
     return rows
 
 
 def saved_rows(model_name: str, directory: Path, tokenizer, threads: list[int], prompt: torch.Tensor,
-               windows: torch.Tensor, heads: list[str], tables: list[str], new_tokens: int) -> list[Row]:
+               windows: torch.Tensor, heads: list[str], tables: list[str], new_tokens: int,
+               decoders: list[str]) -> list[Row]:
     """The rows of a model saved by ``rabit quantize --method ptq``: its packed layers as saved, bf16 tensors cast
     to fp32, per head scheme (one other than the saved one is re-quantized from the saved head's values)."""
     saved = rabit.load(directory)
@@ -265,9 +298,13 @@ def saved_rows(model_name: str, directory: Path, tokenizer, threads: list[int], 
             note += f" re-quantized to {head}"
         ppl = perplexity(model, windows, progress=False)
         for table in tables:
-            rows += decode_rows(model_name, "rabit", f"{directory.name}, head {head}, {table} tables", model,
-                                tokenizer, threads, prompt, new_tokens, "rabit", {"cpu_tables": table}, ppl,
-                                note + "; ")
+            name = f"{directory.name}, head {head}, {table} tables"
+            if "compile" in decoders:
+                rows += decode_rows(model_name, "rabit", name, model, tokenizer, threads, prompt, new_tokens,
+                                    "rabit", {"cpu_tables": table}, ppl, note + "; ")
+            if "aot" in decoders:
+                rows += aot_rows(model_name, name, model, tokenizer, threads, prompt, new_tokens,
+                                 {"cpu_tables": table}, ppl, note + "; ")
         del model
         gc.collect()
     return rows
@@ -312,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", nargs="*", default=["int8", "int4"], choices=["int8", "int4", "fp"])
     parser.add_argument("--tables", nargs="*", default=["fp32", "int8"], choices=["fp32", "int8"],
                         help="the CPU decode kernel's tables (backend option cpu_tables)")
+    parser.add_argument("--decoders", nargs="*", default=["compile", "aot"], choices=["compile", "aot"],
+                        help="RaBiT decode step: torch.compile(backend='rabit') and/or AOTDecoder (AOTInductor)")
     parser.add_argument("--calibration-windows", type=int, default=16, help="x 512 tokens for quantize_")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--rabit-model", type=Path, default=None,
@@ -331,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                           args.new_tokens)
     if not args.skip_torch:
         rows += torch_rows(args.model, model, tokenizer, args.threads, prompt, windows, calibration, args.heads,
-                           args.tables, args.new_tokens, args.rabit_model)
+                           args.tables, args.new_tokens, args.decoders, args.rabit_model)
     print()
     print(header)
     print_table(rows)
