@@ -2,6 +2,7 @@
 ``torch.compile`` backend (``backend="rabit"``)."""
 
 from rabit_compiler import kernels as kernels  # registers the rabit:: torch.library ops
+from rabit_compiler.aot_decode import AOTDecoder
 from rabit_compiler.backend import rabit_backend, register
 from rabit_compiler.config import RaBiTConfig
 from rabit_compiler.integrations import transformers as _transformers  # noqa: F401  (registers quant_method "rabit")
@@ -14,6 +15,7 @@ register()
 after_import("peft.tuners.lora.layer", "rabit_compiler.integrations.peft")  # LoRA on RaBiTLinear; peft not imported
 
 __all__ = [
-    "DistributedConfig", "QATConfig", "QATTrainer", "QuantizeReport", "RaBiTConfig", "RaBiTFormatError", "RaBiTLinear",
+    "AOTDecoder", "DistributedConfig", "QATConfig", "QATTrainer", "QuantizeReport", "RaBiTConfig", "RaBiTFormatError",
+    "RaBiTLinear",
     "convert", "distributed_run", "load", "prepare_qat", "quantize_", "rabit_backend", "save",
 ]

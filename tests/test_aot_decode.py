@@ -1,4 +1,4 @@
-"""The AOTInductor decode step (:class:`rabit_compiler.aot_decode.AOTDecoder`): its logits equal the eager packed
+"""The AOTInductor decode step (:class:`rabit_compiler.AOTDecoder`): its logits equal the eager packed
 model's step by step on the same static cache (GQA, q/k/v bias, batch 1 and 2), greedy text equal to ``generate``,
 and clear errors for a full cache, bad tokens and unsupported caches."""
 
@@ -17,7 +17,6 @@ from transformers import (
 )
 
 import rabit_compiler as rabit
-from rabit_compiler.aot_decode import AOTDecoder
 
 VOCAB = 97
 CACHE = 24
@@ -33,8 +32,8 @@ def packed(model_class, config) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def llama_decoder() -> AOTDecoder:
-    return AOTDecoder(packed(LlamaForCausalLM, LlamaConfig(**SHAPES)), max_cache_len=CACHE,
+def llama_decoder() -> rabit.AOTDecoder:
+    return rabit.AOTDecoder(packed(LlamaForCausalLM, LlamaConfig(**SHAPES)), max_cache_len=CACHE,
                       options={"cpu_tables": "fp32"})
 
 
@@ -47,7 +46,7 @@ def eager_steps(model, prompt: torch.Tensor, tokens: list[torch.Tensor]) -> list
         return [model(input_ids=t, past_key_values=cache, use_cache=True).logits for t in tokens]
 
 
-def check_steps_match_eager(decoder: AOTDecoder, batch: int, seed: int) -> None:
+def check_steps_match_eager(decoder: rabit.AOTDecoder, batch: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(2, VOCAB, (batch, 5), generator=generator)
     tokens = [torch.randint(2, VOCAB, (batch, 1), generator=generator) for _ in range(CACHE - 5)]
@@ -74,7 +73,7 @@ def test_greedy_generation_equals_transformers_generate(llama_decoder):
 
 
 def test_qwen2_with_qkv_bias_at_batch_2():
-    decoder = AOTDecoder(packed(Qwen2ForCausalLM, Qwen2Config(**SHAPES)), max_cache_len=CACHE, batch_size=2,
+    decoder = rabit.AOTDecoder(packed(Qwen2ForCausalLM, Qwen2Config(**SHAPES)), max_cache_len=CACHE, batch_size=2,
                          options={"cpu_tables": "fp32"})
     check_steps_match_eager(decoder, batch=2, seed=3)
 
@@ -97,4 +96,4 @@ def test_bad_input_and_a_full_cache_raise(llama_decoder):
 def test_sliding_window_caches_are_refused_before_compiling():
     config = MistralConfig(**SHAPES, sliding_window=8)
     with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer"):
-        AOTDecoder(MistralForCausalLM(config).eval(), max_cache_len=CACHE)
+        rabit.AOTDecoder(MistralForCausalLM(config).eval(), max_cache_len=CACHE)
