@@ -20,14 +20,15 @@ import inspect
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
-from transformers import PreTrainedModel, StaticCache
-from transformers.cache_utils import StaticLayer
 
 from rabit_compiler.backend import prepare_graph
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -70,6 +71,11 @@ class AOTDecoder:
         if max_cache_len < 2 or batch_size < 1:
             raise ValueError(f"AOTDecoder needs max_cache_len >= 2 and batch_size >= 1, got {max_cache_len}, "
                              f"{batch_size}")
+        # transformers is imported here, not with the package: it probes for a "kernels" package while it loads,
+        # which may find this repository's kernels/ folder and import rabit_compiler (see kernels/__init__.py)
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
         self.model = model.eval()
         self.max_cache_len = max_cache_len
         self.batch_size = batch_size

@@ -68,8 +68,19 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from rabit_compiler.generation import generate_from_saved
+    from rabit_compiler.generation import aot_generate_from_saved, generate_from_saved
 
+    if args.aot:
+        if args.device != "cpu" or args.mode or args.no_inductor:
+            raise SystemExit("rabit generate: --aot builds a CPU decode step; it takes no --device other than cpu, "
+                             "--mode or --no-inductor")
+        options = {"cpu_tables": args.cpu_tables}
+        _, timing, build_s = aot_generate_from_saved(args.model, args.prompt, args.max_new_tokens, options=options)
+        print(f"\n{timing.new_tokens} tokens (greedy, static cache, decode step built ahead of time in "
+              f"{build_s:.1f} s, {args.cpu_tables} tables): time to first token {timing.time_to_first_token_s:.3f} "
+              f"s; first decode step {timing.first_decode_step_s * 1e3:.1f} ms; decode "
+              f"{timing.decode_tokens_per_s:.2f} tokens/s")
+        return
     _, timing = generate_from_saved(args.model, args.prompt, args.max_new_tokens, device=args.device,
                                     inductor=not args.no_inductor, mode=args.mode)
     print(f"\n{timing.new_tokens} tokens (greedy, static cache, decode compiled with backend='rabit'): time to first "
@@ -103,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     generate.add_argument("--mode", default=None, help="torch.compile mode (default: reduce-overhead on CUDA)")
     generate.add_argument("--no-inductor", action="store_true", help="run the packed decode graph without Inductor")
+    generate.add_argument("--aot", action="store_true",
+                          help="CPU: the decode step compiled ahead of time (rabit.AOTDecoder; fastest, ~40 s build)")
+    generate.add_argument("--cpu-tables", choices=["fp32", "int8"], default="int8",
+                          help="with --aot: the CPU decode kernel's tables (backend option cpu_tables)")
     from rabit_compiler import workflows
 
     workflows.add_quantize_arguments(commands.add_parser(

@@ -152,3 +152,50 @@ def generate_from_saved(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output, timing = timed_generate(model, input_ids, max_new_tokens, config, streamer=streamer, pad_token_id=pad)
     return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True), timing
+
+
+def aot_generate_from_saved(
+    directory: str,
+    prompt: str,
+    max_new_tokens: int,
+    options: dict[str, Any] | None = None,
+    stream: bool = True,
+) -> tuple[str, DecodeTiming, float]:
+    """As :func:`generate_from_saved` on the CPU, the decode step built by
+    :class:`~rabit_compiler.aot_decode.AOTDecoder` (``options``: the backend's) before the clock starts. Returns the
+    new text, the timings (the first decode step is a plain step: nothing compiles then) and the build's seconds."""
+    from transformers import TextStreamer
+
+    from rabit_compiler.aot_decode import AOTDecoder
+    from rabit_compiler.serialization import load, load_tokenizer
+
+    if max_new_tokens < 3:
+        raise ValueError(f"max_new_tokens must be >= 3 to separate first token, first step and decoding, "
+                         f"got {max_new_tokens}")
+    model = load(directory)
+    tokenizer = load_tokenizer(directory)
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    started = time.perf_counter()
+    decoder = AOTDecoder(model, max_cache_len=input_ids.shape[1] + max_new_tokens, options=options)
+    build_s = time.perf_counter() - started
+    streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
+    started = time.perf_counter()
+    logits = decoder.prefill(input_ids)
+    tokens, arrivals = [], []
+    for n in range(max_new_tokens):
+        tokens.append(logits[:, -1:].argmax(-1))
+        arrivals.append(time.perf_counter())
+        if streamer is not None:
+            streamer.put(tokens[-1][0])
+        if n + 1 < max_new_tokens:
+            logits = decoder.step(tokens[-1])
+    if streamer is not None:
+        streamer.end()
+    timing = DecodeTiming(
+        new_tokens=max_new_tokens,
+        time_to_first_token_s=arrivals[0] - started,
+        first_decode_step_s=arrivals[1] - arrivals[0],
+        decode_tokens_per_s=(len(arrivals) - 2) / (arrivals[-1] - arrivals[1]),
+        total_s=time.perf_counter() - started,
+    )
+    return tokenizer.decode(torch.cat(tokens, dim=1)[0], skip_special_tokens=True), timing, build_s
