@@ -94,6 +94,7 @@ class AOTDecoder:
             program = torch.export.export(step, tuple(self._runtime_tensors(self._probe_tokens())), strict=False)
         self.package_path = torch._inductor.aoti_compile_and_package(program, package_path=package_path)
         self._runner = torch._inductor.aoti_load_package(self.package_path)
+        self._cache_list = self._cache_tensors()  # the same tensors for the decoder's life: reset() zeroes them
         self.reset()
         logger.info("rabit: decode step compiled ahead of time in %.1f s (%s)", time.perf_counter() - started,
                     self.package_path)
@@ -165,7 +166,7 @@ class AOTDecoder:
         if self.position >= self.max_cache_len:
             raise ValueError(f"AOTDecoder.step: the cache is full ({self.max_cache_len} positions); reset() or "
                              "build a decoder with a larger max_cache_len")
-        outputs = self._runner(*self._runtime_tensors(tokens.to(self.device)))
+        outputs = self._runner(tokens.to(self.device), *self._cache_list)
         self.position += 1
         return outputs[self._logits_index]
 
