@@ -11,7 +11,8 @@ compiles it with AOTInductor into one shared library whose wrapper is C++.
 The weights are a snapshot taken at construction: changing the model afterwards does not change the compiled step
 (build a new decoder). The prompt is prefilled by the model itself (uncompiled) into the same cache. Models whose
 static cache is made of plain ``StaticLayer``s (Llama, Qwen2, SmolLM2, Mistral without a sliding window) are
-supported; others raise ``NotImplementedError``.
+supported; others raise ``NotImplementedError``, as does a model on a GPU (there CUDA graphs,
+``mode="reduce-overhead"``, take the Python out of the step).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,6 +81,9 @@ class AOTDecoder:
         self.max_cache_len = max_cache_len
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
+        if self.device.type != "cpu":
+            raise NotImplementedError(f"AOTDecoder builds a CPU decode step (the model is on {self.device}); on a "
+                                      "GPU use torch.compile(backend='rabit', mode='reduce-overhead') (CUDA graphs)")
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         unsupported = sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) is not StaticLayer})
         if unsupported:
@@ -108,7 +112,7 @@ class AOTDecoder:
     def _runtime_tensors(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         return [tokens, *self._cache_tensors()]
 
-    def _forward(self, input_ids: torch.Tensor, forward=None) -> Any:
+    def _forward(self, input_ids: torch.Tensor, forward: Callable[..., Any] | None = None) -> Any:
         return (forward or self.model)(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: self.cache})
 
     def _capture(self, options: dict[str, Any]) -> tuple[_DecodeStep, int]:
