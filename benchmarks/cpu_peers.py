@@ -232,23 +232,24 @@ def aot_rows(model_name: str, name: str, module: torch.nn.Module, tokenizer, thr
     return rows
 
 
-def torch_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
-               windows: torch.Tensor, calibration: torch.Tensor, heads: list[str], tables: list[str],
-               new_tokens: int, decoders: list[str], saved: Path | None = None) -> list[Row]:
-    """fp32 eager and Inductor, then RaBiT (k = 2, the default fit) per head scheme and CPU table precision, or the
-    model ``saved`` by ``rabit quantize`` per table precision. The perplexity is the eager model's (prefill windows
-    take the reference path, not the decode tables: the int8 tables' cost is measured by benchmarks/lut_ppl.py)."""
+def fp_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
+            windows: torch.Tensor, new_tokens: int) -> list[Row]:
+    """fp32 eager and Inductor."""
     rows: list[Row] = []
-    fp_variants = [("fp32 eager", None), ("fp32 Inductor", "inductor")]
     ppl = perplexity(model, windows, progress=False)
-    for name, backend in fp_variants:
+    for name, backend in [("fp32 eager", None), ("fp32 Inductor", "inductor")]:
         rows += decode_rows(model_name, "torch", name, model, tokenizer, threads, prompt, new_tokens, backend, None,
                             ppl, "")
-    if saved is not None:
-        del model
-        gc.collect()
-        return rows + saved_rows(model_name, saved, tokenizer, threads, prompt, windows, heads, tables, new_tokens,
-                                 decoders)
+    return rows
+
+
+def rabit_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
+               windows: torch.Tensor, calibration: torch.Tensor, heads: list[str], tables: list[str],
+               new_tokens: int, decoders: list[str]) -> list[Row]:
+    """RaBiT (k = 2, the default fit; ``model`` is quantized in place) per head scheme, CPU table precision and
+    decoder. The perplexity is the eager model's (prefill windows take the reference path, not the decode tables:
+    the int8 tables' cost is measured by benchmarks/lut_ppl.py)."""
+    rows: list[Row] = []
     started = time.perf_counter()
     report = rabit.quantize_(model, rabit.RaBiTConfig(head="fp"), calibration=calibration)  # in place: no 2nd copy
     fit_note = (f"quantize_ {time.perf_counter() - started:.0f} s ({calibration.shape[0]} x 512 calibration), "
@@ -369,8 +370,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = llama_cpp_rows(args.model, gguf, args.llama_formats, args.threads, prompt[0].tolist(), windows,
                           args.new_tokens)
     if not args.skip_torch:
-        rows += torch_rows(args.model, model, tokenizer, args.threads, prompt, windows, calibration, args.heads,
-                           args.tables, args.new_tokens, args.decoders, args.rabit_model)
+        rows += fp_rows(args.model, model, tokenizer, args.threads, prompt, windows, args.new_tokens)
+        if args.rabit_model is not None:
+            del model  # the fp32 model (6 GB for the 1.5 B one) is not needed by the saved model's rows
+            gc.collect()
+            rows += saved_rows(args.model, args.rabit_model, tokenizer, args.threads, prompt, windows, args.heads,
+                               args.tables, args.new_tokens, args.decoders)
+        else:
+            rows += rabit_rows(args.model, model, tokenizer, args.threads, prompt, windows, calibration, args.heads,
+                               args.tables, args.new_tokens, args.decoders)
     print()
     print(header)
     print_table(rows)
