@@ -177,9 +177,9 @@ class PackedWeightGuard:
 
 @dataclass
 class PreparedGraph:
-    """``gm`` after the passes (packed, fused, lowered for the CPU, GQA-folded), with what the weight guard needs."""
+    """What the passes did to a graph (packed, fused, lowered for the CPU, GQA-folded): what the weight guard
+    needs."""
 
-    gm: fx.GraphModule
     config: RaBiTConfig
     packed_sites: list[PackedSite]
     fused: list[list[FusedMember]]
@@ -228,7 +228,7 @@ def prepare_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     if folded:
         logger.info("rabit: %d grouped-query decode attention calls read the KV cache unrepeated", folded)
     layouts = [call.layout for call in lowered if call.layout is not None]
-    return PreparedGraph(gm, config, list(packed_sites), [list(group) for group in fused], holders, layouts)
+    return PreparedGraph(config, list(packed_sites), [list(group) for group in fused], holders, layouts)
 
 
 def rabit_backend(

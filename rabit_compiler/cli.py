@@ -74,13 +74,16 @@ def _generate(args: argparse.Namespace) -> None:
         if args.device != "cpu" or args.mode or args.no_inductor:
             raise SystemExit("rabit generate: --aot builds a CPU decode step; it takes no --device other than cpu, "
                              "--mode or --no-inductor")
-        options = {"cpu_tables": args.cpu_tables}
-        _, timing, build_s = aot_generate_from_saved(args.model, args.prompt, args.max_new_tokens, options=options)
+        tables = args.cpu_tables or "int8"
+        _, timing, build_s = aot_generate_from_saved(args.model, args.prompt, args.max_new_tokens,
+                                                     options={"cpu_tables": tables})
         print(f"\n{timing.new_tokens} tokens (greedy, static cache, decode step built ahead of time in "
-              f"{build_s:.1f} s, {args.cpu_tables} tables): time to first token {timing.time_to_first_token_s:.3f} "
+              f"{build_s:.1f} s, {tables} tables): time to first token {timing.time_to_first_token_s:.3f} "
               f"s; first decode step {timing.first_decode_step_s * 1e3:.1f} ms; decode "
               f"{timing.decode_tokens_per_s:.2f} tokens/s")
         return
+    if args.cpu_tables is not None:
+        raise SystemExit("rabit generate: --cpu-tables is an option of --aot")
     _, timing = generate_from_saved(args.model, args.prompt, args.max_new_tokens, device=args.device,
                                     inductor=not args.no_inductor, mode=args.mode)
     print(f"\n{timing.new_tokens} tokens (greedy, static cache, decode compiled with backend='rabit'): time to first "
@@ -116,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--no-inductor", action="store_true", help="run the packed decode graph without Inductor")
     generate.add_argument("--aot", action="store_true",
                           help="CPU: the decode step compiled ahead of time (rabit.AOTDecoder; fastest, ~40 s build)")
-    generate.add_argument("--cpu-tables", choices=["fp32", "int8"], default="int8",
-                          help="with --aot: the CPU decode kernel's tables (backend option cpu_tables)")
+    generate.add_argument("--cpu-tables", choices=["fp32", "int8"], default=None,
+                          help="with --aot: the CPU decode kernel's tables (backend option cpu_tables; default int8)")
     from rabit_compiler import workflows
 
     workflows.add_quantize_arguments(commands.add_parser(

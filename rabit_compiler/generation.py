@@ -179,6 +179,8 @@ def aot_generate_from_saved(
     decoder = AOTDecoder(model, max_cache_len=input_ids.shape[1] + max_new_tokens, options=options)
     build_s = time.perf_counter() - started
     streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
+    if streamer is not None:
+        streamer.put(input_ids)  # the prompt, which skip_prompt drops (as generate() hands it over first)
     started = time.perf_counter()
     logits = decoder.prefill(input_ids)
     tokens, arrivals = [], []

@@ -134,3 +134,22 @@ def test_decode_benchmark_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         benchmark.main(["--model", "llama2-7b", "--device", "cpu"])
     assert "only on CUDA" in capsys.readouterr().err
+
+
+def test_cli_generate_aot_streams_the_same_greedy_text(tmp_path, capsys):
+    model = quantized_llama(5)
+    tokenizer = word_tokenizer()
+    rabit.save(model, tmp_path, tokenizer=tokenizer)
+    prompt = "w7 w11 w40 w3"
+    with torch.no_grad():
+        expected = model.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=6,
+                                  min_new_tokens=6, do_sample=False, pad_token_id=1)
+    main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu",
+          "--aot", "--cpu-tables", "fp32"])
+    out = capsys.readouterr().out
+    assert "6 tokens" in out and "built ahead of time" in out and "tokens/s" in out
+    assert tokenizer.decode(expected[0, 4:], skip_special_tokens=True) in out
+    with pytest.raises(SystemExit, match="--aot"):
+        main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--device", "cpu", "--aot", "--no-inductor"])
+    with pytest.raises(SystemExit, match="--aot"):
+        main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--device", "cpu", "--cpu-tables", "fp32"])
