@@ -8,9 +8,10 @@ per kernel). :class:`AOTDecoder` captures the decode step once through Dynamo, r
 exports the result with every weight as a constant and only the tokens and the static KV cache as inputs, and
 compiles it with AOTInductor into one shared library whose wrapper is C++.
 
-The weights are a snapshot taken at construction: changing the model afterwards does not change the compiled step
-(build a new decoder). The prompt is prefilled by the model itself (uncompiled) into the same cache. Models whose
-static cache is made of plain ``StaticLayer``s (Llama, Qwen2, SmolLM2, Mistral without a sliding window) are
+The library reads the model's tensors in place (they are not copied) together with layouts derived from them when
+it is built: do not change the model's weights afterwards (build a new decoder). The prompt is prefilled by the
+model itself (uncompiled) into the same cache. Models whose static cache is made of plain ``StaticLayer``s (Llama,
+Qwen2, SmolLM2, Mistral without a sliding window) are
 supported; others raise ``NotImplementedError``, as does a model on a GPU (there CUDA graphs,
 ``mode="reduce-overhead"``, take the Python out of the step).
 """
@@ -96,8 +97,15 @@ class AOTDecoder:
         self._logits_index = logits_index
         with torch.no_grad():
             program = torch.export.export(step, tuple(self._runtime_tensors(self._probe_tokens())), strict=False)
-        self.package_path = torch._inductor.aoti_compile_and_package(program, package_path=package_path)
+        # the constants stay out of the library: it reads the step's buffers (the model's own tensors and the
+        # layouts derived from them) in place, so the weights are not held twice
+        self.package_path = torch._inductor.aoti_compile_and_package(
+            program, package_path=package_path, inductor_configs={"aot_inductor.package_constants_in_so": False})
         self._runner = torch._inductor.aoti_load_package(self.package_path)
+        buffers = dict(step.named_buffers())
+        self._runner.load_constants({name: buffers[name] for name in self._runner.get_constant_fqns()},
+                                    check_full_update=True, user_managed=True)
+        self._step = step  # user-managed constants: the step's buffers must outlive the runner
         self._cache_list = self._cache_tensors()  # the same tensors for the decoder's life: reset() zeroes them
         self.reset()
         logger.info("rabit: decode step compiled ahead of time in %.1f s (%s)", time.perf_counter() - started,
