@@ -61,8 +61,9 @@ class AOTDecoder:
     """Batch-``batch_size`` greedy decoding of ``model`` on a static KV cache of ``max_cache_len`` positions, the
     decode step compiled by AOTInductor after the ``backend="rabit"`` passes (``options``: the backend's, e.g.
     ``{"cpu_tables": "int8"}``). ``model`` is usually packed by :func:`rabit_compiler.quantize_` first; its fp
-    linears are packed data-free as the backend does. ``package_path``: where the compiled package (``.pt2``) goes
-    (default: a temporary file). Building it takes about a minute for a 135 M model on 2 cores.
+    linears are packed data-free as the backend does. ``package_path``: where the compiled package (``.pt2``: the
+    code, not the weights) goes (default: a temporary file). Building it takes about a minute for a 135 M model on 2
+    cores.
 
     ``prefill(input_ids)`` -> logits of the prompt (``[batch, T, vocab]``), ``step(tokens)`` (``[batch, 1]``) ->
     ``[batch, 1, vocab]``, ``generate(input_ids, max_new_tokens)`` -> the prompt and the greedy tokens.
