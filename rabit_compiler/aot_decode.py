@@ -31,6 +31,7 @@ from rabit_compiler.backend import prepare_graph
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+    from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger("rabit_compiler")
 
@@ -183,15 +184,23 @@ class AOTDecoder:
         self.position += 1
         return outputs[self._logits_index]
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """The prompt followed by ``max_new_tokens`` greedy tokens (``[batch, T + max_new_tokens]``)."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, streamer: BaseStreamer | None = None
+                 ) -> torch.Tensor:
+        """The prompt followed by ``max_new_tokens`` greedy tokens (``[batch, T + max_new_tokens]``); ``streamer``
+        is handed the prompt, then each token as it is chosen, as transformers' ``generate`` does."""
         if input_ids.shape[-1] + max_new_tokens > self.max_cache_len:
             raise ValueError(f"AOTDecoder.generate: {input_ids.shape[-1]} + {max_new_tokens} tokens exceed the "
                              f"cache's {self.max_cache_len} positions")
         tokens = [input_ids.to(self.device)]
+        if streamer is not None:
+            streamer.put(tokens[0])
         logits = self.prefill(input_ids)
         for n in range(max_new_tokens):
             tokens.append(logits[:, -1:].argmax(-1))
+            if streamer is not None:
+                streamer.put(tokens[-1])
             if n + 1 < max_new_tokens:
                 logits = self.step(tokens[-1])
+        if streamer is not None:
+            streamer.end()
         return torch.cat(tokens, dim=1)

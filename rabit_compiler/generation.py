@@ -57,6 +57,19 @@ class TimingStreamer(BaseStreamer):
         if self.inner is not None:
             self.inner.end()
 
+    def timing(self, max_new_tokens: int, started: float, finished: float) -> DecodeTiming:
+        """The timings of a generation that began at ``started`` and returned at ``finished``."""
+        tokens = self.arrivals[1:]  # the first put is the prompt
+        if len(tokens) != max_new_tokens:
+            raise RuntimeError(f"generate streamed {len(tokens)} tokens, expected {max_new_tokens}")
+        return DecodeTiming(
+            new_tokens=max_new_tokens,
+            time_to_first_token_s=tokens[0] - started,
+            first_decode_step_s=tokens[1] - tokens[0],
+            decode_tokens_per_s=(len(tokens) - 2) / (tokens[-1] - tokens[1]),
+            total_s=finished - started,
+        )
+
 
 @dataclass
 class DecodeTiming:
@@ -90,9 +103,7 @@ def timed_generate(
     the timings."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"timed_generate measures batch 1: input_ids must be [1, T], got {tuple(input_ids.shape)}")
-    if max_new_tokens < 3:
-        raise ValueError(f"max_new_tokens must be >= 3 to separate first token, first step and decoding, "
-                         f"got {max_new_tokens}")
+    _check_new_tokens(max_new_tokens)
     timer = TimingStreamer(streamer)
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                   streamer=timer, cache_implementation=cache_implementation, **generate_kwargs)
@@ -109,16 +120,13 @@ def timed_generate(
         output = model.generate(input_ids, **kwargs)
     _synchronize(input_ids.device)
     finished = time.perf_counter()
-    tokens = timer.arrivals[1:]  # the first put is the prompt
-    if len(tokens) != max_new_tokens:
-        raise RuntimeError(f"generate streamed {len(tokens)} tokens, expected {max_new_tokens}")
-    return output, DecodeTiming(
-        new_tokens=max_new_tokens,
-        time_to_first_token_s=tokens[0] - started,
-        first_decode_step_s=tokens[1] - tokens[0],
-        decode_tokens_per_s=(len(tokens) - 2) / (tokens[-1] - tokens[1]),
-        total_s=finished - started,
-    )
+    return output, timer.timing(max_new_tokens, started, finished)
+
+
+def _check_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 3:
+        raise ValueError(f"max_new_tokens must be >= 3 to separate first token, first step and decoding, "
+                         f"got {max_new_tokens}")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -169,35 +177,15 @@ def aot_generate_from_saved(
     from rabit_compiler.aot_decode import AOTDecoder
     from rabit_compiler.serialization import load, load_tokenizer
 
-    if max_new_tokens < 3:
-        raise ValueError(f"max_new_tokens must be >= 3 to separate first token, first step and decoding, "
-                         f"got {max_new_tokens}")
+    _check_new_tokens(max_new_tokens)
     model = load(directory)
     tokenizer = load_tokenizer(directory)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     started = time.perf_counter()
     decoder = AOTDecoder(model, max_cache_len=input_ids.shape[1] + max_new_tokens, options=options)
     build_s = time.perf_counter() - started
-    streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
-    if streamer is not None:
-        streamer.put(input_ids)  # the prompt, which skip_prompt drops (as generate() hands it over first)
+    timer = TimingStreamer(TextStreamer(tokenizer, skip_prompt=True) if stream else None)
     started = time.perf_counter()
-    logits = decoder.prefill(input_ids)
-    tokens, arrivals = [], []
-    for n in range(max_new_tokens):
-        tokens.append(logits[:, -1:].argmax(-1))
-        arrivals.append(time.perf_counter())
-        if streamer is not None:
-            streamer.put(tokens[-1][0])
-        if n + 1 < max_new_tokens:
-            logits = decoder.step(tokens[-1])
-    if streamer is not None:
-        streamer.end()
-    timing = DecodeTiming(
-        new_tokens=max_new_tokens,
-        time_to_first_token_s=arrivals[0] - started,
-        first_decode_step_s=arrivals[1] - arrivals[0],
-        decode_tokens_per_s=(len(arrivals) - 2) / (arrivals[-1] - arrivals[1]),
-        total_s=time.perf_counter() - started,
-    )
-    return tokenizer.decode(torch.cat(tokens, dim=1)[0], skip_special_tokens=True), timing, build_s
+    output = decoder.generate(input_ids, max_new_tokens, streamer=timer)
+    timing = timer.timing(max_new_tokens, started, time.perf_counter())
+    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True), timing, build_s

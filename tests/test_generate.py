@@ -104,19 +104,26 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="</s>")
 
 
-def test_cli_generate_streams_from_a_saved_model(tmp_path, capsys):
-    model = quantized_llama(4)
+def saved_model_continuation(directory: Path, seed: int, prompt: str, new_tokens: int) -> str:
+    """Saves a quantized tiny Llama with the word tokenizer to ``directory``; its eager greedy continuation of
+    ``prompt`` (``prompt`` is 4 words)."""
+    model = quantized_llama(seed)
     tokenizer = word_tokenizer()
-    rabit.save(model, tmp_path, tokenizer=tokenizer)
-    prompt = "w5 w17 w33 w2"
+    rabit.save(model, directory, tokenizer=tokenizer)
     with torch.no_grad():
-        expected = model.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=5,
-                                  min_new_tokens=5, do_sample=False, pad_token_id=1)
+        expected = model.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)
+    return tokenizer.decode(expected[0, 4:], skip_special_tokens=True)
+
+
+def test_cli_generate_streams_from_a_saved_model(tmp_path, capsys):
+    prompt = "w5 w17 w33 w2"
+    expected = saved_model_continuation(tmp_path, 4, prompt, 5)
     main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "5", "--device", "cpu",
           "--no-inductor"])
     out = capsys.readouterr().out
     assert "5 tokens" in out and "tokens/s" in out and "time to first token" in out
-    assert tokenizer.decode(expected[0, 4:], skip_special_tokens=True) in out
+    assert expected in out
 
 
 def test_decode_benchmark_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch):
@@ -137,18 +144,13 @@ def test_decode_benchmark_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch):
 
 
 def test_cli_generate_aot_streams_the_same_greedy_text(tmp_path, capsys):
-    model = quantized_llama(5)
-    tokenizer = word_tokenizer()
-    rabit.save(model, tmp_path, tokenizer=tokenizer)
     prompt = "w7 w11 w40 w3"
-    with torch.no_grad():
-        expected = model.generate(tokenizer(prompt, return_tensors="pt")["input_ids"], max_new_tokens=6,
-                                  min_new_tokens=6, do_sample=False, pad_token_id=1)
+    expected = saved_model_continuation(tmp_path, 5, prompt, 6)
     main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu",
           "--aot", "--cpu-tables", "fp32"])
     out = capsys.readouterr().out
     assert "6 tokens" in out and "built ahead of time" in out and "tokens/s" in out
-    assert tokenizer.decode(expected[0, 4:], skip_special_tokens=True) in out
+    assert expected in out
     with pytest.raises(SystemExit, match="--aot"):
         main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--device", "cpu", "--aot", "--no-inductor"])
     with pytest.raises(SystemExit, match="--aot"):
