@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -504,6 +505,24 @@ extern "C" int rabit_lut_isa() { return active_isa(); }
 extern "C" int rabit_lut_set_isa(int isa) {
   if (isa >= kPortable && isa <= best_isa()) g_isa.store(isa, std::memory_order_relaxed);
   return active_isa();
+}
+
+// rabit::lut_gemv as an AOTInductor C shim (aot_inductor.custom_ops_to_c_shims): a compiled decode step calls it
+// directly, not through the proxy executor's boxed dispatcher call. Arguments in the C-shim convention: tensors as
+// handles, Tensor? as a pointer to a handle (null: None), int[] as pointer and length, bool as int32.
+extern "C" AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_lut_gemv(
+    AtenTensorHandle x, AtenTensorHandle tiled_signs, AtenTensorHandle tiled_row_scale, AtenTensorHandle col_scale,
+    AtenTensorHandle* tiled_bias, const int64_t* out_features, int64_t segments, int64_t in_features,
+    int32_t int8_tables, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+    const std::optional<at::Tensor> bias =
+        tiled_bias == nullptr ? std::nullopt : std::optional<at::Tensor>(*tensor_handle_to_tensor_pointer(*tiled_bias));
+    *ret0 = torch::aot_inductor::new_tensor_handle(lut_gemv(
+        *tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(tiled_signs),
+        *tensor_handle_to_tensor_pointer(tiled_row_scale), *tensor_handle_to_tensor_pointer(col_scale), bias,
+        at::IntArrayRef(out_features, segments), in_features, int8_tables != 0));
+  });
 }
 
 TORCH_LIBRARY_FRAGMENT(rabit, m) {

@@ -31,18 +31,14 @@ tensor changes).
 
 ISA paths, picked at run time from the CPU: ``"avx512"`` (AVX-512 F/BW with VBMI and VNNI), ``"avx2"`` (AVX2 and FMA;
 ``vpshufb``, one 16-entry table per 128-bit lane) and ``"portable"`` (plain C++); :func:`use_isa` forces a slower
-one (tests). The library is built on first use by Inductor's own C++ toolchain (``torch._inductor.cpp_builder``: the
-compiler, flags and OpenMP that ``torch.compile`` uses on the CPU), cached in Inductor's cache directory under a
-hash of the source, torch version and flags, and loaded with ``torch.ops.load_library``: the op is a real
-dispatcher operator with no Python in its call path. A failed build raises (never a silent fallback).
+one (tests). The library is built on first use by Inductor's own C++ toolchain and loaded as a real dispatcher
+operator with no Python in its call path (:mod:`.cpp_build`); a failed build raises (never a silent fallback).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import logging
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,11 +46,13 @@ from pathlib import Path
 
 import torch
 
+from . import cpp_build
 from .packing import segment_starts
 
-logger = logging.getLogger("rabit_compiler")
-
 OP_NAME = "rabit::lut_gemv"
+# the op's AOTInductor C shim (cpu_lut.cpp), for aot_inductor.custom_ops_to_c_shims
+C_SHIM = ("AOTITorchError aoti_torch_cpu_lut_gemv(AtenTensorHandle, AtenTensorHandle, AtenTensorHandle, "
+          "AtenTensorHandle, AtenTensorHandle*, const int64_t*, int64_t, int64_t, int32_t, AtenTensorHandle*)")
 TILE_ROWS = 16
 # Largest number of rows (prod of x.shape[:-1]) for which the op's CPU kernel and the backend use this kernel; more
 # rows unpack the weight once and use the matmul library (``"dense"`` in :mod:`.cpu_lowering`). Measured (1 thread,
@@ -68,43 +66,13 @@ _SOURCE = Path(__file__).with_name("cpu_lut.cpp")
 _LIBRARY: ctypes.CDLL | None = None
 
 
-def _build() -> Path:
-    """Build (or find in the cache) the shared library; its path."""
-    from torch._inductor.cpp_builder import CppBuilder, CppTorchOptions, get_cpp_compiler
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-    from torch.utils._filelock import FileLock
-
-    source = _SOURCE.read_text()
-    options = CppTorchOptions(vec_isa=pick_vec_isa(), include_pytorch=True, shared=True)
-    flags = [torch.__version__, get_cpp_compiler(), *options.get_cflags(), *options.get_definitions(),
-             *options.get_ldflags(), *options.get_libraries()]
-    key = hashlib.sha256("\n".join([source, *flags]).encode()).hexdigest()[:20]
-    directory = Path(cache_dir()) / "rabit_lut" / key
-    library = directory / "rabit_lut.so"
-    directory.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory / "build.lock"), timeout=600):
-        if not library.exists():
-            (directory / "rabit_lut.cpp").write_text(source)
-            logger.info("rabit: building the CPU LUT kernel into %s", directory)
-            try:
-                CppBuilder("rabit_lut_build", [str(directory / "rabit_lut.cpp")], options, str(directory)).build()
-            except Exception as error:
-                raise RuntimeError(
-                    "rabit: building the CPU LUT kernel (kernels/cpu_lut.cpp) with Inductor's C++ toolchain failed; "
-                    f"it needs the C++ compiler that torch.compile uses on the CPU: {error}") from error
-            (directory / "rabit_lut_build.so").rename(library)
-    return library
-
-
 def load_library() -> ctypes.CDLL:
-    """Build if needed and load ``rabit::lut_gemv`` (idempotent); the library, for the ISA controls."""
+    """Build if needed and load ``rabit::lut_gemv`` (idempotent, :mod:`.cpp_build`); the library, for the ISA
+    controls."""
     global _LIBRARY
     if _LIBRARY is None:
-        path = _build()
-        torch.ops.load_library(str(path))
+        _LIBRARY = cpp_build.load_library(_SOURCE, "CPU LUT kernel")
         torch.library.register_fake(OP_NAME, _lut_gemv_fake)
-        _LIBRARY = ctypes.CDLL(str(path))
     return _LIBRARY
 
 

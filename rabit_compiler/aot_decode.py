@@ -28,12 +28,22 @@ import torch
 import torch.fx as fx
 
 from rabit_compiler.backend import prepare_graph
+from rabit_compiler.kernels import cpu_attention, cpu_lut
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
     from transformers.generation.streamers import BaseStreamer
 
 logger = logging.getLogger("rabit_compiler")
+
+
+def _c_shims() -> dict[torch._ops.OpOverload, list[str]]:
+    """The C shims of the CPU kernels' operators (:mod:`rabit_compiler.kernels.cpp_build`): the compiled step calls
+    them directly instead of through the proxy executor's boxed call."""
+    cpu_lut.load_library()
+    cpu_attention.load_library()
+    return {torch.ops.rabit.lut_gemv.default: [cpu_lut.C_SHIM],
+            torch.ops.rabit.decode_attention.default: [cpu_attention.C_SHIM]}
 
 
 class _DecodeStep(torch.nn.Module):
@@ -102,7 +112,9 @@ class AOTDecoder:
         # the constants stay out of the library: it reads the step's buffers (the model's own tensors and the
         # layouts derived from them) in place, so the weights are not held twice
         self.package_path = torch._inductor.aoti_compile_and_package(
-            program, package_path=package_path, inductor_configs={"aot_inductor.package_constants_in_so": False})
+            program, package_path=package_path, inductor_configs={
+                "aot_inductor.package_constants_in_so": False,
+                "aot_inductor.custom_ops_to_c_shims": _c_shims()})
         self._runner = torch._inductor.aoti_load_package(self.package_path)
         buffers = dict(step.named_buffers())
         self._runner.load_constants({name: buffers[name] for name in self._runner.get_constant_fqns()},

@@ -28,8 +28,9 @@ Options (``torch.compile(..., options={...})``): every :class:`RaBiTConfig` fiel
 (the CPU kernel's tables: ``"fp32"`` or ``"int8"``, default :data:`~rabit_compiler.kernels.cpu_lut.
 DEFAULT_TABLE_PRECISION`; ``"int8"`` also gives a weight-only LM head int8 activations), ``cpp_wrapper``
 (Inductor's C++ wrapper: the graph calls its kernels and the ``rabit::`` operators from C++ instead of Python;
-default False) and ``fold_gqa`` (default True: a grouped-query model's decode attention reads its KV cache without
-repeating it, :mod:`rabit_compiler.passes.attention`).
+default False), ``fold_gqa`` (default True: a grouped-query model's decode attention reads its KV cache without
+repeating it) and ``cpu_attention`` (default True: CPU decode attention by ``rabit::decode_attention``, which reads
+only the cache positions the mask lets through; both in :mod:`rabit_compiler.passes.attention`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from rabit_compiler.experts import is_matrix_stack
 from rabit_compiler.kernels import PackedResidualBinary
 from rabit_compiler.kernels.cpu_lut import DEFAULT_TABLE_PRECISION
 from rabit_compiler.passes import GraphWeights, PackedSite, freeze_and_pack, lower_for_cpu
-from rabit_compiler.passes.attention import fold_grouped_query_attention
+from rabit_compiler.passes.attention import fold_grouped_query_attention, lower_decode_attention
 from rabit_compiler.passes.fuse import FUSED_TENSOR_ARGS, FusedMember, fuse_siblings
 from rabit_compiler.passes.graph_edit import oriented_weight
 from rabit_compiler.passes.lower import DerivedLayout
@@ -195,6 +196,7 @@ def prepare_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     fuse = bool(options.pop("fuse_siblings", True))
     cpu_tables = options.pop("cpu_tables", DEFAULT_TABLE_PRECISION)
     fold_gqa = bool(options.pop("fold_gqa", True))
+    cpu_attention = bool(options.pop("cpu_attention", True))
     if "head" in options:
         raise ValueError("rabit backend: the LM head is made weight-only by rabit.quantize_ (RaBiTConfig.head); "
                          "the backend's data-free path leaves linears tied to an embedding in full precision")
@@ -227,6 +229,9 @@ def prepare_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     folded = fold_grouped_query_attention(gm) if fold_gqa else 0
     if folded:
         logger.info("rabit: %d grouped-query decode attention calls read the KV cache unrepeated", folded)
+    attention = lower_decode_attention(gm) if cpu_attention else 0
+    if attention:
+        logger.info("rabit: %d CPU decode attention calls by rabit::decode_attention", attention)
     layouts = [call.layout for call in lowered if call.layout is not None]
     return PreparedGraph(config, list(packed_sites), [list(group) for group in fused], holders, layouts)
 

@@ -145,4 +145,5 @@ class RaBiTConfig:
         return self.fit != "svid" and self.objective == "hessian"
 
 
-BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings", "cpu_tables", "cpp_wrapper", "fold_gqa"}
+BACKEND_ONLY_OPTIONS = {"inductor", "fuse_siblings", "cpu_tables", "cpp_wrapper", "fold_gqa",
+                        "cpu_attention"}

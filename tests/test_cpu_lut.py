@@ -261,4 +261,4 @@ def test_a_failed_build_raises_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(cache_dir_utils, "cache_dir", lambda: str(tmp_path))
     monkeypatch.setattr(cpp_builder.CppBuilder, "build", fail)
     with pytest.raises(RuntimeError, match="building the CPU LUT kernel.*g\\+\\+: not found"):
-        cpu_lut._build()
+        cpu_lut.cpp_build.build_library(cpu_lut._SOURCE, "CPU LUT kernel")
