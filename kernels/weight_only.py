@@ -2,8 +2,9 @@
 
 Format (``bits`` 8 or 4, ``group_size`` a multiple of 32, or None for one group per row):
 
-- ``scale [N, G]`` (``G = ceil(K / group_size)``, 1 when None): ``s[n, g] = max |W[n, group g]| / qmax``,
-  symmetric, ``qmax`` = 127 (int8) or 7 (int4); an all-zero group has ``s = 0`` and ``q = 0``.
+- ``scale [N, G]`` (``G = ceil(K / group_size)``, 1 when None), symmetric: int8 ``s[n, g] = max |W[n, group g]|
+  / 127``; int4 ``s[n, g] = c * max |W[n, group g]| / 7`` with the clip ``c`` in [0.55, 1] of least squared error
+  (:func:`quantize_weight_only`); an all-zero group has ``s = 0`` and ``q = 0``.
 - bits 8: ``qweight`` int8 ``[N, K]``, ``q = round(W / s)`` in [-127, 127].
 - bits 4: ``qweight`` uint8 ``[N, 16 * ceil(K / 32)]``: for each block of 32 columns, byte ``j`` (0..15) holds
   ``q[32 b + j] + 8`` in its low nibble and ``q[32 b + 16 + j] + 8`` in its high nibble, q in [-7, 7]; columns
@@ -36,6 +37,8 @@ BLOCK = 32
 QMAX = {8: 127, 4: 7}
 ISAS = ("avx512", "avx2", "portable")
 KERNEL_MAX_ROWS = 4
+# int4 scales tried per group, as fractions of max |w| / 7 (quantize_weight_only keeps the least squared error)
+CLIP_FRACTIONS = tuple(1.0 - 0.03 * i for i in range(16))
 
 
 @dataclass
@@ -70,18 +73,47 @@ def _group_view(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return torch.nn.functional.pad(weight, (0, groups * size - k)).view(n, groups, size)
 
 
+def _round(grouped: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``q = clamp(round(w / s), -qmax, qmax)`` per group (0 where ``s == 0``), as floats."""
+    divisor = scale.float().unsqueeze(-1)
+    q = torch.where(divisor > 0, torch.round(grouped / divisor.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    return q.clamp(-QMAX[bits], QMAX[bits])
+
+
+def _clipped_scales(grouped: torch.Tensor, bits: int, scale_dtype: torch.dtype, rows: int = 4096) -> torch.Tensor:
+    """Per group, of the scales ``c * max|w| / qmax`` for ``c`` in :data:`CLIP_FRACTIONS` (rounded to
+    ``scale_dtype``), the one with the least squared error ``sum (q s - w)^2``; ``rows`` rows at a time."""
+    scales = []
+    for part in grouped.split(rows):
+        top = part.abs().amax(dim=-1) / QMAX[bits]
+        best, least = None, None
+        for fraction in CLIP_FRACTIONS:
+            scale = (top * fraction).to(scale_dtype)
+            error = (_round(part, scale, bits) * scale.float().unsqueeze(-1) - part).square().sum(-1)
+            better = error < least if least is not None else torch.ones_like(error, dtype=torch.bool)
+            best = scale if best is None else torch.where(better, scale, best)
+            least = error if least is None else torch.where(better, error, least)
+        scales.append(best)
+    return torch.cat(scales)
+
+
 def quantize_weight_only(weight: torch.Tensor, bits: int, group_size: int | None,
                          scale_dtype: torch.dtype = torch.float16) -> WeightOnlyQuantized:
-    """Symmetric round-to-nearest of ``weight [N, K]`` (finite) to the format above; scales in ``scale_dtype``."""
+    """Symmetric round-to-nearest of ``weight [N, K]`` (finite) to the format above; scales in ``scale_dtype``.
+
+    int8: ``s = max |w| / 127`` per group. int4 (15 levels): the clipped scale of least squared error per group
+    (:func:`_clipped_scales`; the largest weights may round to ``+-7 s`` rather than their own level, which the
+    other weights of the group gain)."""
     check_scheme(bits, group_size)
     if weight.dim() != 2 or weight.numel() == 0 or not torch.isfinite(weight).all():
         raise ValueError(f"expected a finite, non-empty 2-D weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
     grouped = _group_view(weight.detach().float(), group_size)
-    scale = (grouped.abs().amax(dim=-1) / QMAX[bits]).to(scale_dtype)
-    divisor = scale.float().unsqueeze(-1)
-    q = torch.where(divisor > 0, torch.round(grouped / divisor.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
-    q = q.clamp(-QMAX[bits], QMAX[bits]).reshape(n, -1)[:, :k].to(torch.int8)
+    if bits == 4:
+        scale = _clipped_scales(grouped, bits, scale_dtype)
+    else:
+        scale = (grouped.abs().amax(dim=-1) / QMAX[bits]).to(scale_dtype)
+    q = _round(grouped, scale, bits).reshape(n, -1)[:, :k].to(torch.int8)
     qweight = q if bits == 8 else pack_int4(q)
     return WeightOnlyQuantized(qweight.contiguous(), scale.contiguous(), bits, group_size, k)
 

@@ -47,9 +47,19 @@ def test_rounding_error_is_at_most_half_a_step(scheme, n, k, seed):
     group = k if group_size is None else group_size
     step = quantized.scale.double().repeat_interleave(group, dim=1)[:, :k]
     assert torch.isfinite(restored).all()
-    # round to nearest: |W - q s| <= s / 2 (plus the fp32 division's rounding)
-    assert ((restored - weight.double()).abs() <= step * (0.5 + 1e-6)).all()
+    # round to nearest: |W - q s| <= s / 2 (plus the fp32 division's rounding) where W is within the levels
+    inside = weight.double().abs() <= step * QMAX[bits] * (1 + 1e-6)
+    assert ((restored - weight.double()).abs() <= step * (0.5 + 1e-6))[inside].all()
     assert (restored.abs() <= step * QMAX[bits] * (1 + 1e-6)).all()
+    if bits == 8:
+        assert inside.all()  # s = max |w| / 127: nothing clipped
+    else:  # per group, the squared error is at most that of s = max |w| / 7 (c = 1 is among the clips tried)
+        pad = (0, -k % group)
+        grouped = torch.nn.functional.pad(weight, pad).unflatten(1, (-1, group))
+        plain = grouped.abs().amax(-1, keepdim=True) / QMAX[bits]
+        unclipped = (torch.round(grouped / plain.clamp_min(1e-30)).clamp(-7, 7) * plain - grouped).square().sum(-1)
+        error = torch.nn.functional.pad(restored - weight.double(), pad).square().unflatten(1, (-1, group)).sum(-1)
+        assert (error <= unclipped.double() * (1 + 1e-5) + 1e-12).all()
 
 
 @given(scheme=SCHEMES, n=st.integers(1, 70), k=st.integers(1, 200), rows=st.integers(1, 4),
