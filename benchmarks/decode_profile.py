@@ -17,7 +17,8 @@ Hugging Face ``generate`` with a static KV cache compiles the decode step once (
 * ``head``: ``rabit::weight_only_linear``, or a matmul whose output has ``vocab`` columns (the lm_head);
   ``fp32 linears``: any other matmul;
 * ``norms``: Inductor kernels computing ``rsqrt`` (RMSNorm, with the residual add Inductor fused into it);
-* ``attention``: attention, rotary embedding and KV-cache kernels (sdpa, softmax, bmm, index_copy, cat, neg, ...);
+* ``attention``: attention (``rabit::decode_attention``, sdpa), rotary embedding and KV-cache kernels (softmax,
+  bmm, index_copy, cat, neg, ...);
 * ``other kernels``: the remaining kernels of the compiled graph (SwiGLU, embedding, copies);
 * ``eager ops``: ops outside the compiled graph (``generate``'s own token selection and bookkeeping);
 
@@ -53,6 +54,8 @@ def event_class(event, vocab: int, compiled: bool) -> str | None:
     name = event.name
     if name.startswith("rabit::weight_only"):
         return "head"
+    if name.startswith("rabit::decode_attention"):
+        return "attention"
     if name.startswith("rabit::") or ("cpp_fused" in name and "bitwise_and" in name):
         return "packed linears"
     if name in _MATMULS:

@@ -28,6 +28,7 @@ device, take the reference (dequantize once, one matmul).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,8 +179,10 @@ _CPP_SCALE_TYPES = {torch.float32: "float", torch.float16: "at::Half", torch.bfl
 _BUILT: dict[tuple[int, str, torch.dtype], object] = {}
 
 
+@functools.cache
 def native_isa() -> str:
-    """The widest path this build can take: what Inductor's C++ toolchain compiles for on this CPU."""
+    """The widest path this build can take: what Inductor's C++ toolchain compiles for on this CPU (asked once: the
+    question costs more than a decode call of the head)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     name = str(pick_vec_isa())

@@ -6,7 +6,8 @@ KV cache's tensors: hundreds for a small LLM), AOTAutograd's wrapper and Inducto
 per kernel). :class:`AOTDecoder` captures the decode step once through Dynamo, runs the backend's passes on it
 (pack, fuse siblings, lower for the CPU, fold grouped-query attention: :func:`~rabit_compiler.backend.prepare_graph`),
 exports the result with every weight as a constant and only the tokens and the static KV cache as inputs, and
-compiles it with AOTInductor into one shared library whose wrapper is C++.
+compiles it with AOTInductor into one shared library whose wrapper is C++; it calls the CPU kernels' operators
+(``rabit::lut_gemv``, ``rabit::decode_attention``) through their C shims, not through a boxed dispatcher call.
 
 The library reads the model's tensors in place (they are not copied) together with layouts derived from them when
 it is built: do not change the model's weights afterwards (build a new decoder). The prompt is prefilled by the
