@@ -1,13 +1,16 @@
-"""A decode step compiled ahead of time with AOTInductor: the ``backend="rabit"`` graph, called with no Python
-between the token and the logits.
+"""A decode step compiled ahead of time with AOTInductor: the ``backend="rabit"`` graph, called without Dynamo,
+AOTAutograd or Inductor's Python wrapper between the token and the logits.
 
 A ``torch.compile``d decode step pays, on every call, Dynamo's guards over each graph input (every parameter, the
 KV cache's tensors: hundreds for a small LLM), AOTAutograd's wrapper and Inductor's Python wrapper (one Python call
 per kernel). :class:`AOTDecoder` captures the decode step once through Dynamo, runs the backend's passes on it
-(pack, fuse siblings, lower for the CPU, fold grouped-query attention: :func:`~rabit_compiler.backend.prepare_graph`),
+(pack, fuse siblings, lower for the CPU, fold grouped-query attention, CPU decode attention:
+:func:`~rabit_compiler.backend.prepare_graph`),
 exports the result with every weight as a constant and only the tokens and the static KV cache as inputs, and
 compiles it with AOTInductor into one shared library whose wrapper is C++; it calls the CPU kernels' operators
-(``rabit::lut_gemv``, ``rabit::decode_attention``) through their C shims, not through a boxed dispatcher call.
+(``rabit::lut_gemv``, ``rabit::decode_attention``) through their C shims, not through a boxed dispatcher call. A
+weight-only LM head (``rabit::weight_only_linear``) is still a Python custom op: the library calls back into it
+once per step.
 
 The library reads the model's tensors in place (they are not copied) together with layouts derived from them when
 it is built: do not change the model's weights afterwards (build a new decoder). The prompt is prefilled by the

@@ -13,7 +13,9 @@ real tensors. The backend:
    lookup-table C++ operator ``rabit::lut_gemv`` (:mod:`rabit_compiler.kernels.cpu_lut`), for prefill to unpack +
    matmul aten ops that Inductor fuses; on CUDA the ops stay ``triton_op`` calls that Inductor traces into the Triton
    kernels;
-5. *fold*s grouped-query decode attention onto the unrepeated KV cache (:mod:`rabit_compiler.passes.attention`);
+5. *fold*s grouped-query decode attention onto the unrepeated KV cache and, on the CPU, computes decode attention
+   with ``rabit::decode_attention``, which reads only the cache positions the mask lets through
+   (:mod:`rabit_compiler.passes.attention`);
 6. hands the graph to Inductor (``options={"inductor": False}`` runs the packed graph eagerly instead, on
    the op's own CPU kernel); ``mode`` is passed on (``"reduce-overhead"``: CUDA graphs on a GPU).
 
