@@ -6,8 +6,8 @@ the source, torch version and flags, and loaded with ``torch.ops.load_library``:
 real dispatcher operators with no Python in their call path. A failed build raises (never a silent fallback).
 
 Each library also exports its operators as AOTInductor C shims (``aoti_torch_cpu_<op>``), so that a decode step
-compiled ahead of time calls them directly (:func:`c_shim_configs`); the library is loaded with ``RTLD_GLOBAL`` so
-that the step's shared library finds those symbols when it is loaded.
+compiled ahead of time calls them directly (declared by :mod:`rabit_compiler.aot_decode`); the library is loaded
+with ``RTLD_GLOBAL`` so that the step's shared library finds those symbols when it is loaded.
 """
 
 from __future__ import annotations

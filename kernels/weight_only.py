@@ -83,18 +83,15 @@ def _round(grouped: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tenso
 
 def _clipped_scales(grouped: torch.Tensor, bits: int, scale_dtype: torch.dtype, rows: int = 4096) -> torch.Tensor:
     """Per group, of the scales ``c * max|w| / qmax`` for ``c`` in :data:`CLIP_FRACTIONS` (rounded to
-    ``scale_dtype``), the one with the least squared error ``sum (q s - w)^2``; ``rows`` rows at a time."""
+    ``scale_dtype``), the one with the least squared error ``sum (q s - w)^2`` (the first, i.e. the largest ``c``, on
+    a tie); ``rows`` rows at a time."""
     scales = []
     for part in grouped.split(rows):
         top = part.abs().amax(dim=-1) / QMAX[bits]
-        best, least = None, None
-        for fraction in CLIP_FRACTIONS:
-            scale = (top * fraction).to(scale_dtype)
-            error = (_round(part, scale, bits) * scale.float().unsqueeze(-1) - part).square().sum(-1)
-            better = error < least if least is not None else torch.ones_like(error, dtype=torch.bool)
-            best = scale if best is None else torch.where(better, scale, best)
-            least = error if least is None else torch.where(better, error, least)
-        scales.append(best)
+        candidates = torch.stack([(top * fraction).to(scale_dtype) for fraction in CLIP_FRACTIONS])
+        errors = torch.stack([(_round(part, scale, bits) * scale.float().unsqueeze(-1) - part).square().sum(-1)
+                              for scale in candidates])
+        scales.append(candidates.gather(0, errors.argmin(0, keepdim=True)).squeeze(0))
     return torch.cat(scales)
 
 
