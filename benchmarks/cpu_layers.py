@@ -26,7 +26,10 @@ Variants, measured in the same run with ``torch.set_num_threads(--threads)``:
   Inductor: what ``backend="rabit"`` runs;
 * ``lut-fp32`` / ``lut-int8``: ``lower_for_cpu`` forced to the kernel form with fp32 / int8 tables, then Inductor;
 * ``bitwise`` / ``dense``: ``lower_for_cpu`` forced to that form, then Inductor
-  (:mod:`rabit_compiler.kernels.cpu_lowering`; ``bitwise`` is Inductor's own matmul-free loop nest).
+  (:mod:`rabit_compiler.kernels.cpu_lowering`; ``bitwise`` is Inductor's own matmul-free loop nest);
+* ``aot-int8``: ``lower_for_cpu`` (default form, int8 tables), then AOTInductor as :class:`rabit_compiler.AOTDecoder`
+  builds a decode step: the weights as the library's constants (read in place), ``x`` its one input, no Dynamo
+  guards or Python wrapper per call (the kernel calls through the C shims).
 
 Weight bytes per layer: fp32 ``4 N K``; packed ``4 k N ceil(K/32) + 2 k (N + S K)`` (fp16 scales, S sibling
 members). GB/s is those bytes over the time (packed: of the ``backend`` column). The two "fused" shapes
@@ -51,6 +54,8 @@ from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
 from tqdm import tqdm
 
+from rabit_compiler.aot_decode import _c_shims, _DecodeStep
+
 SMOLLM2_SHAPES = {  # (out_features of each member, K); several members: siblings sharing x, fused into one call
     "q/o 576x576": ((576,), 576),
     "k/v 192x576": ((192,), 576),
@@ -61,9 +66,10 @@ SMOLLM2_SHAPES = {  # (out_features of each member, K); several members: sibling
 }
 
 
-VARIANTS = ("fp32-eager", "fp32-inductor", "op", "lut-fp32", "lut-int8", "bitwise", "dense", "backend")
+VARIANTS = ("fp32-eager", "fp32-inductor", "op", "lut-fp32", "lut-int8", "bitwise", "dense", "aot-int8", "backend")
 LOWERED = {"lut-fp32": ("kernel", "fp32"), "lut-int8": ("kernel", "int8"), "bitwise": ("bitwise", None),
-           "dense": ("dense", None), "backend": (None, None)}  # variant: (forced form, tables; None: the default)
+           "dense": ("dense", None), "aot-int8": (None, "int8"),
+           "backend": (None, None)}  # variant: (forced form, tables; None: the default)
 
 
 class FloatLayers(torch.nn.Module):
@@ -122,12 +128,37 @@ def lowering_backend(form: str | None, tables: str = DEFAULT_TABLE_PRECISION) ->
     return backend
 
 
-def build_variant(label: str, dense_model: FloatLayers, packed_model: PackedLayers) -> Callable:
+def aot_compiled(packed_model: PackedLayers, x: torch.Tensor) -> Callable:
+    """``packed_model`` lowered for the CPU (int8 tables) and compiled by AOTInductor, as ``AOTDecoder`` does."""
+    captured: dict = {}
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        lower_for_cpu(gm, example_inputs, tables="int8")
+        captured["gm"], captured["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    torch.compile(packed_model, backend=capture, fullgraph=True, dynamic=False)(x)
+    inputs = captured["inputs"]
+    step = _DecodeStep(captured["gm"], inputs, {next(i for i, t in enumerate(inputs) if t is x): 0})
+    with torch.no_grad():
+        program = torch.export.export(step, (x,), strict=False)
+    path = torch._inductor.aoti_compile_and_package(program, inductor_configs={
+        "aot_inductor.package_constants_in_so": False, "aot_inductor.custom_ops_to_c_shims": _c_shims()})
+    runner = torch._inductor.aoti_load_package(path)
+    buffers = dict(step.named_buffers())
+    runner.load_constants({name: buffers[name] for name in runner.get_constant_fqns()}, check_full_update=True,
+                          user_managed=True)
+    return lambda x, runner=runner, step=step: runner(x)
+
+
+def build_variant(label: str, dense_model: FloatLayers, packed_model: PackedLayers, x: torch.Tensor) -> Callable:
     """The callable timed as column ``label`` (see the module docstring)."""
     if label in ("fp32-eager", "op"):
         return dense_model if label == "fp32-eager" else packed_model
     if label == "fp32-inductor":
         return torch.compile(dense_model, dynamic=False)
+    if label == "aot-int8":
+        return aot_compiled(packed_model, x)
     form, tables = LOWERED[label]
     return torch.compile(packed_model, backend=lowering_backend(form, tables or DEFAULT_TABLE_PRECISION),
                          dynamic=False)
@@ -208,12 +239,12 @@ def main() -> None:
         x = torch.randn(rows, in_features)
         dense_model = FloatLayers(args.layers, members, in_features)
         packed_model = PackedLayers(args.layers, members, in_features, args.paths)
-        variants = {label: build_variant(label, dense_model, packed_model) for label in columns}
+        variants = {label: build_variant(label, dense_model, packed_model, x) for label in columns}
         expected = packed_model(x)
         for variant in (v for v in columns if v in LOWERED):
             got = variants[variant](x)
             error = max((g - e).abs().max().item() / e.abs().max().item() for g, e in zip(got, expected, strict=True))
-            if error > (2e-2 if variant == "lut-int8" else 1e-4):  # int8 tables: one scale step per 32 columns
+            if error > (2e-2 if "int8" in variant else 1e-4):  # int8 tables: one scale step per 32 columns
                 raise AssertionError(f"{variant} differs from the op by {error:.3g} (relative) on {name}")
         times = {label: median_time(lambda fn=fn, x=x: fn(x), args.runs, args.repeats, args.seconds, flush)
                  / args.layers
