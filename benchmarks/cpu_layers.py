@@ -54,7 +54,7 @@ from rabit_compiler.passes.lower import lower_for_cpu
 from torch._inductor.compile_fx import compile_fx
 from tqdm import tqdm
 
-from rabit_compiler.aot_decode import _c_shims, _DecodeStep
+from rabit_compiler.aot_decode import _DecodeStep, compile_step
 
 SMOLLM2_SHAPES = {  # (out_features of each member, K); several members: siblings sharing x, fused into one call
     "q/o 576x576": ((576,), 576),
@@ -140,14 +140,7 @@ def aot_compiled(packed_model: PackedLayers, x: torch.Tensor) -> Callable:
     torch.compile(packed_model, backend=capture, fullgraph=True, dynamic=False)(x)
     inputs = captured["inputs"]
     step = _DecodeStep(captured["gm"], inputs, {next(i for i, t in enumerate(inputs) if t is x): 0})
-    with torch.no_grad():
-        program = torch.export.export(step, (x,), strict=False)
-    path = torch._inductor.aoti_compile_and_package(program, inductor_configs={
-        "aot_inductor.package_constants_in_so": False, "aot_inductor.custom_ops_to_c_shims": _c_shims()})
-    runner = torch._inductor.aoti_load_package(path)
-    buffers = dict(step.named_buffers())
-    runner.load_constants({name: buffers[name] for name in runner.get_constant_fqns()}, check_full_update=True,
-                          user_managed=True)
+    runner, _ = compile_step(step, (x,))
     return lambda x, runner=runner, step=step: runner(x)
 
 

@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,10 +55,13 @@ def build_library(source: Path, what: str) -> Path:
     return library
 
 
-def load_library(source: Path, what: str) -> ctypes.CDLL:
-    """Build if needed and load the operators of ``source`` (idempotent); the library, for its C functions."""
+def load_library(source: Path, what: str, fakes: dict[str, Callable]) -> ctypes.CDLL:
+    """Build if needed and load the operators of ``source``, registering ``fakes`` (op name -> its fake, for
+    tracing) on the first call (idempotent); the library, for its C functions."""
     if str(source) not in _LOADED:
         path = build_library(source, what)
         torch.ops.load_library(str(path))
+        for name, fake in fakes.items():
+            torch.library.register_fake(name, fake)
         _LOADED[str(source)] = ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL)
     return _LOADED[str(source)]

@@ -34,16 +34,11 @@ C_SHIM = ("AOTITorchError aoti_torch_cpu_decode_attention(AtenTensorHandle, Aten
           "AtenTensorHandle*, double, AtenTensorHandle*)")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-_LIBRARY: ctypes.CDLL | None = None
 
 
 def load_library() -> ctypes.CDLL:
     """Build if needed and load ``rabit::decode_attention`` (idempotent)."""
-    global _LIBRARY
-    if _LIBRARY is None:
-        _LIBRARY = cpp_build.load_library(_SOURCE, "CPU decode attention kernel")
-        torch.library.register_fake(OP_NAME, _decode_attention_fake)
-    return _LIBRARY
+    return cpp_build.load_library(_SOURCE, "CPU decode attention kernel", {OP_NAME: _decode_attention_fake})
 
 
 def _decode_attention_fake(query, key, value, attn_mask, scale):

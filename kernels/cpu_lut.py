@@ -63,17 +63,12 @@ ISA_PATHS = ("portable", "avx2", "avx512")  # index = the C++ enum
 TABLE_PRECISIONS = ("fp32", "int8")
 DEFAULT_TABLE_PRECISION = "fp32"  # the backend's default (options={"cpu_tables": ...})
 _SOURCE = Path(__file__).with_name("cpu_lut.cpp")
-_LIBRARY: ctypes.CDLL | None = None
 
 
 def load_library() -> ctypes.CDLL:
     """Build if needed and load ``rabit::lut_gemv`` (idempotent, :mod:`.cpp_build`); the library, for the ISA
     controls."""
-    global _LIBRARY
-    if _LIBRARY is None:
-        _LIBRARY = cpp_build.load_library(_SOURCE, "CPU LUT kernel")
-        torch.library.register_fake(OP_NAME, _lut_gemv_fake)
-    return _LIBRARY
+    return cpp_build.load_library(_SOURCE, "CPU LUT kernel", {OP_NAME: _lut_gemv_fake})
 
 
 def _lut_gemv_fake(x, tiled_signs, tiled_row_scale, col_scale, tiled_bias, out_features, in_features, int8_tables):

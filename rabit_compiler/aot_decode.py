@@ -50,6 +50,22 @@ def _c_shims() -> dict[torch._ops.OpOverload, list[str]]:
             torch.ops.rabit.decode_attention.default: [cpu_attention.C_SHIM]}
 
 
+def compile_step(step: torch.nn.Module, example_args: tuple[torch.Tensor, ...], package_path: str | None = None
+                 ) -> tuple[Any, str]:
+    """``step`` (its constants as buffers, ``example_args`` its inputs) exported and compiled by AOTInductor with the
+    C shims; the loaded runner and the package's path. The constants stay out of the library: it reads ``step``'s
+    buffers in place (user-managed), so the weights are not held twice and ``step`` must outlive the runner."""
+    with torch.no_grad():
+        program = torch.export.export(step, example_args, strict=False)
+    path = torch._inductor.aoti_compile_and_package(program, package_path=package_path, inductor_configs={
+        "aot_inductor.package_constants_in_so": False, "aot_inductor.custom_ops_to_c_shims": _c_shims()})
+    runner = torch._inductor.aoti_load_package(path)
+    buffers = dict(step.named_buffers())
+    runner.load_constants({name: buffers[name] for name in runner.get_constant_fqns()}, check_full_update=True,
+                          user_managed=True)
+    return runner, path
+
+
 class _DecodeStep(torch.nn.Module):
     """The captured graph as a module of (tokens, *cache tensors): every other graph input is a buffer (a constant
     of the compiled library)."""
@@ -111,18 +127,8 @@ class AOTDecoder:
         started = time.perf_counter()
         step, logits_index = self._capture(dict(options or {}))
         self._logits_index = logits_index
-        with torch.no_grad():
-            program = torch.export.export(step, tuple(self._runtime_tensors(self._probe_tokens())), strict=False)
-        # the constants stay out of the library: it reads the step's buffers (the model's own tensors and the
-        # layouts derived from them) in place, so the weights are not held twice
-        self.package_path = torch._inductor.aoti_compile_and_package(
-            program, package_path=package_path, inductor_configs={
-                "aot_inductor.package_constants_in_so": False,
-                "aot_inductor.custom_ops_to_c_shims": _c_shims()})
-        self._runner = torch._inductor.aoti_load_package(self.package_path)
-        buffers = dict(step.named_buffers())
-        self._runner.load_constants({name: buffers[name] for name in self._runner.get_constant_fqns()},
-                                    check_full_update=True, user_managed=True)
+        self._runner, self.package_path = compile_step(step, tuple(self._runtime_tensors(self._probe_tokens())),
+                                                       package_path)
         self._step = step  # user-managed constants: the step's buffers must outlive the runner
         self._cache_list = self._cache_tensors()  # the same tensors for the decoder's life: reset() zeroes them
         self.reset()
