@@ -68,10 +68,13 @@ int active_isa() {
   return isa;
 }
 
-// Offset of group j (0..7) of a word inside its 128-byte int8 table block: the even groups' tables fill the first 64
-// bytes and the odd groups' the last 64, so that one 64-byte vector holds the four tables that the low (or high)
-// nibbles of a word's 4 bytes index.
-inline int64_t int8_table_offset(int64_t j) { return (j & 1) * 64 + (j >> 1) * kEntries; }
+// Offset of group j (0..7) of a word inside its 128-byte int8 table block, as each path's lookups want it.
+// AVX-512 and portable: the even groups' tables fill the first 64 bytes and the odd groups' the last 64, so that one
+// 64-byte vector holds the four tables that the low (or high) nibbles of a word's 4 bytes index. AVX2: groups j and
+// j + 4 side by side (32 bytes at 32 (j & 3)), the two 128-bit lanes of one vpshufb table (dot_avx2).
+inline int64_t int8_table_offset(int64_t j, int isa) {
+  return isa == kAvx2 ? (j & 3) * 32 + (j >> 2) * kEntries : (j & 1) * 64 + (j >> 1) * kEntries;
+}
 
 struct Tile {
   int64_t segment;
@@ -83,6 +86,7 @@ struct Tile {
 struct Problem {
   int64_t rows, in_features, words, segments, paths, tiles, out_features;
   bool int8_tables;
+  int isa;                  // the ISA path (Isa) of the tables' layout and the lookups
   const int32_t* signs;     // [k, tiles, W, 16]
   const float* row_scale;   // [k, tiles, 16]
   const float* bias;        // [tiles, 16] or nullptr
@@ -139,7 +143,6 @@ void group_entries(const float* v, float* entries) {
 // group_entries), their largest |entry| by one reduction, int8 by vcvtps2dq + vpmovdb.
 RABIT_AVX512 void build_tables_avx512(const Problem& p, int64_t job, const float* h, const float* x) {
   constexpr __mmask16 kNegative[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};  // lanes e with bit j of e set
-  const __m512 sign = _mm512_set1_ps(-0.0f);
   for (int64_t w = 0; w < p.words; ++w) {
     alignas(64) float v[kWordColumns];
     for (int64_t half = 0; half < 2; ++half) {
@@ -156,7 +159,7 @@ RABIT_AVX512 void build_tables_avx512(const Problem& p, int64_t job, const float
       for (int e = 1; e < 4; ++e)
         sum = _mm512_mask_sub_ps(_mm512_add_ps(sum, _mm512_set1_ps(g[e])), kNegative[e], sum, _mm512_set1_ps(g[e]));
       entries[j] = sum;
-      largest = _mm512_max_ps(largest, _mm512_andnot_ps(sign, sum));
+      largest = _mm512_max_ps(largest, _mm512_abs_ps(sum));
     }
     if (!p.int8_tables) {
       float* tables = p.exact_tables + (job * p.words + w) * kGroupsPerWord * kEntries;
@@ -168,8 +171,64 @@ RABIT_AVX512 void build_tables_avx512(const Problem& p, int64_t job, const float
     const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
     int8_t* out = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
     for (int64_t j = 0; j < kGroupsPerWord; ++j)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + int8_table_offset(j)),
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + int8_table_offset(j, kAvx512)),
                        _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(entries[j], inverse))));
+  }
+}
+
+// AVX2: the same sums as group_entries, entries 0-7 and 8-15 of a group in two vectors that share the first three
+// terms (bit 3 is the sign of the fourth); a sign is flipped by XOR with -0.0 (a + (-b) == a - b exactly). int8:
+// vcvtps2dq, two packs and one vpermd put the tables of groups j and j + 4 side by side (int8_table_offset).
+RABIT_AVX2 void build_tables_avx2(const Problem& p, int64_t job, const float* h, const float* x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 negative[3] = {_mm256_setr_ps(0.0f, -0.0f, 0.0f, -0.0f, 0.0f, -0.0f, 0.0f, -0.0f),
+                              _mm256_setr_ps(0.0f, 0.0f, -0.0f, -0.0f, 0.0f, 0.0f, -0.0f, -0.0f),
+                              _mm256_setr_ps(0.0f, 0.0f, 0.0f, 0.0f, -0.0f, -0.0f, -0.0f, -0.0f)};
+  const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t w = 0; w < p.words; ++w) {
+    alignas(32) float v[kWordColumns];
+    for (int64_t quarter = 0; quarter < 4; ++quarter) {
+      const int64_t column = w * kWordColumns + 8 * quarter, remaining = p.in_features - column;
+      const __m256 scale = remaining >= 8 ? _mm256_loadu_ps(h + column)
+                                          : _mm256_maskload_ps(h + column, _mm256_cmpgt_epi32(
+                                                _mm256_set1_epi32(static_cast<int32_t>(std::max<int64_t>(remaining, 0))),
+                                                lane));
+      _mm256_store_ps(v + 8 * quarter, _mm256_mul_ps(scale, _mm256_loadu_ps(x + column)));
+    }
+    __m256 low[kGroupsPerWord], high[kGroupsPerWord];
+    __m256 largest = _mm256_setzero_ps();
+    for (int64_t j = 0; j < kGroupsPerWord; ++j) {
+      const float* g = v + 4 * j;
+      __m256 partial = _mm256_xor_ps(_mm256_broadcast_ss(g), negative[0]);
+      partial = _mm256_add_ps(partial, _mm256_xor_ps(_mm256_broadcast_ss(g + 1), negative[1]));
+      partial = _mm256_add_ps(partial, _mm256_xor_ps(_mm256_broadcast_ss(g + 2), negative[2]));
+      const __m256 last = _mm256_broadcast_ss(g + 3);
+      low[j] = _mm256_add_ps(partial, last);
+      high[j] = _mm256_sub_ps(partial, last);
+      largest = _mm256_max_ps(largest, _mm256_max_ps(_mm256_andnot_ps(sign, low[j]), _mm256_andnot_ps(sign, high[j])));
+    }
+    if (!p.int8_tables) {
+      float* tables = p.exact_tables + (job * p.words + w) * kGroupsPerWord * kEntries;
+      for (int64_t j = 0; j < kGroupsPerWord; ++j) {
+        _mm256_storeu_ps(tables + j * kEntries, low[j]);
+        _mm256_storeu_ps(tables + j * kEntries + 8, high[j]);
+      }
+      continue;
+    }
+    __m128 top4 = _mm_max_ps(_mm256_castps256_ps128(largest), _mm256_extractf128_ps(largest, 1));
+    top4 = _mm_max_ps(top4, _mm_movehl_ps(top4, top4));
+    const float top = _mm_cvtss_f32(_mm_max_ss(top4, _mm_movehdup_ps(top4)));
+    p.word_scales[job * p.words + w] = top / 127.0f;
+    const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+    const auto entries16 = [&](int64_t j) {  // int16 [low 0-3, high 0-3 | low 4-7, high 4-7]
+      return _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(low[j], inverse)),
+                                _mm256_cvtps_epi32(_mm256_mul_ps(high[j], inverse)));
+    };
+    int8_t* out = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
+    for (int64_t j = 0; j < 4; ++j)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + int8_table_offset(j, kAvx2)),
+                          _mm256_permutevar8x32_epi32(_mm256_packs_epi16(entries16(j), entries16(j + 4)), interleave));
   }
 }
 #endif
@@ -183,6 +242,7 @@ void build_tables(const Problem& p, int64_t job, int isa) {
   const float* x = p.x + m * padded;
 #if RABIT_X86
   if (isa == kAvx512) return build_tables_avx512(p, job, h, x);
+  if (isa == kAvx2) return build_tables_avx2(p, job, h, x);
 #endif
   float* v = p.products + job * padded;
   for (int64_t c = 0; c < p.in_features; ++c) v[c] = h[c] * x[c];
@@ -206,7 +266,8 @@ void build_tables(const Problem& p, int64_t job, int isa) {
     int8_t* out = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
     for (int64_t j = 0; j < kGroupsPerWord; ++j)
       for (int64_t e = 0; e < kEntries; ++e)
-        out[int8_table_offset(j) + e] = static_cast<int8_t>(std::nearbyint(entries[j * kEntries + e] * inverse));
+        out[int8_table_offset(j, p.isa) + e] =
+            static_cast<int8_t>(std::nearbyint(entries[j * kEntries + e] * inverse));
   }
 }
 
@@ -223,7 +284,8 @@ void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* do
       for (int64_t r = 0; r < kTileRows; ++r) {
         const uint32_t word = static_cast<uint32_t>(tile_words[r]);
         int32_t sum = 0;
-        for (int64_t j = 0; j < kGroupsPerWord; ++j) sum += tables[int8_table_offset(j) + ((word >> (4 * j)) & 15)];
+        for (int64_t j = 0; j < kGroupsPerWord; ++j)
+          sum += tables[int8_table_offset(j, p.isa) + ((word >> (4 * j)) & 15)];
         dot[r] += static_cast<float>(sum) * scale;
       }
     } else {
@@ -293,53 +355,68 @@ RABIT_AVX512 void tile_avx512(const Problem& p, int64_t t, int64_t m, float* y) 
   _mm512_storeu_ps(y, sum);
 }
 
-// AVX2: 8 rows per vector. int8: vpshufb looks up one 16-entry table per 128-bit lane, so each of the 4 byte
-// positions of a lane's words is looked up in its own group's table (the other positions masked to give 0) and the
-// 4 results ORed; vpmaddubsw + vpmaddwd add each 32-bit lane's bytes. fp32: two vpermps (entries 0-7 and 8-15) and a
-// blend on the nibble's bit 3.
+// AVX2 int8: vpshufb looks up one 16-entry table per 128-bit lane, so the tile-word's 64 sign bytes (16 rows x 4
+// bytes) are first transposed in registers (vpshufb within lanes, vpermd across) so that a lane holds one byte
+// position of all 16 rows: A = [position 0 | position 2], B = [position 1 | position 3]. Their low and high nibbles
+// are groups [0 | 4], [1 | 5] (A) and [2 | 6], [3 | 7] (B): 4 vpshufb do the word's 512 lookups, with the tables of
+// groups j, j + 4 side by side (int8_table_offset). vpunpck + vpmaddubsw add two groups per row in int16, the lanes
+// are folded (16 rows x 8 groups <= 1016 in magnitude), and the word's scale applies in fp32.
+RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32_t* words, const int8_t* tables,
+                                                                     float scale, __m256& rows_0_7,
+                                                                     __m256& rows_8_15) {
+  const __m256i transpose = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                             0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
+  // rows 0-7 as [a0 a1 a2 a3 | b0 b1 b2 b3] (a_p: byte p of rows 0-3) -> [a0 b0 a1 b1 | a2 b2 a3 b3]
+  const __m256i first = _mm256_permutevar8x32_epi32(
+      _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words)), transpose), interleave);
+  const __m256i second = _mm256_permutevar8x32_epi32(
+      _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 8)), transpose), interleave);
+  const __m256i a = _mm256_unpacklo_epi64(first, second), b = _mm256_unpackhi_epi64(first, second);
+  const auto lookup = [&](int64_t pair, __m256i index) {
+    return _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tables + 32 * pair)),
+                               _mm256_and_si256(index, nibble));
+  };
+  const __m256i g04 = lookup(0, a), g15 = lookup(1, _mm256_srli_epi16(a, 4));
+  const __m256i g26 = lookup(2, b), g37 = lookup(3, _mm256_srli_epi16(b, 4));
+  // int16 per row: [groups 0-3 | groups 4-7] of rows 0-7 (low) and of rows 8-15 (high)
+  const __m256i low = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(g04, g15)),
+                                       _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(g26, g37)));
+  const __m256i high = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(g04, g15)),
+                                        _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(g26, g37)));
+  const __m256i sums = _mm256_add_epi16(_mm256_permute2x128_si256(low, high, 0x20),
+                                        _mm256_permute2x128_si256(low, high, 0x31));
+  const __m256 step = _mm256_set1_ps(scale);
+  rows_0_7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums))), step, rows_0_7);
+  rows_8_15 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums, 1))), step,
+                              rows_8_15);
+}
+
+// AVX2 fp32 (8 rows per vector): two vpermps (entries 0-7 and 8-15) and a blend on the nibble's bit 3.
 RABIT_AVX2 void dot_avx2(const Problem& p, const int32_t* words, int64_t job, float* dot) {
+  if (p.int8_tables) {
+    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+    const float* scales = p.word_scales + job * p.words;
+    __m256 rows_0_7 = _mm256_setzero_ps(), rows_8_15 = _mm256_setzero_ps();
+    for (int64_t w = 0; w < p.words; ++w)
+      word_int8_avx2(words + w * kTileRows, tables + w * kInt8WordBytes, scales[w], rows_0_7, rows_8_15);
+    _mm256_storeu_ps(dot, rows_0_7);
+    _mm256_storeu_ps(dot + 8, rows_8_15);
+    return;
+  }
+  const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
   for (int64_t half = 0; half < 2; ++half) {
     __m256 accumulator = _mm256_setzero_ps();
-    if (p.int8_tables) {
-      const __m256i nibble = _mm256_set1_epi8(0x0F);
-      const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-      const __m256i other_positions[4] = {_mm256_set1_epi32(static_cast<int32_t>(0x80808000u)),
-                                          _mm256_set1_epi32(static_cast<int32_t>(0x80800080u)),
-                                          _mm256_set1_epi32(static_cast<int32_t>(0x80008080u)),
-                                          _mm256_set1_epi32(static_cast<int32_t>(0x00808080u))};
-      const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
-      for (int64_t w = 0; w < p.words; ++w) {
-        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + w * kTileRows + 8 * half));
-        const __m256i low = _mm256_and_si256(word, nibble);
-        const __m256i high = _mm256_and_si256(_mm256_srli_epi32(word, 4), nibble);
-        const int8_t* word_tables = tables + w * kInt8WordBytes;
-        __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
-        for (int position = 0; position < 4; ++position) {
-          const __m256i even_table = _mm256_broadcastsi128_si256(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(word_tables + int8_table_offset(2 * position))));
-          const __m256i odd_table = _mm256_broadcastsi128_si256(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(word_tables + int8_table_offset(2 * position + 1))));
-          even = _mm256_or_si256(even, _mm256_shuffle_epi8(even_table,
-                                                           _mm256_or_si256(low, other_positions[position])));
-          odd = _mm256_or_si256(odd, _mm256_shuffle_epi8(odd_table, _mm256_or_si256(high, other_positions[position])));
-        }
-        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, even), _mm256_maddubs_epi16(ones8, odd));
-        const __m256i sum = _mm256_madd_epi16(pairs, ones16);
-        accumulator = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(p.word_scales[job * p.words + w]),
-                                      accumulator);
-      }
-    } else {
-      const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
-      for (int64_t w = 0; w < p.words; ++w) {
-        const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + w * kTileRows + 8 * half));
-        const float* word_tables = tables + w * kGroupsPerWord * kEntries;
-        for (int j = 0; j < kGroupsPerWord; ++j) {
-          const __m256i index = _mm256_srli_epi32(word, 4 * j);
-          const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries), index);
-          const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries + 8), index);
-          const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(word, 28 - 4 * j));
-          accumulator = _mm256_add_ps(accumulator, _mm256_blendv_ps(low, high, bit3));
-        }
+    for (int64_t w = 0; w < p.words; ++w) {
+      const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + w * kTileRows + 8 * half));
+      const float* word_tables = tables + w * kGroupsPerWord * kEntries;
+      for (int j = 0; j < kGroupsPerWord; ++j) {
+        const __m256i index = _mm256_srli_epi32(word, 4 * j);
+        const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries), index);
+        const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries + 8), index);
+        const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(word, 28 - 4 * j));
+        accumulator = _mm256_add_ps(accumulator, _mm256_blendv_ps(low, high, bit3));
       }
     }
     _mm256_storeu_ps(dot + 8 * half, accumulator);
@@ -466,12 +543,12 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
     first_row += out_features[s];
   }
 
-  const Problem problem{rows, in_features, words, segments, paths, tiles, total, int8_tables,
+  const int isa = active_isa();
+  const Problem problem{rows, in_features, words, segments, paths, tiles, total, int8_tables, isa,
                         tiled_signs.const_data_ptr<int32_t>(), tiled_row_scale.const_data_ptr<float>(),
                         has_bias ? tiled_bias->const_data_ptr<float>() : nullptr, scratch.tiles.data(),
                         col_scale.const_data_ptr<float>(), scratch.x.data(), scratch.products.data(), scratch.exact_tables.data(),
                         scratch.int8_tables.data(), scratch.word_scales.data()};
-  const int isa = active_isa();
   const TileFn tile_fn = tile_for(isa);
   const int64_t work = rows * paths * tiles * words;  // tile-words to look up
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
