@@ -22,6 +22,9 @@
 namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 4;
+// The AVX2 int8-weight path prefetches the weights this far ahead (a few rows of a small head): the hardware prefetcher alone
+// left one core at ~60% of its DRAM bandwidth (benchmarks/RESULTS.md).
+constexpr int64_t kPrefetchBytes = 4096;
 
 // ---------------------------------------------------------------------------------------------------------------
 // fp32 activations
@@ -299,44 +302,84 @@ RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, co
 #endif
 
 // AVX2 (also the AVX-512 build's path on a CPU without VNNI). int8 weights: one 32-column block per vector, q's
-// sign moved onto the weight (vpsignb), |q| the unsigned side of vpmaddubsw. int4 weights: two blocks per vector
-// (32 packed bytes, the operands of prepare_steps), low and high nibbles' vpmaddubsw added in int16 (at most
-// 2 * 2 * 15 * 127 = 7620) before one vpmaddwd.
+// sign moved onto the weight (vpsignb), |q| (prepare_steps' operand) the unsigned side of vpmaddubsw; the rows of x
+// unrolled (kRows) and two accumulators per row (even and odd blocks), so that consecutive FMAs do not wait on each
+// other; a scale per row (kPerRow) applies once at the end; the weights are prefetched kPrefetchBytes ahead. int4 weights: two blocks per vector (32 packed bytes,
+// the operands of prepare_steps), low and high nibbles' vpmaddubsw added in int16 (at most 2 * 2 * 15 * 127 = 7620)
+// before one vpmaddwd.
 #if RABIT_ISA >= 1
+#if RABIT_BITS == 8
+template <typename scale_t, int kRows, bool kPerRow>
+void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_t* row_scale, float* total_out,
+                          int64_t in_features, int64_t group_size) {
+    const int64_t full_blocks = in_features / kBlock, blocks = 2 * a.chunks, padded = blocks * kBlock;
+    const int8_t* q = a.q.data();
+    const int8_t* magnitude = a.operand.data();
+    const float* d = a.d.data();
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 even[kRows], odd[kRows];
+    for (int m = 0; m < kRows; ++m) even[m] = odd[m] = _mm256_setzero_ps();
+    const auto accumulate = [&](int64_t b, __m256* sums) __attribute__((always_inline)) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
+        const float s = kPerRow ? 1.0f : static_cast<float>(row_scale[b * kBlock / group_size]);
+        for (int m = 0; m < kRows; ++m) {
+            const int64_t at = m * padded + b * kBlock;
+            const __m256i dot = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(magnitude + at)),
+                                     _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at)))),
+                ones);
+            const __m256 step = kPerRow ? _mm256_broadcast_ss(d + m * blocks + b) : _mm256_set1_ps(d[m * blocks + b] * s);
+            sums[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), step, sums[m]);
+        }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= full_blocks; b += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + kPrefetchBytes), _MM_HINT_T0);
+        accumulate(b, even);
+        accumulate(b + 1, odd);
+    }
+    if (b < full_blocks) accumulate(b, even);
+    const float row_factor = kPerRow ? static_cast<float>(row_scale[0]) : 1.0f;
+    for (int m = 0; m < kRows; ++m) {
+        float total = sum8(_mm256_add_ps(even[m], odd[m])) * row_factor;
+        // the last, partial block
+        if (full_blocks * kBlock < in_features) {
+            int32_t dot = 0;
+            for (int64_t c = full_blocks * kBlock; c < in_features; ++c) dot += weight_at(row, c) * q[m * padded + c];
+            total += static_cast<float>(dot) *
+                     (d[m * blocks + full_blocks] * static_cast<float>(row_scale[full_blocks * kBlock / group_size]));
+        }
+        total_out[m] = total;
+    }
+}
+
+template <typename scale_t, bool kPerRow>
+void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_t* row_scale, float* total_out,
+                          int64_t rows, int64_t in_features, int64_t group_size) {
+    static_assert(kMaxRows == 4, "one instance per row count");
+    switch (rows) {
+        case 1: return gemv_int8x_avx2_rows<scale_t, 1, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
+        case 2: return gemv_int8x_avx2_rows<scale_t, 2, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
+        case 3: return gemv_int8x_avx2_rows<scale_t, 3, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
+        default: return gemv_int8x_avx2_rows<scale_t, 4, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
+    }
+}
+#endif
+
 template <typename scale_t>
 void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t* scale, float* total_out,
                      int64_t rows, int64_t n, int64_t in_features, int64_t group_size, int64_t groups) {
     const uint8_t* row = qweight + n * row_bytes(in_features);
     const scale_t* row_scale = scale + n * groups;
+#if RABIT_BITS == 8
+    if (groups == 1)
+        gemv_int8x_avx2_rows<scale_t, true>(a, row, row_scale, total_out, rows, in_features, group_size);
+    else
+        gemv_int8x_avx2_rows<scale_t, false>(a, row, row_scale, total_out, rows, in_features, group_size);
+#else
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[kMaxRows];
     for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps();
-#if RABIT_BITS == 8
-    const int64_t full_blocks = in_features / kBlock, blocks = 2 * a.chunks, padded = blocks * kBlock;
-    for (int64_t b = 0; b < full_blocks; ++b) {
-        const float s = static_cast<float>(row_scale[b * kBlock / group_size]);
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
-        for (int64_t m = 0; m < rows; ++m) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + m * padded +
-                                                                                  b * kBlock));
-            const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(w, q)),
-                                                  ones);
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(a.d[m * blocks + b] * s), acc[m]);
-        }
-    }
-    for (int64_t m = 0; m < rows; ++m) {
-        float total = sum8(acc[m]);
-        // the last, partial block
-        if (full_blocks * kBlock < in_features) {
-            int32_t dot = 0;
-            for (int64_t c = full_blocks * kBlock; c < in_features; ++c)
-                dot += weight_at(row, c) * a.q[m * padded + c];
-            total += static_cast<float>(dot) *
-                     (a.d[m * blocks + full_blocks] * static_cast<float>(row_scale[full_blocks * kBlock / group_size]));
-        }
-        total_out[m] = total;
-    }
-#else
     const int64_t bytes_per_row = row_bytes(in_features), pairs = (bytes_per_row + 31) / 32, last_group = groups - 1;
     const __m256i nibble = _mm256_set1_epi8(15);
     for (int64_t p = 0; p < pairs; ++p) {
@@ -406,7 +449,7 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
         vnni = cpu_has_vnni();
 #endif
 #if RABIT_ISA >= 1
-        if (vnni || RABIT_BITS == 4) prepare_steps(rows, in_features, activations);
+        prepare_steps(rows, in_features, activations);
 #endif
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
