@@ -19,6 +19,8 @@ its logits of the same windows). Bytes per token: every weight tensor read to de
 counts one row; a head tied to it counts in full, as llama.cpp reads it for the output).
 
     python benchmarks/cpu_peers.py --model smollm2 --threads 1 2 --out benchmarks/cpu_peers
+    python benchmarks/cpu_peers.py --model smollm2 --llama-formats Q4_0 --heads int8 --tables int8 --decoders aot \
+        --rounds 7     # then 7 interleaved rounds of the llama.cpp and AOT decoders: ratios robust to a noisy host
     python benchmarks/cpu_peers.py --model qwen-coder --threads 1 2 --windows 4 --rabit-model DIR \
         --out benchmarks/cpu_peers_qwen
 
@@ -37,6 +39,7 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +57,8 @@ from rabit_compiler.head import quantize_head_
 
 PROMPT = "The Prime Minister said on Tuesday that the government would"
 LLAMA_FORMATS = {"Q8_0": 7, "Q4_0": 2, "Q2_K": 10}  # llama_ftype values
+# (runtime, variant, threads) -> one greedy decode of --new-tokens steps, its seconds per step (--rounds)
+Timers = dict[tuple[str, str, int], Callable[[], list[float]]]
 
 
 @dataclass
@@ -74,7 +79,7 @@ def median_tokens_per_s(step_seconds: list[float]) -> float:
 
 # ----------------------------------------------------------------------------------------------------- llama.cpp
 def llama_cpp_rows(model_name: str, gguf: Path, formats: list[str], threads: list[int], prompt_ids: list[int],
-                   windows: torch.Tensor, new_tokens: int) -> list[Row]:
+                   windows: torch.Tensor, new_tokens: int, timers: Timers | None = None) -> list[Row]:
     try:
         import llama_cpp
     except ImportError:
@@ -99,6 +104,9 @@ def llama_cpp_rows(model_name: str, gguf: Path, formats: list[str], threads: lis
             llm = llama_cpp.Llama(str(path), n_ctx=max(windows.shape[1], len(prompt_ids) + new_tokens + 8),
                                   n_threads=t, n_threads_batch=t, n_batch=512, logits_all=False, verbose=False)
             row.tokens_per_s = median_tokens_per_s(llama_decode_steps(llm, llama_cpp, prompt_ids, new_tokens))
+            if timers is not None:  # kept for the interleaved rounds
+                timers["llama.cpp", variant, t] = lambda llm=llm: llama_decode_steps(llm, llama_cpp, prompt_ids,
+                                                                                     new_tokens)
             del llm
             if t == threads[-1]:
                 scorer = llama_cpp.Llama(str(path), n_ctx=windows.shape[1], n_threads=t, n_threads_batch=t,
@@ -208,8 +216,24 @@ def decode_rows(model_name: str, runtime: str, name: str, module: torch.nn.Modul
     return rows
 
 
+def aot_decode_steps(decoder: AOTDecoder, prompt: torch.Tensor, new_tokens: int, threads: int
+                     ) -> tuple[list[float], list[int]]:
+    """Seconds of each step after two warm-up steps, and the greedy tokens."""
+    torch.set_num_threads(threads)
+    logits = decoder.prefill(prompt)
+    steps, tokens = [], []
+    for _ in range(new_tokens + 2):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(token))
+        started = time.perf_counter()
+        logits = decoder.step(token)
+        steps.append(time.perf_counter() - started)
+    return steps[2:], tokens
+
+
 def aot_rows(model_name: str, name: str, module: torch.nn.Module, tokenizer, threads: list[int],
-             prompt: torch.Tensor, new_tokens: int, options: dict, ppl: float, note: str) -> list[Row]:
+             prompt: torch.Tensor, new_tokens: int, options: dict, ppl: float, note: str,
+             timers: Timers | None = None) -> list[Row]:
     """The RaBiT rows with the decode step compiled ahead of time (:class:`rabit_compiler.aot_decode.AOTDecoder`,
     built once, then timed per thread count: its kernels take torch's thread count at run time)."""
     started = time.perf_counter()
@@ -217,18 +241,12 @@ def aot_rows(model_name: str, name: str, module: torch.nn.Module, tokenizer, thr
     note += f"AOTInductor build {time.perf_counter() - started:.0f} s; "
     rows = []
     for t in threads:
-        torch.set_num_threads(t)
-        logits = decoder.prefill(prompt)
-        steps, tokens = [], []
-        for _ in range(new_tokens + 2):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(int(token))
-            started = time.perf_counter()
-            logits = decoder.step(token)
-            steps.append(time.perf_counter() - started)
-        rows.append(Row(model_name, "rabit", name + ", AOTInductor", t, median_tokens_per_s(steps[2:]), ppl,
+        steps, tokens = aot_decode_steps(decoder, prompt, new_tokens, t)
+        rows.append(Row(model_name, "rabit", name + ", AOTInductor", t, median_tokens_per_s(steps), ppl,
                         torch_bytes_per_token(module) / 1e6, note + f"greedy: {tokenizer.decode(tokens[:12])!r}"))
         print(f"  rabit {rows[-1].variant} threads={t}: {rows[-1].tokens_per_s:.1f} tok/s, PPL {ppl:.2f}", flush=True)
+        if timers is not None:
+            timers["rabit", rows[-1].variant, t] = lambda t=t: aot_decode_steps(decoder, prompt, new_tokens, t)[0]
     return rows
 
 
@@ -245,7 +263,7 @@ def fp_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[in
 
 def rabit_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list[int], prompt: torch.Tensor,
                windows: torch.Tensor, calibration: torch.Tensor, heads: list[str], tables: list[str],
-               new_tokens: int, decoders: list[str]) -> list[Row]:
+               new_tokens: int, decoders: list[str], timers: Timers | None = None) -> list[Row]:
     """RaBiT (k = 2, the default fit; ``model`` is quantized in place) per head scheme, CPU table precision and
     decoder. The perplexity is the eager model's (prefill windows take the reference path, not the decode tables:
     the int8 tables' cost is measured by benchmarks/lut_ppl.py)."""
@@ -265,7 +283,7 @@ def rabit_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list
                                     "rabit", {"cpu_tables": table}, ppl, fit_note)
             if "aot" in decoders:
                 rows += aot_rows(model_name, name, variant, tokenizer, threads, prompt, new_tokens,
-                                 {"cpu_tables": table}, ppl, fit_note)
+                                 {"cpu_tables": table}, ppl, fit_note, timers)
         del variant
         gc.collect()
     return rows
@@ -273,7 +291,7 @@ def rabit_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list
 
 def saved_rows(model_name: str, directory: Path, tokenizer, threads: list[int], prompt: torch.Tensor,
                windows: torch.Tensor, heads: list[str], tables: list[str], new_tokens: int,
-               decoders: list[str]) -> list[Row]:
+               decoders: list[str], timers: Timers | None = None) -> list[Row]:
     """The rows of a model saved by ``rabit quantize --method ptq``: its packed layers as saved, bf16 tensors cast
     to fp32, per head scheme (one other than the saved one is re-quantized from the saved head's values)."""
     saved = rabit.load(directory)
@@ -305,7 +323,7 @@ def saved_rows(model_name: str, directory: Path, tokenizer, threads: list[int], 
                                     "rabit", {"cpu_tables": table}, ppl, note + "; ")
             if "aot" in decoders:
                 rows += aot_rows(model_name, name, model, tokenizer, threads, prompt, new_tokens,
-                                 {"cpu_tables": table}, ppl, note + "; ")
+                                 {"cpu_tables": table}, ppl, note + "; ", timers)
         del model
         gc.collect()
     return rows
@@ -328,6 +346,29 @@ def machine() -> str:
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
     return f"{cpu}, {isa}, {torch.get_num_threads()} threads available"
+
+
+def interleaved_rounds(timers: Timers, rounds: int) -> list[str]:
+    """Every kept llama.cpp and AOT decoder decodes once per round, one after another, so that a slow phase of a
+    shared machine slows all of them alike; per decoder the median over rounds of its median step, and per round its
+    speed over the fastest llama.cpp format's at the same threads (median, range). Markdown lines."""
+    step_medians: dict[tuple[str, str, int], list[float]] = {key: [] for key in timers}
+    for number in range(rounds):
+        for key, timer in timers.items():
+            time.sleep(0.2)  # the other runtime's idle threads stop spinning
+            step_medians[key].append(float(np.median(timer())))
+        print(f"  round {number + 1}/{rounds} done", flush=True)
+    lines = [f"Interleaved: {rounds} rounds, each decoder once per round in turn (tok/s: median over rounds of each "
+             "round's median step; ratio: per round, over the fastest llama.cpp format at the same threads)", "",
+             "| runtime | variant | threads | tok/s | ratio, median | ratio, range |", "|---|---|---|---|---|---|"]
+    for (runtime, variant, threads), medians in step_medians.items():
+        peers = [m for (r, _, t), m in step_medians.items() if r == "llama.cpp" and t == threads]
+        ratio = "— | —"
+        if peers:
+            ratios = [min(fastest) / own for own, fastest in zip(medians, zip(*peers, strict=True), strict=True)]
+            ratio = f"{np.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f}x"
+        lines.append(f"| {runtime} | {variant} | {threads} | {1 / np.median(medians):.1f} | {ratio} |")
+    return lines
 
 
 def print_table(rows: list[Row]) -> None:
@@ -356,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--rabit-model", type=Path, default=None,
                         help="a model saved by `rabit quantize --method ptq` (instead of quantize_ here)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="then this many interleaved rounds of the llama.cpp and AOT decoders (a noisy machine)")
     parser.add_argument("--out", type=Path, default=None, help="directory for results.json")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -367,25 +410,29 @@ def main(argv: list[str] | None = None) -> None:
     windows = token_windows(tokenizer, heldout, 512, max_windows=args.windows)
     calibration = token_windows(tokenizer, train, 512, max_windows=args.calibration_windows)
     prompt = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    timers: Timers | None = {} if args.rounds > 0 else None
     rows = llama_cpp_rows(args.model, gguf, args.llama_formats, args.threads, prompt[0].tolist(), windows,
-                          args.new_tokens)
+                          args.new_tokens, timers)
     if not args.skip_torch:
         rows += fp_rows(args.model, model, tokenizer, args.threads, prompt, windows, args.new_tokens)
         if args.rabit_model is not None:
             del model  # the fp32 model (6 GB for the 1.5 B one) is not needed by the saved model's rows
             gc.collect()
             rows += saved_rows(args.model, args.rabit_model, tokenizer, args.threads, prompt, windows, args.heads,
-                               args.tables, args.new_tokens, args.decoders)
+                               args.tables, args.new_tokens, args.decoders, timers)
         else:
             rows += rabit_rows(args.model, model, tokenizer, args.threads, prompt, windows, calibration, args.heads,
-                               args.tables, args.new_tokens, args.decoders)
+                               args.tables, args.new_tokens, args.decoders, timers)
+    rounds = interleaved_rounds(timers, args.rounds) if timers else []
     print()
     print(header)
     print_table(rows)
+    if rounds:
+        print("\n" + "\n".join(rounds))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]},
-                                                          indent=1) + "\n")
+        (args.out / "results.json").write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows],
+                                                           "interleaved": rounds}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
