@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from rabit_compiler.backend import prepare_graph
 from rabit_compiler.kernels import cpu_attention, cpu_lut
@@ -126,11 +127,18 @@ class AOTDecoder:
         self.position = 0
         started = time.perf_counter()
         step, logits_index = self._capture(dict(options or {}))
-        self._logits_index = logits_index
-        self._runner, self.package_path = compile_step(step, tuple(self._runtime_tensors(self._probe_tokens())),
-                                                       package_path)
+        runtime_tensors = self._runtime_tensors(self._probe_tokens())
+        runner, self.package_path = compile_step(step, tuple(runtime_tensors), package_path)
         self._step = step  # user-managed constants: the step's buffers must outlive the runner
         self._cache_list = self._cache_tensors()  # the same tensors for the decoder's life: reset() zeroes them
+        # step() calls the library on the flat tensor lists: the runner's own __call__ parses its input and output
+        # specs and flattens and unflattens them with pytree on every call (~0.4 ms a SmolLM2 step)
+        in_spec, out_spec = (pytree.treespec_loads(spec) for spec in runner.loader.get_call_spec())
+        if in_spec.num_leaves != len(runtime_tensors):
+            raise RuntimeError(f"AOTDecoder: the compiled step takes {in_spec.num_leaves} inputs, expected "
+                               f"{len(runtime_tensors)} (the tokens and the cache tensors)")
+        self._run = runner.loader.boxed_run
+        self._logits_index = pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec)[logits_index]
         self.reset()
         logger.info("rabit: decode step compiled ahead of time in %.1f s (%s)", time.perf_counter() - started,
                     self.package_path)
@@ -202,7 +210,7 @@ class AOTDecoder:
         if self.position >= self.max_cache_len:
             raise ValueError(f"AOTDecoder.step: the cache is full ({self.max_cache_len} positions); reset() or "
                              "build a decoder with a larger max_cache_len")
-        outputs = self._runner(tokens.to(self.device), *self._cache_list)
+        outputs = self._run([tokens.to(self.device), *self._cache_list])
         self.position += 1
         return outputs[self._logits_index]
 
