@@ -19,7 +19,9 @@ of x, sibling and path: ``16 K / 4`` entries), then shared by every output row. 
 * **int8**: per 32 columns (one packed word ``w``, 8 groups) ``scale_w = max_q sum_j |v[4q + j]| / 127`` (the
   largest ``|E|`` of the word) and each entry is rounded to the nearest integer multiple of it. A lookup is then
   off by at most ``scale_w / 2``, so per output ``|y_int8 - y_fp32| <= sum_i |g[i, n]| * sum_w 4 scale_w[m, s(n), i]``
-  (8 lookups per word). On AVX-512 one ``vpermb`` does 64 lookups and ``vpdpbusd`` adds them in int32.
+  (8 lookups per word). On AVX-512 one ``vpermb`` does 64 lookups and ``vpdpbusd`` adds them in int32; on AVX2
+  a 16-row word is transposed in registers so that each 128-bit lane holds one byte position of the 16 rows, and
+  4 ``vpshufb`` do its 512 lookups.
 
 The kernel reads the signs in a **tiled layout** derived once from format v1 by :func:`tiled_layout` (the on-disk
 format is unchanged): rows in tiles of 16 per sibling (zero rows pad each sibling to a multiple of 16), and within a

@@ -388,11 +388,12 @@ void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t
             : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * p)));
         const __m256i low = _mm256_and_si256(w, nibble), high = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
         __m256 s = _mm256_set1_ps(1.0f);
-        if (groups > 1)
-            s = _mm256_set_m128(_mm_set1_ps(static_cast<float>(row_scale[std::min((2 * p + 1) * kBlock / group_size,
-                                                                                   last_group)])),
-                                _mm_set1_ps(static_cast<float>(row_scale[std::min(2 * p * kBlock / group_size,
-                                                                                   last_group)])));
+        if (groups > 1) {  // the two blocks' groups (no division for the head's group of one block)
+            const int64_t first = group_size == kBlock ? 2 * p : 2 * p * kBlock / group_size;
+            const int64_t second = group_size == kBlock ? 2 * p + 1 : (2 * p + 1) * kBlock / group_size;
+            s = _mm256_set_m128(_mm_set1_ps(static_cast<float>(row_scale[std::min(second, last_group)])),
+                                _mm_set1_ps(static_cast<float>(row_scale[std::min(first, last_group)])));
+        }
         for (int64_t m = 0; m < rows; ++m) {
             const int64_t at = m * a.steps * 64 + 32 * p;  // bytes of the operands; lanes at / 4
             const __m256i sums = _mm256_add_epi16(
