@@ -190,10 +190,9 @@ RABIT_AVX2 void build_tables_avx2(const Problem& p, int64_t job, const float* h,
     alignas(32) float v[kWordColumns];
     for (int64_t quarter = 0; quarter < 4; ++quarter) {
       const int64_t column = w * kWordColumns + 8 * quarter, remaining = p.in_features - column;
-      const __m256 scale = remaining >= 8 ? _mm256_loadu_ps(h + column)
-                                          : _mm256_maskload_ps(h + column, _mm256_cmpgt_epi32(
-                                                _mm256_set1_epi32(static_cast<int32_t>(std::max<int64_t>(remaining, 0))),
-                                                lane));
+      const __m256i valid = _mm256_cmpgt_epi32(
+          _mm256_set1_epi32(static_cast<int32_t>(std::clamp<int64_t>(remaining, 0, 8))), lane);
+      const __m256 scale = remaining >= 8 ? _mm256_loadu_ps(h + column) : _mm256_maskload_ps(h + column, valid);
       _mm256_store_ps(v + 8 * quarter, _mm256_mul_ps(scale, _mm256_loadu_ps(x + column)));
     }
     __m256 low[kGroupsPerWord], high[kGroupsPerWord];

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #define RABIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
@@ -22,8 +23,8 @@
 namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 4;
-// The AVX2 int8-weight path prefetches the weights this far ahead (a few rows of a small head): the hardware prefetcher alone
-// left one core at ~60% of its DRAM bandwidth (benchmarks/RESULTS.md).
+// The AVX2 int8-weight path prefetches the weights this far ahead (a few rows of a small head): the hardware
+// prefetcher alone left one core at ~60% of its DRAM bandwidth (benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 4096;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -304,9 +305,9 @@ RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, co
 // AVX2 (also the AVX-512 build's path on a CPU without VNNI). int8 weights: one 32-column block per vector, q's
 // sign moved onto the weight (vpsignb), |q| (prepare_steps' operand) the unsigned side of vpmaddubsw; the rows of x
 // unrolled (kRows) and two accumulators per row (even and odd blocks), so that consecutive FMAs do not wait on each
-// other; a scale per row (kPerRow) applies once at the end; the weights are prefetched kPrefetchBytes ahead. int4 weights: two blocks per vector (32 packed bytes,
-// the operands of prepare_steps), low and high nibbles' vpmaddubsw added in int16 (at most 2 * 2 * 15 * 127 = 7620)
-// before one vpmaddwd.
+// other; a scale per row (kPerRow) applies once at the end; the weights are prefetched kPrefetchBytes ahead. int4
+// weights: two blocks per vector (32 packed bytes, the operands of prepare_steps), low and high nibbles' vpmaddubsw
+// added in int16 (at most 2 * 2 * 15 * 127 = 7620) before one vpmaddwd.
 #if RABIT_ISA >= 1
 #if RABIT_BITS == 8
 template <typename scale_t, int kRows, bool kPerRow>
@@ -328,7 +329,8 @@ void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_
                 _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(magnitude + at)),
                                      _mm256_sign_epi8(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at)))),
                 ones);
-            const __m256 step = kPerRow ? _mm256_broadcast_ss(d + m * blocks + b) : _mm256_set1_ps(d[m * blocks + b] * s);
+            const __m256 step = kPerRow ? _mm256_broadcast_ss(d + m * blocks + b)
+                                        : _mm256_set1_ps(d[m * blocks + b] * s);
             sums[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), step, sums[m]);
         }
     };
@@ -357,11 +359,15 @@ template <typename scale_t, bool kPerRow>
 void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_t* row_scale, float* total_out,
                           int64_t rows, int64_t in_features, int64_t group_size) {
     static_assert(kMaxRows == 4, "one instance per row count");
+    const auto run = [&](auto rows_constant) {
+        gemv_int8x_avx2_rows<scale_t, decltype(rows_constant)::value, kPerRow>(a, row, row_scale, total_out,
+                                                                               in_features, group_size);
+    };
     switch (rows) {
-        case 1: return gemv_int8x_avx2_rows<scale_t, 1, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
-        case 2: return gemv_int8x_avx2_rows<scale_t, 2, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
-        case 3: return gemv_int8x_avx2_rows<scale_t, 3, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
-        default: return gemv_int8x_avx2_rows<scale_t, 4, kPerRow>(a, row, row_scale, total_out, in_features, group_size);
+        case 1: return run(std::integral_constant<int, 1>{});
+        case 2: return run(std::integral_constant<int, 2>{});
+        case 3: return run(std::integral_constant<int, 3>{});
+        default: return run(std::integral_constant<int, 4>{});
     }
 }
 #endif
