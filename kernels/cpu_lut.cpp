@@ -234,14 +234,14 @@ RABIT_AVX2 void build_tables_avx2(const Problem& p, int64_t job, const float* h,
 
 // Tables of job (m, s, i): v = h[s, i] * x[m], then 16 entries per group (fp32), or per word: scale = the largest
 // |entry| / 127 (= max over its groups of sum |v|) and entries rounded to int8 multiples of it.
-void build_tables(const Problem& p, int64_t job, int isa) {
+void build_tables(const Problem& p, int64_t job) {
   const int64_t i = job % p.paths, s = (job / p.paths) % p.segments, m = job / (p.paths * p.segments);
   const int64_t padded = p.words * kWordColumns;
   const float* h = p.col_scale + (s * p.paths + i) * p.in_features;
   const float* x = p.x + m * padded;
 #if RABIT_X86
-  if (isa == kAvx512) return build_tables_avx512(p, job, h, x);
-  if (isa == kAvx2) return build_tables_avx2(p, job, h, x);
+  if (p.isa == kAvx512) return build_tables_avx512(p, job, h, x);
+  if (p.isa == kAvx2) return build_tables_avx2(p, job, h, x);
 #endif
   float* v = p.products + job * padded;
   for (int64_t c = 0; c < p.in_features; ++c) v[c] = h[c] * x[c];
@@ -555,7 +555,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
 #pragma omp for schedule(static)
-    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job, isa);
+    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, tile_fn, out);
   }

@@ -315,7 +315,7 @@ void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_
                           int64_t in_features, int64_t group_size) {
     const int64_t full_blocks = in_features / kBlock, blocks = 2 * a.chunks, padded = blocks * kBlock;
     const int8_t* q = a.q.data();
-    const int8_t* magnitude = a.operand.data();
+    const int8_t* magnitude = a.operand.data();  // int8 weights: a step is one 64-column chunk, so |q| is laid out as q
     const float* d = a.d.data();
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 even[kRows], odd[kRows];
