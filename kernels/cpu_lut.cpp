@@ -6,7 +6,9 @@
 // and a 4-bit nibble of the sign planes (the signs of 4 columns of one output row) selects one entry:
 //     y[m, n] = b[n] + sum_i g[i, n] * sum_q E[m, s(n), i, q][nibble_i(n, q)]
 // Tables are fp32 (exact mode) or int8 with one scale per 32 columns (E ~= scale_w * T8). Output rows are processed
-// in tiles of 16; the signs come in the tiled layout [k, tiles, W, 16] (word w of the tile's 16 rows side by side).
+// in tiles of 16; the signs come tiled, 64 bytes per tile-word (word w of the tile's 16 rows), in one of two orders:
+// row words (int32 [k, tiles, W, 16]: row r's word at r) or byte planes (uint8 [k, tiles, W, 64]: byte position p of
+// the 16 rows at plane kPlaneOf[p], what the AVX2 lookups read). Every path reads both (converting in registers).
 // One ISA path is chosen at run time (AVX-512 with VBMI and VNNI, AVX2 with FMA, or portable C++).
 
 #include <ATen/core/Tensor.h>
@@ -40,6 +42,9 @@ constexpr int64_t kWordColumns = 32;    // columns per packed word
 constexpr int64_t kGroupsPerWord = 8;   // 4-column groups per word
 constexpr int64_t kEntries = 16;        // table entries per group
 constexpr int64_t kInt8WordBytes = kGroupsPerWord * kEntries;
+// Byte planes: plane of byte position p (0..3) of the rows' words. Planes 0, 1 = positions 0, 2 (the first 32 bytes)
+// and planes 2, 3 = positions 1, 3, so that each 32-byte half holds the groups that one AVX2 table vector serves.
+constexpr int64_t kPlaneOf[4] = {0, 2, 1, 3};
 // Fewest tile-words (16 rows x 32 columns of one path, ~10 vector ops) worth a thread of their own: a parallel
 // region costs a few microseconds, about what 256 tile-words take on one core.
 constexpr int64_t kMinWorkPerThread = 256;
@@ -86,8 +91,9 @@ struct Tile {
 struct Problem {
   int64_t rows, in_features, words, segments, paths, tiles, out_features;
   bool int8_tables;
+  bool byte_planes;         // the signs' order within a tile-word (row words or byte planes)
   int isa;                  // the ISA path (Isa) of the tables' layout and the lookups
-  const int32_t* signs;     // [k, tiles, W, 16]
+  const int32_t* signs;     // [k, tiles, W, 16 words or 64 bytes]
   const float* row_scale;   // [k, tiles, 16]
   const float* bias;        // [tiles, 16] or nullptr
   const Tile* tile_map;     // [tiles]
@@ -273,6 +279,16 @@ void build_tables(const Problem& p, int64_t job) {
 // ---------------------------------------------------------------------------------------------------------------
 // Lookups: dot[r] = sum over the row's groups of the selected entries, for the 16 rows of one tile and one path.
 
+// Row r's word of a tile-word in either order.
+inline uint32_t row_word(const int32_t* tile_word, int64_t r, bool byte_planes) {
+  if (!byte_planes) return static_cast<uint32_t>(tile_word[r]);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(tile_word);
+  uint32_t word = 0;
+  for (int64_t position = 0; position < 4; ++position)
+    word |= static_cast<uint32_t>(bytes[kPlaneOf[position] * kTileRows + r]) << (8 * position);
+  return word;
+}
+
 void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* dot) {
   for (int64_t r = 0; r < kTileRows; ++r) dot[r] = 0.0f;
   for (int64_t w = 0; w < p.words; ++w) {
@@ -281,7 +297,7 @@ void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* do
       const int8_t* tables = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
       const float scale = p.word_scales[job * p.words + w];
       for (int64_t r = 0; r < kTileRows; ++r) {
-        const uint32_t word = static_cast<uint32_t>(tile_words[r]);
+        const uint32_t word = row_word(tile_words, r, p.byte_planes);
         int32_t sum = 0;
         for (int64_t j = 0; j < kGroupsPerWord; ++j)
           sum += tables[int8_table_offset(j, p.isa) + ((word >> (4 * j)) & 15)];
@@ -290,7 +306,7 @@ void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* do
     } else {
       const float* tables = p.exact_tables + (job * p.words + w) * kGroupsPerWord * kEntries;
       for (int64_t r = 0; r < kTileRows; ++r) {
-        const uint32_t word = static_cast<uint32_t>(tile_words[r]);
+        const uint32_t word = row_word(tile_words, r, p.byte_planes);
         for (int64_t j = 0; j < kGroupsPerWord; ++j) dot[r] += tables[j * kEntries + ((word >> (4 * j)) & 15)];
       }
     }
@@ -298,16 +314,36 @@ void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* do
 }
 
 #if RABIT_X86
+// vpermb indices that gather a byte-plane tile-word into row words: byte 4 r + p <- plane kPlaneOf[p], row r.
+struct RowOrder {
+  alignas(64) uint8_t index[64];
+};
+constexpr RowOrder row_order() {
+  RowOrder order{};
+  for (int64_t r = 0; r < kTileRows; ++r)
+    for (int64_t position = 0; position < 4; ++position)
+      order.index[4 * r + position] = static_cast<uint8_t>(kPlaneOf[position] * kTileRows + r);
+  return order;
+}
+constexpr RowOrder kRowOrder = row_order();
+
 // AVX-512: a vector holds one word of each of the tile's 16 rows (one row per 32-bit lane). int8: the low nibbles of
 // its 4 bytes are groups 0, 2, 4, 6 of the word; adding 16 * byte position makes them indices into one 64-byte
 // vector of those 4 tables (vpermb: 64 lookups), and vpdpbusd adds each lane's 4 bytes into its int32 sum. The
 // high nibbles do the same with the odd groups' tables. fp32: vpermps looks up 16 rows of one group at a time.
-RABIT_AVX512 inline __attribute__((always_inline)) __m512 word_int8_avx512(const int32_t* words,
+// One tile-word as row words (one row per 32-bit lane); byte planes are reordered by one vpermb.
+RABIT_AVX512 inline __attribute__((always_inline)) __m512i row_words_avx512(const int32_t* words, bool byte_planes) {
+  const __m512i loaded = _mm512_loadu_si512(words);
+  if (!byte_planes) return loaded;
+  return _mm512_permutexvar_epi8(_mm512_load_si512(kRowOrder.index), loaded);
+}
+
+RABIT_AVX512 inline __attribute__((always_inline)) __m512 word_int8_avx512(const int32_t* words, bool byte_planes,
                                                                           const int8_t* tables, float scale,
                                                                           __m512 accumulator) {
   const __m512i nibble = _mm512_set1_epi8(0x0F), position = _mm512_set1_epi32(0x30201000);
   const __m512i ones = _mm512_set1_epi8(1);
-  const __m512i word = _mm512_loadu_si512(words);
+  const __m512i word = row_words_avx512(words, byte_planes);
   const __m512i low = _mm512_ternarylogic_epi32(word, nibble, position, 0xEA);  // (word & nibble) | position
   const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi32(word, 4), nibble, position, 0xEA);
   __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
@@ -324,14 +360,16 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_avx512(const Probl
     const float* scales = p.word_scales + job * p.words;
     int64_t w = 0;
     for (; w + 2 <= p.words; w += 2) {
-      even = word_int8_avx512(words + w * kTileRows, tables + w * kInt8WordBytes, scales[w], even);
-      odd = word_int8_avx512(words + (w + 1) * kTileRows, tables + (w + 1) * kInt8WordBytes, scales[w + 1], odd);
+      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, scales[w], even);
+      odd = word_int8_avx512(words + (w + 1) * kTileRows, p.byte_planes, tables + (w + 1) * kInt8WordBytes,
+                             scales[w + 1], odd);
     }
-    if (w < p.words) even = word_int8_avx512(words + w * kTileRows, tables + w * kInt8WordBytes, scales[w], even);
+    if (w < p.words)
+      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, scales[w], even);
   } else {
     const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
     for (int64_t w = 0; w < p.words; ++w) {
-      const __m512i word = _mm512_loadu_si512(words + w * kTileRows);
+      const __m512i word = row_words_avx512(words + w * kTileRows, p.byte_planes);
       const float* word_tables = tables + w * kGroupsPerWord * kEntries;
       for (int j = 0; j < kGroupsPerWord; j += 2) {
         const __m512i first = _mm512_srli_epi32(word, 4 * j), second = _mm512_srli_epi32(word, 4 * j + 4);
@@ -354,25 +392,37 @@ RABIT_AVX512 void tile_avx512(const Problem& p, int64_t t, int64_t m, float* y) 
   _mm512_storeu_ps(y, sum);
 }
 
-// AVX2 int8: vpshufb looks up one 16-entry table per 128-bit lane, so the tile-word's 64 sign bytes (16 rows x 4
-// bytes) are first transposed in registers (vpshufb within lanes, vpermd across) so that a lane holds one byte
-// position of all 16 rows: A = [position 0 | position 2], B = [position 1 | position 3]. Their low and high nibbles
+// AVX2 int8: vpshufb looks up one 16-entry table per 128-bit lane, so a lane must hold one byte position of all 16
+// rows: A = [position 0 | position 2], B = [position 1 | position 3], the byte planes as stored (row words are
+// transposed in registers first: vpshufb within lanes, vpermd across). Their low and high nibbles
 // are groups [0 | 4], [1 | 5] (A) and [2 | 6], [3 | 7] (B): 4 vpshufb do the word's 512 lookups, with the tables of
 // groups j, j + 4 side by side (int8_table_offset). vpunpck + vpmaddubsw add two groups per row in int16, the lanes
 // are folded (16 rows x 8 groups <= 1016 in magnitude), and the word's scale applies in fp32.
-RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32_t* words, const int8_t* tables,
-                                                                     float scale, __m256& rows_0_7,
-                                                                     __m256& rows_8_15) {
+RABIT_AVX2 inline __attribute__((always_inline)) void byte_planes_avx2(const int32_t* words, bool byte_planes,
+                                                                       __m256i& a, __m256i& b) {
+  const __m256i low_half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+  const __m256i high_half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 8));
+  if (byte_planes) {
+    a = low_half;
+    b = high_half;
+    return;
+  }
   const __m256i transpose = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
                                              0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const __m256i interleave = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
   // rows 0-7 as [a0 a1 a2 a3 | b0 b1 b2 b3] (a_p: byte p of rows 0-3) -> [a0 b0 a1 b1 | a2 b2 a3 b3]
-  const __m256i first = _mm256_permutevar8x32_epi32(
-      _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words)), transpose), interleave);
-  const __m256i second = _mm256_permutevar8x32_epi32(
-      _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 8)), transpose), interleave);
-  const __m256i a = _mm256_unpacklo_epi64(first, second), b = _mm256_unpackhi_epi64(first, second);
+  const __m256i first = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(low_half, transpose), interleave);
+  const __m256i second = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(high_half, transpose), interleave);
+  a = _mm256_unpacklo_epi64(first, second);
+  b = _mm256_unpackhi_epi64(first, second);
+}
+
+RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32_t* words, bool byte_planes,
+                                                                     const int8_t* tables, float scale,
+                                                                     __m256& rows_0_7, __m256& rows_8_15) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
+  __m256i a, b;
+  byte_planes_avx2(words, byte_planes, a, b);
   const auto lookup = [&](int64_t pair, __m256i index) {
     return _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tables + 32 * pair)),
                                _mm256_and_si256(index, nibble));
@@ -392,6 +442,24 @@ RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32
                               rows_8_15);
 }
 
+// Rows 0-7 and 8-15 of a tile-word as row words (8 rows per vector). Byte planes A = [p0 | p2], B = [p1 | p3] of
+// 16 rows: unpacking their bytes pairs positions (0, 1) in the low lane and (2, 3) in the high one, vpermq puts
+// rows 0-3 (4-7) of both pairs in one lane, and vpshufb makes each row's 4 bytes one 32-bit word.
+RABIT_AVX2 inline __attribute__((always_inline)) void row_words_avx2(const int32_t* words, bool byte_planes,
+                                                                     __m256i* row_words) {
+  if (!byte_planes) {
+    row_words[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+    row_words[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 8));
+    return;
+  }
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + 8));
+  const __m256i gather = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                          0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+  row_words[0] = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(_mm256_unpacklo_epi8(a, b), 0xD8), gather);
+  row_words[1] = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(_mm256_unpackhi_epi8(a, b), 0xD8), gather);
+}
+
 // AVX2 fp32 (8 rows per vector): two vpermps (entries 0-7 and 8-15) and a blend on the nibble's bit 3.
 RABIT_AVX2 void dot_avx2(const Problem& p, const int32_t* words, int64_t job, float* dot) {
   if (p.int8_tables) {
@@ -399,27 +467,31 @@ RABIT_AVX2 void dot_avx2(const Problem& p, const int32_t* words, int64_t job, fl
     const float* scales = p.word_scales + job * p.words;
     __m256 rows_0_7 = _mm256_setzero_ps(), rows_8_15 = _mm256_setzero_ps();
     for (int64_t w = 0; w < p.words; ++w)
-      word_int8_avx2(words + w * kTileRows, tables + w * kInt8WordBytes, scales[w], rows_0_7, rows_8_15);
+      word_int8_avx2(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, scales[w], rows_0_7,
+                     rows_8_15);
     _mm256_storeu_ps(dot, rows_0_7);
     _mm256_storeu_ps(dot + 8, rows_8_15);
     return;
   }
   const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
-  for (int64_t half = 0; half < 2; ++half) {
-    __m256 accumulator = _mm256_setzero_ps();
-    for (int64_t w = 0; w < p.words; ++w) {
-      const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words + w * kTileRows + 8 * half));
-      const float* word_tables = tables + w * kGroupsPerWord * kEntries;
+  __m256 accumulators[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t w = 0; w < p.words; ++w) {
+    __m256i row_words[2];
+    row_words_avx2(words + w * kTileRows, p.byte_planes, row_words);
+    const float* word_tables = tables + w * kGroupsPerWord * kEntries;
+    for (int64_t half = 0; half < 2; ++half) {
+      const __m256i word = row_words[half];
       for (int j = 0; j < kGroupsPerWord; ++j) {
         const __m256i index = _mm256_srli_epi32(word, 4 * j);
         const __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries), index);
         const __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(word_tables + j * kEntries + 8), index);
         const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(word, 28 - 4 * j));
-        accumulator = _mm256_add_ps(accumulator, _mm256_blendv_ps(low, high, bit3));
+        accumulators[half] = _mm256_add_ps(accumulators[half], _mm256_blendv_ps(low, high, bit3));
       }
     }
-    _mm256_storeu_ps(dot + 8 * half, accumulator);
   }
+  _mm256_storeu_ps(dot, accumulators[0]);
+  _mm256_storeu_ps(dot + 8, accumulators[1]);
 }
 #endif
 
@@ -487,10 +559,14 @@ std::array<int64_t, 4> check_operands(const at::Tensor& x, const at::Tensor& til
     tiles += (size + kTileRows - 1) / kTileRows;
     total += size;
   }
-  TORCH_CHECK(tiled_signs.scalar_type() == at::kInt && tiled_signs.is_contiguous() &&
-                  tiled_signs.sizes() == at::IntArrayRef({paths, tiles, words, kTileRows}),
+  const bool row_words = tiled_signs.scalar_type() == at::kInt &&
+                         tiled_signs.sizes() == at::IntArrayRef({paths, tiles, words, kTileRows});
+  const bool byte_planes = tiled_signs.scalar_type() == at::kByte &&
+                           tiled_signs.sizes() == at::IntArrayRef({paths, tiles, words, 4 * kTileRows});
+  TORCH_CHECK((row_words || byte_planes) && tiled_signs.is_contiguous(),
               "rabit::lut_gemv: tiled_signs must be contiguous int32 [k=", paths, ", tiles=", tiles, ", W=", words,
-              ", 16], got ", tiled_signs.sizes());
+              ", 16] (row words) or uint8 [", paths, ", ", tiles, ", ", words, ", 64] (byte planes), got ",
+              tiled_signs.scalar_type(), " ", tiled_signs.sizes());
   TORCH_CHECK(tiled_row_scale.scalar_type() == at::kFloat && tiled_row_scale.is_contiguous() &&
                   tiled_row_scale.sizes() == at::IntArrayRef({paths, tiles, kTileRows}),
               "rabit::lut_gemv: tiled_row_scale must be contiguous float32 [k, tiles, 16]");
@@ -543,10 +619,13 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
   }
 
   const int isa = active_isa();
-  const Problem problem{rows, in_features, words, segments, paths, tiles, total, int8_tables, isa,
-                        tiled_signs.const_data_ptr<int32_t>(), tiled_row_scale.const_data_ptr<float>(),
+  const bool byte_planes = tiled_signs.scalar_type() == at::kByte;
+  const Problem problem{rows, in_features, words, segments, paths, tiles, total, int8_tables, byte_planes, isa,
+                        static_cast<const int32_t*>(tiled_signs.const_data_ptr()),
+                        tiled_row_scale.const_data_ptr<float>(),
                         has_bias ? tiled_bias->const_data_ptr<float>() : nullptr, scratch.tiles.data(),
-                        col_scale.const_data_ptr<float>(), scratch.x.data(), scratch.products.data(), scratch.exact_tables.data(),
+                        col_scale.const_data_ptr<float>(), scratch.x.data(), scratch.products.data(),
+                        scratch.exact_tables.data(),
                         scratch.int8_tables.data(), scratch.word_scales.data()};
   const TileFn tile_fn = tile_for(isa);
   const int64_t work = rows * paths * tiles * words;  // tile-words to look up

@@ -25,11 +25,14 @@ of x, sibling and path: ``16 K / 4`` entries), then shared by every output row. 
 
 The kernel reads the signs in a **tiled layout** derived once from format v1 by :func:`tiled_layout` (the on-disk
 format is unchanged): rows in tiles of 16 per sibling (zero rows pad each sibling to a multiple of 16), and within a
-tile word ``w`` of its 16 rows side by side, ``tiled_signs [k, tiles, W, 16]``, so that one 512-bit load holds one
-word of 16 rows, one row per 32-bit lane; ``g`` and ``b`` in the same tiles as fp32 (``[k, tiles, 16]``,
-``[tiles, 16]``), ``h`` as fp32 ``[S, k, K]``. The compiled graph holds these (:mod:`rabit_compiler.passes.lower`),
-so a call does no layout work; the eager op keeps them per packed tensor (:func:`cached_layout`, derived again when a
-tensor changes).
+tile the 64 bytes of word ``w`` of its 16 rows together, in one of two orders: **row words** (int32
+``[k, tiles, W, 16]``: one 512-bit load holds one row per 32-bit lane, what the AVX-512 and fp32 lookups want) or
+**byte planes** (uint8 ``[k, tiles, W, 64]``: byte position ``p`` of the 16 rows in plane ``(0, 2, 1, 3)[p]``, what
+the AVX2 int8 lookups want: each 128-bit lane one position, no transpose per word). Every path reads both orders
+(converting in registers); the backend picks the active path's (:func:`byte_planes_for`). ``g`` and ``b`` in the
+same tiles as fp32 (``[k, tiles, 16]``, ``[tiles, 16]``), ``h`` as fp32 ``[S, k, K]``. The compiled graph holds
+these (:mod:`rabit_compiler.passes.lower`), so a call does no layout work; the eager op keeps them (row words) per
+packed tensor (:func:`cached_layout`, derived again when a tensor changes).
 
 ISA paths, picked at run time from the CPU: ``"avx512"`` (AVX-512 F/BW with VBMI and VNNI), ``"avx2"`` (AVX2 and FMA;
 ``vpshufb``, one 16-entry table per 128-bit lane) and ``"portable"`` (plain C++); :func:`use_isa` forces a slower
@@ -56,6 +59,7 @@ OP_NAME = "rabit::lut_gemv"
 C_SHIM = ("AOTITorchError aoti_torch_cpu_lut_gemv(AtenTensorHandle, AtenTensorHandle, AtenTensorHandle, "
           "AtenTensorHandle, AtenTensorHandle*, const int64_t*, int64_t, int64_t, int32_t, AtenTensorHandle*)")
 TILE_ROWS = 16
+_PLANE_POSITIONS = (0, 2, 1, 3)  # byte position of each byte plane (the planes' order)
 # Largest number of rows (prod of x.shape[:-1]) for which the op's CPU kernel and the backend use this kernel; more
 # rows unpack the weight once and use the matmul library (``"dense"`` in :mod:`.cpu_lowering`). Measured (1 thread,
 # us per 576x576 layer, fp32 tables / int8 tables / dense): 8 rows 89/54/495, 32 rows 356/178/635, 64 rows 749/333/856.
@@ -103,7 +107,8 @@ def use_isa(isa: str) -> Iterator[None]:
 
 @dataclass
 class TiledLayout:
-    """A packed (siblings) layer in the kernel's layout: ``signs`` int32 ``[k, tiles, W, 16]``, ``row_scale`` fp32
+    """A packed (siblings) layer in the kernel's layout: ``signs`` int32 ``[k, tiles, W, 16]`` (row words) or
+    uint8 ``[k, tiles, W, 64]`` (byte planes), ``row_scale`` fp32
     ``[k, tiles, 16]``, ``col_scale`` fp32 ``[S, k, K]``, ``bias`` fp32 ``[tiles, 16]`` or None (zero in the
     padding rows)."""
 
@@ -127,11 +132,21 @@ def _tiles(tensor: torch.Tensor, out_features: Sequence[int], dim: int) -> torch
     return torch.cat(parts, dim)
 
 
+def byte_planes_for(table_precision: str, isa: str | None = None) -> bool:
+    """Whether the lookups of ``isa`` (default: the active path) with ``table_precision`` tables read the signs
+    as byte planes without reordering them (AVX2 int8); every other pair wants row words."""
+    return table_precision == "int8" and (isa or active_isa()) == "avx2"
+
+
 def tiled_layout(packed_signs: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                 bias: torch.Tensor | None, out_features: Sequence[int]) -> TiledLayout:
+                 bias: torch.Tensor | None, out_features: Sequence[int], byte_planes: bool = False) -> TiledLayout:
     """The kernel's layout of ``packed_signs [k, N, W]``, ``row_scale [k, N]``, ``col_scale [S, k, K]`` (or
-    ``[k, K]`` for one linear), ``bias [N]`` (siblings of ``out_features`` rows); see the module docstring."""
+    ``[k, K]`` for one linear), ``bias [N]`` (siblings of ``out_features`` rows), the signs as row words or byte
+    planes (:func:`byte_planes_for` says which a call reads fastest); see the module docstring."""
     signs = _tiles(packed_signs, out_features, 1).transpose(-1, -2).contiguous()  # [k, tiles, W, 16]
+    if byte_planes:
+        planes = signs.view(torch.uint8).unflatten(-1, (TILE_ROWS, 4)).transpose(-1, -2)  # [k, tiles, W, 4, 16]
+        signs = planes[..., list(_PLANE_POSITIONS), :].flatten(-2).contiguous()
     row_scales = _tiles(row_scale.float(), out_features, 1).contiguous()
     col_scales = col_scale.float().reshape(len(out_features), *col_scale.shape[-2:]).contiguous()
     tiled_bias = None if bias is None else _tiles(bias.float(), out_features, 0).contiguous()

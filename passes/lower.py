@@ -39,7 +39,13 @@ from rabit_compiler.kernels.cpu_lowering import (
     residual_binary_linear_cpu,
     residual_binary_linear_siblings_cpu,
 )
-from rabit_compiler.kernels.cpu_lut import DEFAULT_TABLE_PRECISION, TiledLayout, supports, tiled_layout
+from rabit_compiler.kernels.cpu_lut import (
+    DEFAULT_TABLE_PRECISION,
+    TiledLayout,
+    byte_planes_for,
+    supports,
+    tiled_layout,
+)
 from rabit_compiler.kernels.reference import accumulation_dtype
 
 from .find import GraphWeights
@@ -59,7 +65,7 @@ _LAYOUT_BUFFERS = ("signs", "row_scale", "col_scale", "bias")
 
 class LutLayoutWeights(torch.nn.Module):
     """One kernel call's packed tensors in the LUT kernel's layout (:func:`~rabit_compiler.kernels.cpu_lut.
-    tiled_layout`): buffers ``signs`` int32 ``[k, tiles, W, 16]``, ``row_scale`` fp32 ``[k, tiles, 16]``,
+    tiled_layout`): buffers ``signs`` (int32 row words or uint8 byte planes), ``row_scale`` fp32 ``[k, tiles, 16]``,
     ``col_scale`` fp32 ``[S, k, K]``, ``bias`` fp32 ``[tiles, 16]`` or None."""
 
     def __init__(self, layout: TiledLayout):
@@ -92,7 +98,8 @@ class DerivedLayout:
     def refresh(self, gm: fx.GraphModule, args: Sequence[object]) -> None:
         """Derive the layout again from the current tensors, into the same buffers."""
         tensors = (None if t is None else t.detach() for t in self.source_tensors(args))
-        gm.get_submodule(self.module_name).write(tiled_layout(*tensors, self.out_features))
+        weights = gm.get_submodule(self.module_name)
+        weights.write(tiled_layout(*tensors, self.out_features, byte_planes=weights.signs.dtype == torch.uint8))
 
 
 @dataclass
@@ -263,8 +270,9 @@ def _kernel_call(gm: fx.GraphModule, node: fx.Node, x: fx.Proxy, arguments: dict
     """``rabit::lut_gemv`` on a layout derived now into a new :class:`LutLayoutWeights` submodule of ``gm``."""
     sources = (_example(arguments[name], tracer.weights) for name in _LAYOUT_ARGS)
     module_name = unique_module_name(gm, node.name, "rabit_lut")
-    gm.add_submodule(module_name, LutLayoutWeights(tiled_layout(*(None if t is None else t.detach() for t in sources),
-                                                                out_features)))
+    tensors = (None if t is None else t.detach() for t in sources)
+    byte_planes = byte_planes_for(tables)
+    gm.add_submodule(module_name, LutLayoutWeights(tiled_layout(*tensors, out_features, byte_planes=byte_planes)))
     declare_buffers_to_dynamo(gm, module_name, _LAYOUT_BUFFERS)
     layout = {name: None if getattr(gm.get_submodule(module_name), name) is None
               else fx.Proxy(gm.graph.get_attr(f"{module_name}.{name}"), tracer)

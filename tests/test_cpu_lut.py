@@ -45,9 +45,11 @@ def expected_siblings(x, packed_signs, row_scale, col_scale, bias, in_features, 
     return torch.cat(outputs, -1), torch.cat(scales, -1)
 
 
-def run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, precision, isa, threads=1):
-    """The kernel's result, written into a NaN-poisoned output (so an element it never writes shows)."""
-    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes)
+def run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, precision, isa, threads=1,
+               byte_planes=False):
+    """The kernel's result, written into a NaN-poisoned output (so an element it never writes shows), the signs in
+    either order (every path reads both)."""
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes, byte_planes=byte_planes)
     out = torch.full((*x.shape[:-1], sum(sizes)), float("nan"), dtype=x.dtype)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -82,10 +84,10 @@ def int8_table_error_bound(x, row_scale, col_scale, in_features, sizes):
     paths=st.integers(1, 4), in_features=st.integers(1, 300),
     sizes=st.lists(st.integers(0, 70), min_size=1, max_size=3), rows=st.integers(1, 4),
     dtype=st.sampled_from(DTYPES), scale_dtype=st.sampled_from(DTYPES), bias=st.booleans(),
-    threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**31),
+    threads=st.sampled_from([1, 2]), byte_planes=st.booleans(), seed=st.integers(0, 2**31),
 )
-def test_lut_kernel_matches_float64(paths, in_features, sizes, rows, dtype, scale_dtype, bias, threads, precision,
-                                    isa, seed):
+def test_lut_kernel_matches_float64(paths, in_features, sizes, rows, dtype, scale_dtype, bias, threads, byte_planes,
+                                    precision, isa, seed):
     """fp32 tables: within fp32 accumulation error of the float64 reference (the bound of the sign-flip kernel,
     ``tests/reference.py``); int8 tables: within that plus the table-rounding bound of
     :func:`int8_table_error_bound`. Every output is written (poisoned first)."""
@@ -93,7 +95,8 @@ def test_lut_kernel_matches_float64(paths, in_features, sizes, rows, dtype, scal
     packed_signs, row_scale, col_scale, bias_values = random_siblings(paths, sizes, in_features, bias, scale_dtype,
                                                                       generator)
     x = torch.randn(rows, in_features, generator=generator).to(dtype)
-    out = run_kernel(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes, precision, isa, threads)
+    out = run_kernel(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes, precision, isa, threads,
+                     byte_planes)
     expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes)
     assert out.shape == expected.shape and out.dtype == dtype
     if precision == "fp32":
@@ -108,7 +111,8 @@ def test_lut_kernel_matches_float64(paths, in_features, sizes, rows, dtype, scal
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("scale_dtype", DTYPES)
-def test_fp32_tables_are_exact_on_integers(isa, scale_dtype):
+@pytest.mark.parametrize("byte_planes", [False, True])
+def test_fp32_tables_are_exact_on_integers(isa, scale_dtype, byte_planes):
     """Integer-valued x, h, g and bias keep every table entry and partial sum an exact fp32 integer (all below
     2^24): the result equals the float64 reference bit for bit, so one misread nibble anywhere shows. The layer is
     large enough for the kernel to use both threads."""
@@ -119,13 +123,15 @@ def test_fp32_tables_are_exact_on_integers(isa, scale_dtype):
     col_scale = torch.randint(-3, 4, (len(sizes), paths, in_features), generator=generator).to(scale_dtype)
     bias = torch.randint(-50, 51, (sum(sizes),), generator=generator).float()
     x = torch.randint(-4, 5, (4, in_features), generator=generator).float()
-    out = run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, "fp32", isa, threads=2)
+    out = run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, "fp32", isa, threads=2,
+                     byte_planes=byte_planes)
     expected, _ = expected_siblings(x, packed_signs, row_scale, col_scale, bias, in_features, sizes)
     assert torch.equal(out.double(), expected)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_int8_lookups_read_the_right_entries(isa):
+@pytest.mark.parametrize("byte_planes", [False, True])
+def test_int8_lookups_read_the_right_entries(isa, byte_planes):
     """One nonzero column per group of 4, at position ``q mod 4`` in group q, with h = g = 1 and the same integer
     value ``a`` in every group of a word (int8 tables have one scale per word): each table is ``+-a``, the word's
     largest entry, which int8 stores exactly (``+-127``, scale ``a/127``).
@@ -137,7 +143,8 @@ def test_int8_lookups_read_the_right_entries(isa):
     row_scale, col_scale = torch.ones(2, sum(sizes)), torch.ones(len(sizes), 2, in_features)
     columns = torch.arange(in_features)
     x = torch.where(columns % 4 == (columns // 4) % 4, 1.0 + (columns // 32) % 7, 0.0).repeat(2, 1)
-    out = run_kernel(x, packed_signs, row_scale, col_scale, None, in_features, sizes, "int8", isa)
+    out = run_kernel(x, packed_signs, row_scale, col_scale, None, in_features, sizes, "int8", isa,
+                     byte_planes=byte_planes)
     expected, _ = expected_siblings(x, packed_signs, row_scale, col_scale, None, in_features, sizes)
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-4)
 
@@ -148,7 +155,7 @@ def test_tiled_layout_places_each_word():
     generator = torch.Generator().manual_seed(2)
     sizes = [20, 3]
     packed_signs, row_scale, col_scale, bias = random_siblings(2, sizes, 70, True, torch.float16, generator)
-    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes, byte_planes=False)
     assert layout.signs.shape == (2, 3, 3, 16) and layout.row_scale.shape == (2, 3, 16)
     assert torch.equal(layout.signs[:, 1, :, 3], packed_signs[:, 19])
     assert torch.equal(layout.signs[:, 2, :, 2], packed_signs[:, 22])
@@ -158,6 +165,21 @@ def test_tiled_layout_places_each_word():
     assert layout.col_scale.dtype == torch.float32 and torch.equal(layout.col_scale, col_scale.float())
     unpacked = unpack_signs(layout.signs.transpose(-1, -2), 70)
     assert unpacked.shape == (2, 3, 16, 70)
+
+
+def test_byte_planes_hold_each_byte_position():
+    """Byte planes: ``signs[i, t, w, 16 plane + r]`` is byte ``(0, 2, 1, 3)[plane]`` of the row word
+    ``[i, t, w, r]``; byte planes are the order of AVX2 with int8 tables only."""
+    generator = torch.Generator().manual_seed(4)
+    sizes = [20, 3]
+    packed_signs, row_scale, col_scale, bias = random_siblings(3, sizes, 70, True, torch.float32, generator)
+    words = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes, byte_planes=False).signs
+    planes = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes, byte_planes=True).signs
+    assert planes.dtype == torch.uint8 and planes.shape == (3, 3, 3, 64)
+    for plane, position in enumerate((0, 2, 1, 3)):
+        assert torch.equal(planes[..., 16 * plane:16 * (plane + 1)].long(), (words.long() >> (8 * position)) & 255)
+    assert [cpu_lut.byte_planes_for(precision, isa) for precision in cpu_lut.TABLE_PRECISIONS
+            for isa in cpu_lut.ISA_PATHS] == [False, False, False, False, True, False]
 
 
 def test_opcheck():
