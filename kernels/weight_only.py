@@ -24,15 +24,23 @@ The CPU kernel (:file:`weight_only.cpp`, few rows) streams ``qweight`` once, in 
 AVX-512, AVX2 and portable paths, chosen when the C++ is built (Inductor's toolchain) from the ISA Inductor detects
 (the AVX-512 build takes the AVX2 integer path on a CPU without VNNI); tests build all three. More rows, or another
 device, take the reference (dequantize once, one matmul).
+
+Two operators: ``rabit::weight_only_linear`` (a Python custom op: any rows, any device, with autograd) and
+``rabit::weight_only_gemv`` (C++, :file:`weight_only_op.cpp`: the decode kernel alone, at most
+:data:`KERNEL_MAX_ROWS` CPU rows, with an AOTInductor C shim), which the CPU lowering puts in a decode graph so that
+a compiled step calls the head without Python (:func:`load_operator` builds it and registers the kernel).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import cpp_build
 
 BLOCK = 32
 QMAX = {8: 127, 4: 7}
@@ -245,6 +253,50 @@ def _check_inputs(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, b
     torch._check(scale.shape == (qweight.shape[0], groups), lambda: f"scale must be [N, {groups}]")
     if bias is not None:
         torch._check(bias.shape == qweight.shape[:1], lambda: "bias must be [N]")
+
+
+GEMV_OP_NAME = "rabit::weight_only_gemv"
+# the C++ operator's AOTInductor C shim (weight_only_op.cpp), for aot_inductor.custom_ops_to_c_shims
+GEMV_C_SHIM = ("AOTITorchError aoti_torch_cpu_weight_only_gemv(AtenTensorHandle, AtenTensorHandle, AtenTensorHandle, "
+               "AtenTensorHandle*, int64_t, int64_t, int64_t, int32_t, AtenTensorHandle*)")
+_OPERATOR_SOURCE = Path(__file__).with_name("weight_only_op.cpp")
+_REGISTERED: dict[tuple[int, torch.dtype], ctypes.CDLL] = {}
+
+
+def _gemv_fake(x, qweight, scale, bias, bits, group_size, in_features, int8_activations):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def load_library() -> ctypes.CDLL:
+    """Build if needed and load ``rabit::weight_only_gemv`` (idempotent, :mod:`.cpp_build`), with no kernel
+    registered yet (:func:`load_operator`); the library."""
+    return cpp_build.load_library(_OPERATOR_SOURCE, "weight-only operator", {GEMV_OP_NAME: _gemv_fake})
+
+
+def load_operator(bits: int, scale_dtype: torch.dtype) -> None:
+    """:func:`load_library`, and register the kernel for ``bits`` and ``scale_dtype`` scales, built for this CPU
+    (idempotent)."""
+    check_scheme(bits, None)
+    if scale_dtype not in _CPP_SCALE_TYPES:
+        raise TypeError(f"scale must be fp32, fp16 or bf16, got {scale_dtype}")
+    library = load_library()
+    if (bits, scale_dtype) not in _REGISTERED:
+        kernel = ctypes.CDLL(_built_kernel(bits, native_isa(), scale_dtype).__self__.__file__)
+        address = ctypes.cast(kernel.kernel, ctypes.c_void_p).value
+        library.rabit_weight_only_register.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        if library.rabit_weight_only_register(bits, list(_CPP_SCALE_TYPES).index(scale_dtype), address) != 0:
+            raise RuntimeError(f"rabit: registering the weight-only kernel for bits={bits}, {scale_dtype} failed")
+        _REGISTERED[(bits, scale_dtype)] = kernel
+
+
+def gemv_takes(x: torch.Tensor | None, qweight: torch.Tensor | None, scale: torch.Tensor | None) -> bool:
+    """``rabit::weight_only_gemv`` takes these (examples of a graph's tensors): CPU tensors, ``x`` of a kernel dtype
+    with a static shape of at most :data:`KERNEL_MAX_ROWS` rows, scales of a kernel dtype."""
+    if x is None or qweight is None or scale is None:
+        return False
+    static = all(isinstance(size, int) for size in x.shape)
+    return (static and x.device.type == "cpu" and qweight.device.type == "cpu" and x.dtype in _CPP_SCALE_TYPES
+            and scale.dtype in _CPP_SCALE_TYPES and x.numel() <= KERNEL_MAX_ROWS * max(x.shape[-1], 1))
 
 
 @torch.library.custom_op("rabit::weight_only_linear", mutates_args=())

@@ -17,8 +17,10 @@ at compile time (a symbolic row count uses its size hint, the example the graph 
 
 Every form is correct for every row count; only its speed depends on the rows.
 
-With int8 tables, the weight-only LM head (``rabit::weight_only_linear``) is told to take the same integer
-arithmetic: its decode kernel rounds ``x`` to int8 per 32 columns (:mod:`rabit_compiler.kernels.weight_only`).
+A weight-only LM head call (``rabit::weight_only_linear``, a Python custom op) with a static ``x`` of few CPU rows
+becomes ``rabit::weight_only_gemv``, the C++ operator of its decode kernel (no Python in the call); with int8
+tables, either takes the same integer arithmetic: its decode kernel rounds ``x`` to int8 per 32 columns
+(:mod:`rabit_compiler.kernels.weight_only`).
 
 Use: ``lower_for_cpu(gm, example_inputs)`` after freeze/fuse and before ``compile_fx``. Calls that cannot be
 lowered (a CUDA tensor, an ``x`` whose dtype and shape are unknown) are left as they are, with the reason
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from rabit_compiler.kernels import cpu_lut
+from rabit_compiler.kernels import cpu_lut, weight_only
 from rabit_compiler.kernels.cpu_lowering import (
     cpu_form,
     residual_binary_linear_cpu,
@@ -337,21 +339,28 @@ def lower_for_cpu(
         x = _example(arguments["x"], weights)
         chosen = _form(arguments, weights, x, form)
         calls.append(LoweredCall(node.name, form=chosen, layout=_lower(gm, node, tracer, x, chosen, tables)))
-    if tables == "int8":
-        _int8_head_activations(gm)
+    _lower_heads(gm, weights, tables)
     if calls:
         finish(gm)  # a packed-weights module the graph no longer reads leaves gm (not a graph input any more)
     return calls
 
 
-def _int8_head_activations(gm: fx.GraphModule) -> None:
-    """Every ``rabit::weight_only_linear`` call of ``gm`` takes ``int8_activations=True``."""
+def _lower_heads(gm: fx.GraphModule, weights: GraphWeights, tables: str) -> None:
+    """Every ``rabit::weight_only_linear`` call of ``gm``: ``rabit::weight_only_gemv`` where that takes its tensors
+    (:func:`~rabit_compiler.kernels.weight_only.gemv_takes`); ``int8_activations=True`` with int8 tables."""
     changed = 0
     for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node.target) == "rabit::weight_only_linear":
-            node.args = node.args[:7]
-            node.kwargs = {**node.kwargs, "int8_activations": True}
-            changed += 1
+        if node.op != "call_function" or op_name(node.target) != "rabit::weight_only_linear":
+            continue
+        arguments = _call_arguments(node)
+        x, qweight, scale = (_example(arguments[name], weights) for name in ("x", "qweight", "scale"))
+        if weight_only.gemv_takes(x, qweight, scale):
+            weight_only.load_operator(arguments["bits"], scale.dtype)
+            node.target = torch.ops.rabit.weight_only_gemv.default
+        node.args = tuple(arguments[name] for name in ("x", "qweight", "scale", "bias", "bits", "group_size",
+                                                       "in_features"))
+        node.kwargs = {"int8_activations": tables == "int8" or bool(arguments["int8_activations"])}
+        changed += 1
     if changed:
-        logger.info("rabit: %d weight-only head calls take int8 activations (int8 tables)", changed)
+        logger.info("rabit: %d weight-only head calls lowered (%s tables)", changed, tables)
         gm.recompile()

@@ -8,9 +8,8 @@ per kernel). :class:`AOTDecoder` captures the decode step once through Dynamo, r
 :func:`~rabit_compiler.backend.prepare_graph`),
 exports the result with every weight as a constant and only the tokens and the static KV cache as inputs, and
 compiles it with AOTInductor into one shared library whose wrapper is C++; it calls the CPU kernels' operators
-(``rabit::lut_gemv``, ``rabit::decode_attention``) through their C shims, not through a boxed dispatcher call. A
-weight-only LM head (``rabit::weight_only_linear``) is still a Python custom op: the library calls back into it
-once per step.
+(``rabit::lut_gemv``, ``rabit::decode_attention`` and, for a weight-only LM head, ``rabit::weight_only_gemv``)
+through their C shims, not through a boxed dispatcher call: no Python runs between the token and the logits.
 
 The library reads the model's tensors in place (they are not copied) together with layouts derived from them when
 it is built: do not change the model's weights afterwards (build a new decoder). The prompt is prefilled by the
@@ -33,7 +32,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from rabit_compiler.backend import prepare_graph
-from rabit_compiler.kernels import cpu_attention, cpu_lut
+from rabit_compiler.kernels import cpu_attention, cpu_lut, weight_only
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -47,8 +46,10 @@ def _c_shims() -> dict[torch._ops.OpOverload, list[str]]:
     them directly instead of through the proxy executor's boxed call."""
     cpu_lut.load_library()
     cpu_attention.load_library()
+    weight_only.load_library()
     return {torch.ops.rabit.lut_gemv.default: [cpu_lut.C_SHIM],
-            torch.ops.rabit.decode_attention.default: [cpu_attention.C_SHIM]}
+            torch.ops.rabit.decode_attention.default: [cpu_attention.C_SHIM],
+            torch.ops.rabit.weight_only_gemv.default: [weight_only.GEMV_C_SHIM]}
 
 
 def compile_step(step: torch.nn.Module, example_args: tuple[torch.Tensor, ...], package_path: str | None = None

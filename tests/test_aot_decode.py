@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rabit_compiler.kernels import weight_only
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -24,10 +25,10 @@ SHAPES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden
               num_key_value_heads=2, bos_token_id=0, eos_token_id=None)  # generate never stops early
 
 
-def packed(model_class, config) -> torch.nn.Module:
+def packed(model_class, config, head: str = "fp") -> torch.nn.Module:
     torch.manual_seed(0)
     model = model_class(config).eval()
-    rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, layer_paths={"*.down_proj": 3}), progress=False)
+    rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, layer_paths={"*.down_proj": 3}, head=head), progress=False)
     return model
 
 
@@ -76,6 +77,25 @@ def test_qwen2_with_qkv_bias_at_batch_2():
     decoder = rabit.AOTDecoder(packed(Qwen2ForCausalLM, Qwen2Config(**SHAPES)), max_cache_len=CACHE, batch_size=2,
                          options={"cpu_tables": "fp32"})
     check_steps_match_eager(decoder, batch=2, seed=3)
+
+
+def test_a_weight_only_head_is_called_without_python(monkeypatch):
+    """An int8 head in the step is the C++ operator ``rabit::weight_only_gemv`` called through its C shim: the
+    steps match the eager model (which runs the same kernel from Python) while the Python kernel entry raises."""
+    model = packed(LlamaForCausalLM, LlamaConfig(**SHAPES), head="int8")
+    decoder = rabit.AOTDecoder(model, max_cache_len=CACHE, batch_size=2, options={"cpu_tables": "fp32"})
+    generator = torch.Generator().manual_seed(4)
+    prompt = torch.randint(2, VOCAB, (2, 5), generator=generator)
+    tokens = [torch.randint(2, VOCAB, (2, 1), generator=generator) for _ in range(6)]
+    expected = eager_steps(model, prompt, tokens)
+    decoder.prefill(prompt)
+
+    def python_kernel(*args, **kwargs):
+        raise AssertionError("the compiled step called the head's Python kernel")
+
+    monkeypatch.setattr(weight_only, "weight_only_linear_kernel", python_kernel)
+    for token, reference in zip(tokens, expected, strict=True):
+        torch.testing.assert_close(decoder.step(token), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_and_a_full_cache_raise(llama_decoder):

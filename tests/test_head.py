@@ -13,6 +13,7 @@ from rabit_compiler.kernels.weight_only import (
     QMAX,
     dequantize_activations,
     dequantize_weight_only,
+    load_operator,
     native_isa,
     pack_int4,
     quantize_activations,
@@ -125,7 +126,54 @@ def test_int8_activation_kernel_matches_float64_reference_on_every_isa(scheme, n
     assert torch.equal(via_op, outputs[native_isa()])
 
 
-def test_int8_tables_give_the_head_int8_activations_in_the_cpu_lowering():
+@given(scheme=SCHEMES, n=st.integers(1, 70), k=st.integers(1, 200), shape=st.sampled_from([(1,), (4,), (1, 1), (2, 2)]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), bias=st.booleans(),
+       scale_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), int8_activations=st.booleans(),
+       threads=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_cpp_operator_is_the_kernel(scheme, n, k, shape, dtype, bias, scale_dtype, int8_activations, threads, seed):
+    """``rabit::weight_only_gemv`` (C++, no Python in the call) returns what the kernel writes into a NaN-poisoned
+    output, bit for bit, in x's dtype and shape: the same kernel, whose accuracy the tests above bound."""
+    bits, group_size = scheme
+    generator = torch.Generator().manual_seed(seed)
+    quantized = quantize_weight_only(torch.randn(n, k, generator=generator), bits, group_size, scale_dtype)
+    x = torch.randn(*shape, k, generator=generator).to(dtype)
+    b = torch.randn(n, generator=generator) if bias else None
+    load_operator(bits, scale_dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        via_cpp = torch.ops.rabit.weight_only_gemv(x, quantized.qweight, quantized.scale, b, bits, group_size or 0, k,
+                                                   int8_activations)
+        out = torch.full((x.numel() // k, n), float("nan"))
+        weight_only_linear_kernel(x, quantized.qweight, quantized.scale, b, bits, group_size, k, threads=threads,
+                                  out=out, int8_activations=int8_activations)
+    finally:
+        torch.set_num_threads(previous)
+    assert via_cpp.shape == (*shape, n) and via_cpp.dtype == dtype
+    assert torch.equal(via_cpp, out.to(dtype).reshape(*shape, n))
+
+
+def test_cpp_operator_refuses_bad_inputs():
+    quantized = quantize_weight_only(torch.randn(8, 64), 8, None)
+    load_operator(8, quantized.scale.dtype)
+    gemv = torch.ops.rabit.weight_only_gemv
+    with pytest.raises(RuntimeError, match="at most 4 rows"):
+        gemv(torch.randn(5, 64), quantized.qweight, quantized.scale, None, 8, 0, 64, False)
+    with pytest.raises(RuntimeError, match="x must be"):
+        gemv(torch.randn(1, 63), quantized.qweight, quantized.scale, None, 8, 0, 64, False)
+    with pytest.raises(RuntimeError, match="qweight must be"):
+        gemv(torch.randn(1, 64), quantized.qweight, quantized.scale, None, 4, 0, 64, False)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        gemv(torch.randn(1, 64), quantized.qweight, quantized.scale[:4], None, 8, 0, 64, False)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        gemv(torch.randn(1, 64), quantized.qweight, quantized.scale, torch.randn(7), 8, 0, 64, False)
+    torch.library.opcheck(torch.ops.rabit.weight_only_gemv.default,
+                          (torch.randn(2, 64), quantized.qweight, quantized.scale, torch.randn(8), 8, 0, 64, True))
+
+
+def test_cpu_lowering_calls_the_cpp_operator_with_the_tables_arithmetic():
+    """A head call with few static CPU rows becomes ``rabit::weight_only_gemv``, int8 activations with int8 tables;
+    more rows keep the Python op (any rows)."""
     from rabit_compiler.passes.lower import lower_for_cpu
 
     torch.manual_seed(0)
@@ -138,7 +186,15 @@ def test_int8_tables_give_the_head_int8_activations_in_the_cpu_lowering():
     for tables, expected in (("fp32", exact), ("int8", rounded)):
         gm = torch.fx.symbolic_trace(head)
         lower_for_cpu(gm, [x], tables=tables)
+        targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+        assert targets == ["rabit.weight_only_gemv.default"], targets
         assert torch.equal(gm(x), expected), tables
+    many = torch.randn(9, 100)
+    gm = torch.fx.symbolic_trace(head)
+    lower_for_cpu(gm, [many], tables="int8")
+    assert [str(node.target).removesuffix(".default") for node in gm.graph.nodes
+            if node.op == "call_function"] == ["rabit.weight_only_linear"]
+    assert torch.equal(gm(many), head(many))
 
 
 def test_op_gradients_and_many_rows_match_the_dequantized_linear():
