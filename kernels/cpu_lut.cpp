@@ -327,10 +327,6 @@ constexpr RowOrder row_order() {
 }
 constexpr RowOrder kRowOrder = row_order();
 
-// AVX-512: a vector holds one word of each of the tile's 16 rows (one row per 32-bit lane). int8: the low nibbles of
-// its 4 bytes are groups 0, 2, 4, 6 of the word; adding 16 * byte position makes them indices into one 64-byte
-// vector of those 4 tables (vpermb: 64 lookups), and vpdpbusd adds each lane's 4 bytes into its int32 sum. The
-// high nibbles do the same with the odd groups' tables. fp32: vpermps looks up 16 rows of one group at a time.
 // One tile-word as row words (one row per 32-bit lane); byte planes are reordered by one vpermb.
 RABIT_AVX512 inline __attribute__((always_inline)) __m512i row_words_avx512(const int32_t* words, bool byte_planes) {
   const __m512i loaded = _mm512_loadu_si512(words);
@@ -338,6 +334,10 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512i row_words_avx512(cons
   return _mm512_permutexvar_epi8(_mm512_load_si512(kRowOrder.index), loaded);
 }
 
+// AVX-512: a vector holds one word of each of the tile's 16 rows (one row per 32-bit lane). int8: the low nibbles of
+// its 4 bytes are groups 0, 2, 4, 6 of the word; adding 16 * byte position makes them indices into one 64-byte
+// vector of those 4 tables (vpermb: 64 lookups), and vpdpbusd adds each lane's 4 bytes into its int32 sum. The
+// high nibbles do the same with the odd groups' tables. fp32: vpermps looks up 16 rows of one group at a time.
 RABIT_AVX512 inline __attribute__((always_inline)) __m512 word_int8_avx512(const int32_t* words, bool byte_planes,
                                                                           const int8_t* tables, float scale,
                                                                           __m512 accumulator) {
@@ -392,12 +392,8 @@ RABIT_AVX512 void tile_avx512(const Problem& p, int64_t t, int64_t m, float* y) 
   _mm512_storeu_ps(y, sum);
 }
 
-// AVX2 int8: vpshufb looks up one 16-entry table per 128-bit lane, so a lane must hold one byte position of all 16
-// rows: A = [position 0 | position 2], B = [position 1 | position 3], the byte planes as stored (row words are
-// transposed in registers first: vpshufb within lanes, vpermd across). Their low and high nibbles
-// are groups [0 | 4], [1 | 5] (A) and [2 | 6], [3 | 7] (B): 4 vpshufb do the word's 512 lookups, with the tables of
-// groups j, j + 4 side by side (int8_table_offset). vpunpck + vpmaddubsw add two groups per row in int16, the lanes
-// are folded (16 rows x 8 groups <= 1016 in magnitude), and the word's scale applies in fp32.
+// The byte planes A = [position 0 | position 2], B = [position 1 | position 3] of a tile-word: loaded as stored, or
+// row words transposed in registers (vpshufb within lanes, vpermd across, vpunpck*qdq).
 RABIT_AVX2 inline __attribute__((always_inline)) void byte_planes_avx2(const int32_t* words, bool byte_planes,
                                                                        __m256i& a, __m256i& b) {
   const __m256i low_half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words));
@@ -417,6 +413,11 @@ RABIT_AVX2 inline __attribute__((always_inline)) void byte_planes_avx2(const int
   b = _mm256_unpackhi_epi64(first, second);
 }
 
+// AVX2 int8: vpshufb looks up one 16-entry table per 128-bit lane, so a lane must hold one byte position of all 16
+// rows: the byte planes A = [position 0 | position 2], B = [position 1 | position 3] (byte_planes_avx2). Their low
+// and high nibbles are groups [0 | 4], [1 | 5] (A) and [2 | 6], [3 | 7] (B): 4 vpshufb do the word's 512 lookups,
+// with the tables of groups j, j + 4 side by side (int8_table_offset). vpunpck + vpmaddubsw add two groups per row
+// in int16, the lanes are folded (16 rows x 8 groups <= 1016 in magnitude), and the word's scale applies in fp32.
 RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32_t* words, bool byte_planes,
                                                                      const int8_t* tables, float scale,
                                                                      __m256& rows_0_7, __m256& rows_8_15) {
