@@ -289,14 +289,20 @@ def load_operator(bits: int, scale_dtype: torch.dtype) -> None:
         _REGISTERED[(bits, scale_dtype)] = kernel
 
 
+def _kernel_takes(x: torch.Tensor, scale: torch.Tensor, in_features: int) -> bool:
+    """The C++ kernel takes these: a CPU ``x`` of at most :data:`KERNEL_MAX_ROWS` rows, ``x`` and scales of a
+    kernel dtype."""
+    return (x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * max(in_features, 1)
+            and x.dtype in _CPP_SCALE_TYPES and scale.dtype in _CPP_SCALE_TYPES)
+
+
 def gemv_takes(x: torch.Tensor | None, qweight: torch.Tensor | None, scale: torch.Tensor | None) -> bool:
-    """``rabit::weight_only_gemv`` takes these (examples of a graph's tensors): CPU tensors, ``x`` of a kernel dtype
-    with a static shape of at most :data:`KERNEL_MAX_ROWS` rows, scales of a kernel dtype."""
+    """``rabit::weight_only_gemv`` takes these (examples of a graph's tensors): what the kernel takes
+    (:func:`_kernel_takes`), with ``x`` of a static shape and ``qweight`` on the CPU."""
     if x is None or qweight is None or scale is None:
         return False
     static = all(isinstance(size, int) for size in x.shape)
-    return (static and x.device.type == "cpu" and qweight.device.type == "cpu" and x.dtype in _CPP_SCALE_TYPES
-            and scale.dtype in _CPP_SCALE_TYPES and x.numel() <= KERNEL_MAX_ROWS * max(x.shape[-1], 1))
+    return static and qweight.device.type == "cpu" and _kernel_takes(x, scale, x.shape[-1])
 
 
 @torch.library.custom_op("rabit::weight_only_linear", mutates_args=())
@@ -308,8 +314,7 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     integer arithmetic), else the reference; other devices: the reference (dequantize + one matmul). The
     reference, and so any call of more rows, keeps ``x`` as it is: int8 activations are a decode-kernel mode."""
     _check_inputs(x, qweight, scale, bias, bits, group_size, in_features)
-    few_rows = x.numel() <= KERNEL_MAX_ROWS * max(in_features, 1)
-    if x.device.type == "cpu" and few_rows and x.dtype in _CPP_SCALE_TYPES and scale.dtype in _CPP_SCALE_TYPES:
+    if _kernel_takes(x, scale, in_features):
         return weight_only_linear_kernel(x, qweight, scale, bias, bits, group_size or None, in_features,
                                          int8_activations=int8_activations)
     return weight_only_linear_reference(x, qweight, scale, bias, bits, group_size or None, in_features)

@@ -46,10 +46,11 @@ def _c_shims() -> dict[torch._ops.OpOverload, list[str]]:
     them directly instead of through the proxy executor's boxed call."""
     cpu_lut.load_library()
     cpu_attention.load_library()
-    weight_only.load_library()
-    return {torch.ops.rabit.lut_gemv.default: [cpu_lut.C_SHIM],
-            torch.ops.rabit.decode_attention.default: [cpu_attention.C_SHIM],
-            torch.ops.rabit.weight_only_gemv.default: [weight_only.GEMV_C_SHIM]}
+    shims = {torch.ops.rabit.lut_gemv.default: [cpu_lut.C_SHIM],
+             torch.ops.rabit.decode_attention.default: [cpu_attention.C_SHIM]}
+    if hasattr(torch.ops.rabit, "weight_only_gemv"):  # loaded by the CPU lowering for a weight-only head
+        shims[torch.ops.rabit.weight_only_gemv.default] = [weight_only.GEMV_C_SHIM]
+    return shims
 
 
 def compile_step(step: torch.nn.Module, example_args: tuple[torch.Tensor, ...], package_path: str | None = None
