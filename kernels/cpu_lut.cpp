@@ -524,17 +524,17 @@ void write_rows(const float* values, int64_t count, out_t* out) {
   for (int64_t r = 0; r < count; ++r) out[r] = static_cast<out_t>(values[r]);
 }
 
-// Output rows of tile t for every row m of x.
-void compute_tile(const Problem& p, int64_t t, TileFn tile_fn, at::Tensor& out) {
+// Output rows of tile t for every row m of x, into out (scalar type out_type, [rows, out_features]).
+void compute_tile(const Problem& p, int64_t t, TileFn tile_fn, at::ScalarType out_type, void* out) {
   const Tile& tile = p.tile_map[t];
   alignas(64) float y[kTileRows];
   for (int64_t m = 0; m < p.rows; ++m) {
     tile_fn(p, t, m, y);
     const int64_t offset = m * p.out_features + tile.first_row;
-    switch (out.scalar_type()) {
-      case at::kFloat: write_rows(y, tile.rows, out.data_ptr<float>() + offset); break;
-      case at::kHalf: write_rows(y, tile.rows, out.data_ptr<at::Half>() + offset); break;
-      default: write_rows(y, tile.rows, out.data_ptr<at::BFloat16>() + offset); break;
+    switch (out_type) {
+      case at::kFloat: write_rows(y, tile.rows, static_cast<float*>(out) + offset); break;
+      case at::kHalf: write_rows(y, tile.rows, static_cast<at::Half*>(out) + offset); break;
+      default: write_rows(y, tile.rows, static_cast<at::BFloat16*>(out) + offset); break;
     }
   }
 }
@@ -599,7 +599,6 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
 
   Scratch& scratch = t_scratch;
   const int64_t padded = words * kWordColumns, segments = col_scale.size(0), jobs = rows * segments * paths;
-  grow(scratch.x, rows * padded);
   grow(scratch.products, jobs * padded);
   grow(scratch.tiles, tiles);
   if (int8_tables) {
@@ -608,9 +607,18 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
   } else {
     grow(scratch.exact_tables, jobs * words * kGroupsPerWord * kEntries);
   }
-  for (int64_t m = 0; m < rows; ++m) {
-    to_float(input, m * in_features, in_features, scratch.x.data() + m * padded);
-    std::fill(scratch.x.data() + m * padded + in_features, scratch.x.data() + (m + 1) * padded, 0.0f);
+  // The tables read x as fp32 rows of 32 W columns: float32 input with K = 32 W is read in place, any other is
+  // converted and zero-padded into scratch.
+  const float* x_rows = nullptr;
+  if (input.scalar_type() == at::kFloat && padded == in_features) {
+    x_rows = input.const_data_ptr<float>();
+  } else {
+    grow(scratch.x, rows * padded);
+    for (int64_t m = 0; m < rows; ++m) {
+      to_float(input, m * in_features, in_features, scratch.x.data() + m * padded);
+      std::fill(scratch.x.data() + m * padded + in_features, scratch.x.data() + (m + 1) * padded, 0.0f);
+    }
+    x_rows = scratch.x.data();
   }
   int64_t t = 0, first_row = 0;
   for (int64_t s = 0; s < segments; ++s) {
@@ -625,10 +633,12 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
                         static_cast<const int32_t*>(tiled_signs.const_data_ptr()),
                         tiled_row_scale.const_data_ptr<float>(),
                         has_bias ? tiled_bias->const_data_ptr<float>() : nullptr, scratch.tiles.data(),
-                        col_scale.const_data_ptr<float>(), scratch.x.data(), scratch.products.data(),
+                        col_scale.const_data_ptr<float>(), x_rows, scratch.products.data(),
                         scratch.exact_tables.data(),
                         scratch.int8_tables.data(), scratch.word_scales.data()};
   const TileFn tile_fn = tile_for(isa);
+  const at::ScalarType out_type = out.scalar_type();
+  void* out_data = out.data_ptr();
   const int64_t work = rows * paths * tiles * words;  // tile-words to look up
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                                               work / kMinWorkPerThread)));
@@ -637,7 +647,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job);
 #pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, tile_fn, out);
+    for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, tile_fn, out_type, out_data);
   }
   return out;
 }

@@ -81,7 +81,9 @@ def int8_table_error_bound(x, row_scale, col_scale, in_features, sizes):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("precision", cpu_lut.TABLE_PRECISIONS)
 @given(
-    paths=st.integers(1, 4), in_features=st.integers(1, 300),
+    paths=st.integers(1, 4),
+    # whole words (fp32 x is then read in place) as well as any other width (converted and zero-padded)
+    in_features=st.one_of(st.integers(1, 300), st.integers(1, 9).map(lambda words: 32 * words)),
     sizes=st.lists(st.integers(0, 70), min_size=1, max_size=3), rows=st.integers(1, 4),
     dtype=st.sampled_from(DTYPES), scale_dtype=st.sampled_from(DTYPES), bias=st.booleans(),
     threads=st.sampled_from([1, 2]), byte_planes=st.booleans(), seed=st.integers(0, 2**31),
