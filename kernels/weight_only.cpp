@@ -307,7 +307,9 @@ RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, co
 // unrolled (kRows) and two accumulators per row (even and odd blocks), so that consecutive FMAs do not wait on each
 // other; a scale per row (kPerRow) applies once at the end; the weights are prefetched kPrefetchBytes ahead. int4
 // weights: two blocks per vector (32 packed bytes, the operands of prepare_steps), low and high nibbles' vpmaddubsw
-// added in int16 (at most 2 * 2 * 15 * 127 = 7620) before one vpmaddwd.
+// added in int16 (at most 2 * 2 * 15 * 127 = 7620) before one vpmaddwd; with a group of one block, the scales of
+// 4 vectors come in one load (8 fp16 -> fp32 by F16C) and move onto their lanes by vpermps, where a scalar load and
+// conversion per block left the path compute-bound; short rows go two at a time (kCols), sharing the x operands.
 #if RABIT_ISA >= 1
 #if RABIT_BITS == 8
 template <typename scale_t, int kRows, bool kPerRow>
@@ -372,9 +374,99 @@ void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_
 }
 #endif
 
+#if RABIT_BITS == 4
+// 8 consecutive scales as floats (F16C for fp16; bf16 is the high half of an fp32)
+inline __m256 load_scales8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_scales8(const at::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load_scales8(const at::BFloat16* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// kCols consecutive weight rows (n, n + 1) against kRows rows of x; total_out[c * kMaxRows + m]
+template <typename scale_t, int kRows, int kCols>
+void gemv_int4x_avx2_rows(const Activations& a, const uint8_t* row, const scale_t* row_scale, float* total_out,
+                          int64_t in_features, int64_t group_size, int64_t groups) {
+    const int64_t bytes_per_row = row_bytes(in_features), pairs = (bytes_per_row + 31) / 32, last_group = groups - 1;
+    const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const int8_t* low_operand = a.operand.data();
+    const int8_t* high_operand = a.high.data();
+    const int32_t* offset = a.offset.data();
+    const float* step = a.step.data();
+    const int64_t operand_stride = a.steps * 64;
+    __m256 sums[kCols][kRows];
+    for (int c = 0; c < kCols; ++c)
+        for (int m = 0; m < kRows; ++m) sums[c][m] = _mm256_setzero_ps();
+    // pair p: 32 packed bytes, blocks 2p (lanes 0-3) and 2p + 1 (lanes 4-7), each lane's scale in s[c]
+    const auto accumulate = [&](int64_t p, const __m256* s) __attribute__((always_inline)) {
+        __m256i low[kCols], high[kCols];
+        for (int c = 0; c < kCols; ++c) {
+            const uint8_t* bytes = row + c * bytes_per_row + 32 * p;
+            const __m256i w = bytes_per_row - 32 * p >= 32
+                ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes))
+                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+            low[c] = _mm256_and_si256(w, nibble);
+            high[c] = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
+        }
+        for (int m = 0; m < kRows; ++m) {
+            const int64_t at = m * operand_stride + 32 * p;  // bytes of the operands; lanes at / 4
+            const __m256i low_q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(low_operand + at));
+            const __m256i high_q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(high_operand + at));
+            const __m256i lane_offset = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset + at / 4));
+            const __m256 lane_step = _mm256_loadu_ps(step + at / 4);
+            for (int c = 0; c < kCols; ++c) {
+                const __m256i pair_sums = _mm256_add_epi16(_mm256_maddubs_epi16(low[c], low_q),
+                                                           _mm256_maddubs_epi16(high[c], high_q));
+                const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pair_sums, ones), lane_offset);
+                sums[c][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(lane_step, s[c]), sums[c][m]);
+            }
+        }
+    };
+    int64_t p = 0;
+    if (group_size == kBlock) {  // 4 pairs a step: their 8 scales in one load, each pair's 2 moved onto its lanes
+        const __m256i lanes[4] = {_mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0), _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2),
+                                  _mm256_set_epi32(5, 5, 5, 5, 4, 4, 4, 4), _mm256_set_epi32(7, 7, 7, 7, 6, 6, 6, 6)};
+        for (; 2 * p + 8 <= groups; p += 4) {
+            __m256 scales[kCols];
+            for (int c = 0; c < kCols; ++c) {
+                const char* ahead = reinterpret_cast<const char*>(row + c * bytes_per_row + 32 * p + kPrefetchBytes);
+                _mm_prefetch(ahead, _MM_HINT_T0);
+                _mm_prefetch(ahead + 64, _MM_HINT_T0);
+                scales[c] = load_scales8(row_scale + c * groups + 2 * p);
+            }
+            for (int j = 0; j < 4; ++j) {
+                __m256 s[kCols];
+                for (int c = 0; c < kCols; ++c) s[c] = _mm256_permutevar8x32_ps(scales[c], lanes[j]);
+                accumulate(p + j, s);
+            }
+        }
+    }
+    for (; p < pairs; ++p) {
+        __m256 s[kCols];
+        for (int c = 0; c < kCols; ++c) {
+            const scale_t* column_scale = row_scale + c * groups;
+            s[c] = _mm256_set1_ps(1.0f);
+            if (groups > 1) {  // the two blocks' groups
+                const int64_t first = 2 * p * kBlock / group_size, second = (2 * p + 1) * kBlock / group_size;
+                s[c] = _mm256_set_m128(_mm_set1_ps(static_cast<float>(column_scale[std::min(second, last_group)])),
+                                       _mm_set1_ps(static_cast<float>(column_scale[std::min(first, last_group)])));
+            }
+        }
+        accumulate(p, s);
+    }
+    for (int c = 0; c < kCols; ++c) {
+        const float row_factor = groups == 1 ? static_cast<float>(row_scale[c * groups]) : 1.0f;
+        for (int m = 0; m < kRows; ++m) total_out[c * kMaxRows + m] = sum8(sums[c][m]) * row_factor;
+    }
+}
+#endif
+
 template <typename scale_t>
 void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t* scale, float* total_out,
-                     int64_t rows, int64_t n, int64_t in_features, int64_t group_size, int64_t groups) {
+                     int64_t rows, int64_t n, int64_t columns, int64_t in_features, int64_t group_size,
+                     int64_t groups) {
     const uint8_t* row = qweight + n * row_bytes(in_features);
     const scale_t* row_scale = scale + n * groups;
 #if RABIT_BITS == 8
@@ -383,36 +475,20 @@ void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t
     else
         gemv_int8x_avx2_rows<scale_t, false>(a, row, row_scale, total_out, rows, in_features, group_size);
 #else
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[kMaxRows];
-    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm256_setzero_ps();
-    const int64_t bytes_per_row = row_bytes(in_features), pairs = (bytes_per_row + 31) / 32, last_group = groups - 1;
-    const __m256i nibble = _mm256_set1_epi8(15);
-    for (int64_t p = 0; p < pairs; ++p) {
-        const __m256i w = bytes_per_row - 32 * p >= 32
-            ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * p))
-            : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 32 * p)));
-        const __m256i low = _mm256_and_si256(w, nibble), high = _mm256_and_si256(_mm256_srli_epi16(w, 4), nibble);
-        __m256 s = _mm256_set1_ps(1.0f);
-        if (groups > 1) {  // the two blocks' groups (no division for the head's group of one block)
-            const int64_t first = group_size == kBlock ? 2 * p : 2 * p * kBlock / group_size;
-            const int64_t second = group_size == kBlock ? 2 * p + 1 : (2 * p + 1) * kBlock / group_size;
-            s = _mm256_set_m128(_mm_set1_ps(static_cast<float>(row_scale[std::min(second, last_group)])),
-                                _mm_set1_ps(static_cast<float>(row_scale[std::min(first, last_group)])));
-        }
-        for (int64_t m = 0; m < rows; ++m) {
-            const int64_t at = m * a.steps * 64 + 32 * p;  // bytes of the operands; lanes at / 4
-            const __m256i sums = _mm256_add_epi16(
-                _mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.operand.data() + at))),
-                _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.high.data() + at))));
-            const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(sums, ones), _mm256_loadu_si256(
-                reinterpret_cast<const __m256i*>(a.offset.data() + at / 4)));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_loadu_ps(a.step.data() + at / 4), s),
-                                     acc[m]);
-        }
+    const auto run = [&](auto rows_constant) {
+        if (columns == 2)
+            gemv_int4x_avx2_rows<scale_t, decltype(rows_constant)::value, 2>(a, row, row_scale, total_out,
+                                                                             in_features, group_size, groups);
+        else
+            gemv_int4x_avx2_rows<scale_t, decltype(rows_constant)::value, 1>(a, row, row_scale, total_out,
+                                                                             in_features, group_size, groups);
+    };
+    switch (rows) {
+        case 1: return run(std::integral_constant<int, 1>{});
+        case 2: return run(std::integral_constant<int, 2>{});
+        case 3: return run(std::integral_constant<int, 3>{});
+        default: return run(std::integral_constant<int, 4>{});
     }
-    const float row_factor = groups == 1 ? static_cast<float>(row_scale[0]) : 1.0f;
-    for (int64_t m = 0; m < rows; ++m) total_out[m] = sum8(acc[m]) * row_factor;
 #endif
 }
 #endif
@@ -459,9 +535,14 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
         prepare_steps(rows, in_features, activations);
 #endif
     }
+    // The AVX2 int4 path takes short rows (fewer than 512 packed bytes) two at a time: their reductions and scale
+    // tails interleave, where one at a time they dominate a short row (benchmarks/RESULTS.md); every other path, one.
+    const int64_t tile = RABIT_ISA >= 1 && RABIT_BITS == 4 && int8_activations && !vnni && row_bytes(in_features) < 512
+        ? 2 : 1;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < out_features; ++n) {
-        float total[kMaxRows];
+    for (int64_t t = 0; t < (out_features + tile - 1) / tile; ++t) {
+        const int64_t n = tile * t, columns = std::min(tile, out_features - n);
+        float total[2 * kMaxRows];
         if (!int8_activations) {
             gemv_fp32<SCALE_T>(x, qweight, scale, total, rows, n, in_features, group_size, groups);
         } else {
@@ -473,14 +554,18 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
                 gemv_int8x_vnni<SCALE_T, false>(activations, qweight, scale, total, rows, n, in_features, group_size,
                                                groups);
             else
-                gemv_int8x_avx2<SCALE_T>(activations, qweight, scale, total, rows, n, in_features, group_size, groups);
+                gemv_int8x_avx2<SCALE_T>(activations, qweight, scale, total, rows, n, columns, in_features, group_size,
+                                         groups);
 #elif RABIT_ISA == 1
-            gemv_int8x_avx2<SCALE_T>(activations, qweight, scale, total, rows, n, in_features, group_size, groups);
+            gemv_int8x_avx2<SCALE_T>(activations, qweight, scale, total, rows, n, columns, in_features, group_size,
+                                     groups);
 #else
             gemv_int8x_portable<SCALE_T>(activations, qweight, scale, total, rows, n, in_features, group_size,
                                          groups);
 #endif
         }
-        for (int64_t m = 0; m < rows; ++m) out[m * out_features + n] = total[m] + (has_bias ? bias[n] : 0.0f);
+        for (int64_t c = 0; c < columns; ++c)
+            for (int64_t m = 0; m < rows; ++m)
+                out[m * out_features + n + c] = total[c * kMaxRows + m] + (has_bias ? bias[n + c] : 0.0f);
     }
 }

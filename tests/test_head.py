@@ -100,9 +100,12 @@ def test_activation_rounding_is_within_half_a_step(k, rows, seed):
     assert ((dequantize_activations(q, step) - x.double()).abs() <= per_column * (0.5 + 127 * 2**-23)).all()
 
 
-@given(scheme=SCHEMES, n=st.integers(1, 70), k=st.integers(1, 200), rows=st.integers(1, 4),
-       bias=st.booleans(), scale_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       threads=st.integers(1, 2), seed=st.integers(0, 2**16))
+# k: short rows, and rows of 8 blocks and more (the AVX2 int4 path's vector scale loads) on both sides of its
+# 512-byte switch between two rows at a time and one
+@given(scheme=SCHEMES, n=st.integers(1, 70), k=st.one_of(st.integers(1, 200), st.integers(200, 1200)),
+       rows=st.integers(1, 4), bias=st.booleans(),
+       scale_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), threads=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
 def test_int8_activation_kernel_matches_float64_reference_on_every_isa(scheme, n, k, rows, bias, scale_dtype, threads,
                                                                         seed):
     bits, group_size = scheme
