@@ -48,8 +48,9 @@ constexpr int64_t kPlaneOf[4] = {0, 2, 1, 3};
 // Fewest tile-words (16 rows x 32 columns of one path, ~10 vector ops) worth a thread of their own: a parallel
 // region costs a few microseconds, about what 256 tile-words take on one core.
 constexpr int64_t kMinWorkPerThread = 256;
-// The AVX2 lookups prefetch the signs this far ahead (32 tile-words): on a Zen 3 core the hardware prefetcher alone
-// streamed Qwen2.5-1.5B's signs ~15% slower (benchmarks/RESULTS.md).
+// The AVX2 lookups prefetch the signs this far ahead (32 tile-words; past a tile's last word, the next tile of the
+// same path): on a Zen 3 core the hardware prefetcher alone streamed Qwen2.5-Coder-1.5B's signs from DRAM 1.2-1.3x
+// slower (benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 2048;
 
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };

@@ -23,7 +23,7 @@
 namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 4;
-// The AVX2 int8-weight path prefetches the weights this far ahead (a few rows of a small head): the hardware
+// The AVX2 paths prefetch the weights this far ahead (a few rows of a small head): the hardware
 // prefetcher alone left one core at ~60% of its DRAM bandwidth (benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 4096;
 
