@@ -463,6 +463,7 @@ void gemv_int4x_avx2_rows(const Activations& a, const uint8_t* row, const scale_
 }
 #endif
 
+// Output rows n .. n + columns - 1 (columns is 1, or 2 for the int4 path's short rows: see kernel()).
 template <typename scale_t>
 void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t* scale, float* total_out,
                      int64_t rows, int64_t n, int64_t columns, int64_t in_features, int64_t group_size,
