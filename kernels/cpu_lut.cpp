@@ -5,7 +5,9 @@
 //     E[m, s, i, q][e] = sum_{j<4} (bit j of e ? -1 : +1) * h[s, i, 4q + j] * x[m, 4q + j]
 // and a 4-bit nibble of the sign planes (the signs of 4 columns of one output row) selects one entry:
 //     y[m, n] = b[n] + sum_i g[i, n] * sum_q E[m, s(n), i, q][nibble_i(n, q)]
-// Tables are fp32 (exact mode) or int8 with one scale per 32 columns (E ~= scale_w * T8). Output rows are processed
+// Tables are fp32 (exact mode) or int8 with one scale per 32 columns (E ~= scale_w * T8), the scale itself an integer
+// number of steps of one unit per table set (scale_w ~= q_w * unit), so that the lookups add q_w * T8 in int32 and
+// convert once per output: y[m, n] ~= b[n] + sum_i g[i, n] * unit * sum_w q_w * sum_q T8. Output rows are processed
 // in tiles of 16; the signs come tiled, 64 bytes per tile-word (word w of the tile's 16 rows), in one of two orders:
 // row words (int32 [k, tiles, W, 16]: row r's word at r) or byte planes (uint8 [k, tiles, W, 64]: byte position p of
 // the 16 rows at plane kPlaneOf[p], what the AVX2 lookups read). Every path reads both (converting in registers).
@@ -42,6 +44,9 @@ constexpr int64_t kWordColumns = 32;    // columns per packed word
 constexpr int64_t kGroupsPerWord = 8;   // 4-column groups per word
 constexpr int64_t kEntries = 16;        // table entries per group
 constexpr int64_t kInt8WordBytes = kGroupsPerWord * kEntries;
+// Largest |sum| of one word's 8 int8 lookups for one row: the int32 sum over W words of q_w times it stays below
+// 2^31 when every q_w <= (2^31 - 1) / (kWordLookupLimit W) (word_step_limit).
+constexpr int64_t kWordLookupLimit = kGroupsPerWord * 127;
 // Byte planes: plane of byte position p (0..3) of the rows' words. Planes 0, 1 = positions 0, 2 (the first 32 bytes)
 // and planes 2, 3 = positions 1, 3, so that each 32-byte half holds the groups that one AVX2 table vector serves.
 constexpr int64_t kPlaneOf[4] = {0, 2, 1, 3};
@@ -106,14 +111,17 @@ struct Problem {
   float* products;          // [jobs, 32 W]: h * x
   float* exact_tables;      // [jobs, 8 W, 16]
   int8_t* int8_tables_data; // [jobs, W, 128]
-  float* word_scales;       // [jobs, W]
+  float* word_scales;       // [jobs, W]: scale_w
+  int32_t* word_steps;      // [jobs, W]: q_w, scale_w in units
+  float* step_units;        // [jobs]: the unit
   int64_t job(int64_t m, int64_t s, int64_t i) const { return (m * segments + s) * paths + i; }
 };
 
 // The calling thread's scratch, kept between calls (no allocation once it is large enough).
 struct Scratch {
-  std::vector<float> x, products, exact_tables, word_scales;
+  std::vector<float> x, products, exact_tables, word_scales, step_units;
   std::vector<int8_t> int8_tables;
+  std::vector<int32_t> word_steps;
   std::vector<Tile> tiles;
 };
 thread_local Scratch t_scratch;
@@ -242,9 +250,28 @@ RABIT_AVX2 void build_tables_avx2(const Problem& p, int64_t job, const float* h,
 }
 #endif
 
+// The largest q_w: as large as int16 holds (vpmaddwd, vpdpwssd take it as int16) and small enough that a row's int32
+// sum over W words of q_w * (a word's lookups, |.| <= kWordLookupLimit) cannot overflow.
+int64_t word_step_limit(int64_t words) {
+  return std::min<int64_t>(32767, 2147483647LL / (kWordLookupLimit * std::max<int64_t>(words, 1)));
+}
+
+// The word scales of job as integer steps: unit = max_w scale_w / limit, q_w = round(scale_w / unit) <= limit. A
+// scale is then off by at most unit / 2, so a row's sum by at most unit / 2 * sum_w |its word's lookups|.
+void quantize_word_scales(const Problem& p, int64_t job) {
+  const float* scales = p.word_scales + job * p.words;
+  float top = 0.0f;
+  for (int64_t w = 0; w < p.words; ++w) top = std::max(top, scales[w]);
+  const float limit = static_cast<float>(word_step_limit(p.words));
+  p.step_units[job] = top / limit;
+  const float inverse = top > 0.0f ? limit / top : 0.0f;
+  for (int64_t w = 0; w < p.words; ++w)
+    p.word_steps[job * p.words + w] = static_cast<int32_t>(std::nearbyint(scales[w] * inverse));
+}
+
 // Tables of job (m, s, i): v = h[s, i] * x[m], then 16 entries per group (fp32), or per word: scale = the largest
 // |entry| / 127 (= max over its groups of sum |v|) and entries rounded to int8 multiples of it.
-void build_tables(const Problem& p, int64_t job) {
+void build_word_tables(const Problem& p, int64_t job) {
   const int64_t i = job % p.paths, s = (job / p.paths) % p.segments, m = job / (p.paths * p.segments);
   const int64_t padded = p.words * kWordColumns;
   const float* h = p.col_scale + (s * p.paths + i) * p.in_features;
@@ -280,8 +307,15 @@ void build_tables(const Problem& p, int64_t job) {
   }
 }
 
+// The tables of job, and with int8 tables the word scales as steps.
+void build_tables(const Problem& p, int64_t job) {
+  build_word_tables(p, job);
+  if (p.int8_tables) quantize_word_scales(p, job);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Lookups: dot[r] = sum over the row's groups of the selected entries, for the 16 rows of one tile and one path.
+// int8 tables: dot[r] = unit * float(sum_w q_w * sum_{q in w} T8), the integer sum exact (so the same on every path).
 
 // Row r's word of a tile-word in either order.
 inline uint32_t row_word(const int32_t* tile_word, int64_t r, bool byte_planes) {
@@ -294,25 +328,28 @@ inline uint32_t row_word(const int32_t* tile_word, int64_t r, bool byte_planes) 
 }
 
 void dot_portable(const Problem& p, const int32_t* words, int64_t job, float* dot) {
-  for (int64_t r = 0; r < kTileRows; ++r) dot[r] = 0.0f;
-  for (int64_t w = 0; w < p.words; ++w) {
-    const int32_t* tile_words = words + w * kTileRows;
-    if (p.int8_tables) {
+  if (p.int8_tables) {
+    int32_t totals[kTileRows] = {};
+    for (int64_t w = 0; w < p.words; ++w) {
       const int8_t* tables = p.int8_tables_data + (job * p.words + w) * kInt8WordBytes;
-      const float scale = p.word_scales[job * p.words + w];
+      const int32_t step = p.word_steps[job * p.words + w];
       for (int64_t r = 0; r < kTileRows; ++r) {
-        const uint32_t word = row_word(tile_words, r, p.byte_planes);
+        const uint32_t word = row_word(words + w * kTileRows, r, p.byte_planes);
         int32_t sum = 0;
         for (int64_t j = 0; j < kGroupsPerWord; ++j)
           sum += tables[int8_table_offset(j, p.isa) + ((word >> (4 * j)) & 15)];
-        dot[r] += static_cast<float>(sum) * scale;
+        totals[r] += step * sum;
       }
-    } else {
-      const float* tables = p.exact_tables + (job * p.words + w) * kGroupsPerWord * kEntries;
-      for (int64_t r = 0; r < kTileRows; ++r) {
-        const uint32_t word = row_word(tile_words, r, p.byte_planes);
-        for (int64_t j = 0; j < kGroupsPerWord; ++j) dot[r] += tables[j * kEntries + ((word >> (4 * j)) & 15)];
-      }
+    }
+    for (int64_t r = 0; r < kTileRows; ++r) dot[r] = static_cast<float>(totals[r]) * p.step_units[job];
+    return;
+  }
+  for (int64_t r = 0; r < kTileRows; ++r) dot[r] = 0.0f;
+  for (int64_t w = 0; w < p.words; ++w) {
+    const float* tables = p.exact_tables + (job * p.words + w) * kGroupsPerWord * kEntries;
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const uint32_t word = row_word(words + w * kTileRows, r, p.byte_planes);
+      for (int64_t j = 0; j < kGroupsPerWord; ++j) dot[r] += tables[j * kEntries + ((word >> (4 * j)) & 15)];
     }
   }
 }
@@ -341,10 +378,12 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512i row_words_avx512(cons
 // AVX-512: a vector holds one word of each of the tile's 16 rows (one row per 32-bit lane). int8: the low nibbles of
 // its 4 bytes are groups 0, 2, 4, 6 of the word; adding 16 * byte position makes them indices into one 64-byte
 // vector of those 4 tables (vpermb: 64 lookups), and vpdpbusd adds each lane's 4 bytes into its int32 sum. The
-// high nibbles do the same with the odd groups' tables. fp32: vpermps looks up 16 rows of one group at a time.
-RABIT_AVX512 inline __attribute__((always_inline)) __m512 word_int8_avx512(const int32_t* words, bool byte_planes,
-                                                                          const int8_t* tables, float scale,
-                                                                          __m512 accumulator) {
+// high nibbles do the same with the odd groups' tables, and vpdpwssd adds q_w times the sum (|sum| <= 1016: its low
+// 16 bits are the sum, the high ones meet a zero) to the row's total. fp32: vpermps looks up 16 rows of one group at
+// a time.
+RABIT_AVX512 inline __attribute__((always_inline)) __m512i word_int8_avx512(const int32_t* words, bool byte_planes,
+                                                                           const int8_t* tables, int32_t step,
+                                                                           __m512i totals) {
   const __m512i nibble = _mm512_set1_epi8(0x0F), position = _mm512_set1_epi32(0x30201000);
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i word = row_words_avx512(words, byte_planes);
@@ -353,33 +392,34 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512 word_int8_avx512(const
   __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
                                     _mm512_permutexvar_epi8(low, _mm512_loadu_si512(tables)));
   sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, _mm512_loadu_si512(tables + 64)));
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(scale), accumulator);
+  return _mm512_dpwssd_epi32(totals, sum, _mm512_set1_epi32(step));
 }
 
 RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_avx512(const Problem& p, const int32_t* words,
                                                                     int64_t job) {
-  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains: words (or groups) alternate
   if (p.int8_tables) {
     const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
-    const float* scales = p.word_scales + job * p.words;
+    const int32_t* steps = p.word_steps + job * p.words;
+    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains: words alternate
     int64_t w = 0;
     for (; w + 2 <= p.words; w += 2) {
-      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, scales[w], even);
+      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], even);
       odd = word_int8_avx512(words + (w + 1) * kTileRows, p.byte_planes, tables + (w + 1) * kInt8WordBytes,
-                             scales[w + 1], odd);
+                             steps[w + 1], odd);
     }
     if (w < p.words)
-      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, scales[w], even);
-  } else {
-    const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
-    for (int64_t w = 0; w < p.words; ++w) {
-      const __m512i word = row_words_avx512(words + w * kTileRows, p.byte_planes);
-      const float* word_tables = tables + w * kGroupsPerWord * kEntries;
-      for (int j = 0; j < kGroupsPerWord; j += 2) {
-        const __m512i first = _mm512_srli_epi32(word, 4 * j), second = _mm512_srli_epi32(word, 4 * j + 4);
-        even = _mm512_add_ps(even, _mm512_permutexvar_ps(first, _mm512_loadu_ps(word_tables + j * kEntries)));
-        odd = _mm512_add_ps(odd, _mm512_permutexvar_ps(second, _mm512_loadu_ps(word_tables + (j + 1) * kEntries)));
-      }
+      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], even);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), _mm512_set1_ps(p.step_units[job]));
+  }
+  const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains: groups alternate
+  for (int64_t w = 0; w < p.words; ++w) {
+    const __m512i word = row_words_avx512(words + w * kTileRows, p.byte_planes);
+    const float* word_tables = tables + w * kGroupsPerWord * kEntries;
+    for (int j = 0; j < kGroupsPerWord; j += 2) {
+      const __m512i first = _mm512_srli_epi32(word, 4 * j), second = _mm512_srli_epi32(word, 4 * j + 4);
+      even = _mm512_add_ps(even, _mm512_permutexvar_ps(first, _mm512_loadu_ps(word_tables + j * kEntries)));
+      odd = _mm512_add_ps(odd, _mm512_permutexvar_ps(second, _mm512_loadu_ps(word_tables + (j + 1) * kEntries)));
     }
   }
   return _mm512_add_ps(even, odd);
@@ -421,10 +461,12 @@ RABIT_AVX2 inline __attribute__((always_inline)) void byte_planes_avx2(const int
 // rows: the byte planes A = [position 0 | position 2], B = [position 1 | position 3] (byte_planes_avx2). Their low
 // and high nibbles are groups [0 | 4], [1 | 5] (A) and [2 | 6], [3 | 7] (B): 4 vpshufb do the word's 512 lookups,
 // with the tables of groups j, j + 4 side by side (int8_table_offset). vpunpck + vpmaddubsw add two groups per row
-// in int16, the lanes are folded (16 rows x 8 groups <= 1016 in magnitude), and the word's scale applies in fp32.
+// in int16 (lanes: groups 0-3 | groups 4-7, |.| <= 508), and vpmaddwd by (q_w, 0) and (0, q_w) adds q_w times the
+// even rows' and the odd rows' sums to int32 totals [rows 0, 2, 4, 6 | the same rows], [1, 3, 5, 7 | ..], [8, 10,
+// 12, 14 | ..], [9, 11, 13, 15 | ..] (the lanes are added once per tile, in totals_avx2).
 RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32_t* words, bool byte_planes,
-                                                                     const int8_t* tables, float scale,
-                                                                     __m256& rows_0_7, __m256& rows_8_15) {
+                                                                     const int8_t* tables, int32_t step,
+                                                                     __m256i* totals) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
   __m256i a, b;
   byte_planes_avx2(words, byte_planes, a, b);
@@ -439,12 +481,25 @@ RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32
                                        _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(g26, g37)));
   const __m256i high = _mm256_add_epi16(_mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(g04, g15)),
                                         _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(g26, g37)));
-  const __m256i sums = _mm256_add_epi16(_mm256_permute2x128_si256(low, high, 0x20),
-                                        _mm256_permute2x128_si256(low, high, 0x31));
-  const __m256 step = _mm256_set1_ps(scale);
-  rows_0_7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sums))), step, rows_0_7);
-  rows_8_15 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sums, 1))), step,
-                              rows_8_15);
+  const __m256i even = _mm256_set1_epi32(step), odd = _mm256_slli_epi32(even, 16);
+  totals[0] = _mm256_add_epi32(totals[0], _mm256_madd_epi16(low, even));
+  totals[1] = _mm256_add_epi32(totals[1], _mm256_madd_epi16(low, odd));
+  totals[2] = _mm256_add_epi32(totals[2], _mm256_madd_epi16(high, even));
+  totals[3] = _mm256_add_epi32(totals[3], _mm256_madd_epi16(high, odd));
+}
+
+// The 16 rows' int32 totals in order, rows 0-7 and 8-15, from word_int8_avx2's four: the lanes added, even and odd
+// rows interleaved.
+RABIT_AVX2 inline __attribute__((always_inline)) void totals_avx2(const __m256i* totals, __m256i& rows_0_7,
+                                                                  __m256i& rows_8_15) {
+  // [rows 0, 2, 4, 6 | 8, 10, 12, 14] and [1, 3, 5, 7 | 9, 11, 13, 15]
+  const __m256i even = _mm256_add_epi32(_mm256_permute2x128_si256(totals[0], totals[2], 0x20),
+                                        _mm256_permute2x128_si256(totals[0], totals[2], 0x31));
+  const __m256i odd = _mm256_add_epi32(_mm256_permute2x128_si256(totals[1], totals[3], 0x20),
+                                       _mm256_permute2x128_si256(totals[1], totals[3], 0x31));
+  const __m256i first = _mm256_unpacklo_epi32(even, odd), second = _mm256_unpackhi_epi32(even, odd);
+  rows_0_7 = _mm256_permute2x128_si256(first, second, 0x20);
+  rows_8_15 = _mm256_permute2x128_si256(first, second, 0x31);
 }
 
 // Rows 0-7 and 8-15 of a tile-word as row words (8 rows per vector). Byte planes A = [p0 | p2], B = [p1 | p3] of
@@ -466,18 +521,22 @@ RABIT_AVX2 inline __attribute__((always_inline)) void row_words_avx2(const int32
 }
 
 // AVX2 fp32 (8 rows per vector): two vpermps (entries 0-7 and 8-15) and a blend on the nibble's bit 3.
-RABIT_AVX2 void dot_avx2(const Problem& p, const int32_t* words, int64_t job, float* dot) {
+RABIT_AVX2 inline __attribute__((always_inline)) void dot_avx2(const Problem& p, const int32_t* words, int64_t job,
+                                                               __m256& rows_0_7, __m256& rows_8_15) {
   if (p.int8_tables) {
     const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
-    const float* scales = p.word_scales + job * p.words;
-    __m256 rows_0_7 = _mm256_setzero_ps(), rows_8_15 = _mm256_setzero_ps();
+    const int32_t* steps = p.word_steps + job * p.words;
+    __m256i totals[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                         _mm256_setzero_si256()};
     for (int64_t w = 0; w < p.words; ++w) {
       _mm_prefetch(reinterpret_cast<const char*>(words + w * kTileRows) + kPrefetchBytes, _MM_HINT_T0);
-      word_int8_avx2(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, scales[w], rows_0_7,
-                     rows_8_15);
+      word_int8_avx2(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], totals);
     }
-    _mm256_storeu_ps(dot, rows_0_7);
-    _mm256_storeu_ps(dot + 8, rows_8_15);
+    __m256i rows_low, rows_high;
+    totals_avx2(totals, rows_low, rows_high);
+    const __m256 unit = _mm256_set1_ps(p.step_units[job]);
+    rows_0_7 = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_low), unit);
+    rows_8_15 = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_high), unit);
     return;
   }
   const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
@@ -498,32 +557,46 @@ RABIT_AVX2 void dot_avx2(const Problem& p, const int32_t* words, int64_t job, fl
       }
     }
   }
-  _mm256_storeu_ps(dot, accumulators[0]);
-  _mm256_storeu_ps(dot + 8, accumulators[1]);
+  rows_0_7 = accumulators[0];
+  rows_8_15 = accumulators[1];
+}
+
+// y[16] = b + sum_i g_i * dot_i for tile t and row m of x.
+RABIT_AVX2 void tile_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
+  __m256 low = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows) : _mm256_setzero_ps();
+  __m256 high = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows + 8) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < p.paths; ++i) {
+    __m256 dot_low, dot_high;
+    dot_avx2(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), dot_low,
+             dot_high);
+    const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
+    low = _mm256_fmadd_ps(_mm256_loadu_ps(g), dot_low, low);
+    high = _mm256_fmadd_ps(_mm256_loadu_ps(g + 8), dot_high, high);
+  }
+  _mm256_storeu_ps(y, low);
+  _mm256_storeu_ps(y + 8, high);
 }
 #endif
 
-using DotFn = void (*)(const Problem&, const int32_t*, int64_t, float*);
 using TileFn = void (*)(const Problem&, int64_t, int64_t, float*);
 
-// y[16] = b + sum_i g_i * dot_i for tile t and row m of x, with the lookups of `dot`.
-template <DotFn dot>
-void tile_generic(const Problem& p, int64_t t, int64_t m, float* y) {
-  float products[kTileRows];
+// y[16] = b + sum_i g_i * dot_i for tile t and row m of x, fused multiply-adds as on the SIMD paths.
+void tile_portable(const Problem& p, int64_t t, int64_t m, float* y) {
+  float dot[kTileRows];
   for (int64_t r = 0; r < kTileRows; ++r) y[r] = p.bias ? p.bias[t * kTileRows + r] : 0.0f;
   for (int64_t i = 0; i < p.paths; ++i) {
-    dot(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), products);
+    dot_portable(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), dot);
     const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
-    for (int64_t r = 0; r < kTileRows; ++r) y[r] += g[r] * products[r];
+    for (int64_t r = 0; r < kTileRows; ++r) y[r] = std::fma(g[r], dot[r], y[r]);
   }
 }
 
 TileFn tile_for(int isa) {
 #if RABIT_X86
   if (isa == kAvx512) return tile_avx512;
-  if (isa == kAvx2) return tile_generic<dot_avx2>;
+  if (isa == kAvx2) return tile_avx2;
 #endif
-  return tile_generic<dot_portable>;
+  return tile_portable;
 }
 
 template <typename out_t>
@@ -611,6 +684,8 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
   if (int8_tables) {
     grow(scratch.int8_tables, jobs * words * kInt8WordBytes);
     grow(scratch.word_scales, jobs * words);
+    grow(scratch.word_steps, jobs * words);
+    grow(scratch.step_units, jobs);
   } else {
     grow(scratch.exact_tables, jobs * words * kGroupsPerWord * kEntries);
   }
@@ -642,7 +717,8 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
                         has_bias ? tiled_bias->const_data_ptr<float>() : nullptr, scratch.tiles.data(),
                         col_scale.const_data_ptr<float>(), x_rows, scratch.products.data(),
                         scratch.exact_tables.data(),
-                        scratch.int8_tables.data(), scratch.word_scales.data()};
+                        scratch.int8_tables.data(), scratch.word_scales.data(), scratch.word_steps.data(),
+                        scratch.step_units.data()};
   const TileFn tile_fn = tile_for(isa);
   const at::ScalarType out_type = out.scalar_type();
   void* out_data = out.data_ptr();

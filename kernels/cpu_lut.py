@@ -17,11 +17,16 @@ of x, sibling and path: ``16 K / 4`` entries), then shared by every output row. 
   the lookups: the error is fp32 accumulation error (the bound of the sign-flip kernel); with integer-valued
   ``x``, ``h``, ``g`` and sums below ``2^24`` the result is exact.
 * **int8**: per 32 columns (one packed word ``w``, 8 groups) ``scale_w = max_q sum_j |v[4q + j]| / 127`` (the
-  largest ``|E|`` of the word) and each entry is rounded to the nearest integer multiple of it. A lookup is then
-  off by at most ``scale_w / 2``, so per output ``|y_int8 - y_fp32| <= sum_i |g[i, n]| * sum_w 4 scale_w[m, s(n), i]``
-  (8 lookups per word). On AVX-512 one ``vpermb`` does 64 lookups and ``vpdpbusd`` adds them in int32; on AVX2
-  a 16-row word is transposed in registers so that each 128-bit lane holds one byte position of the 16 rows, and
-  4 ``vpshufb`` do its 512 lookups.
+  largest ``|E|`` of the word) and each entry is rounded to the nearest integer multiple of it. The word scales of
+  one table set (m, s, i) are in turn whole numbers ``q_w`` of one ``unit = max_w scale_w / L``, ``L = min(32767,
+  (2^31 - 1) // (1016 W))``, so a path's lookups are one exact int32 sum ``sum_w q_w * sum_{q in w} T8`` (no
+  overflow: a word's 8 lookups are at most 1016), converted to fp32 once: the same bits on every ISA path, and no
+  conversion per word. A lookup is off by at most ``scale_w / 2`` and a word scale by at most ``unit / 2``, so per
+  output ``|y_int8 - y_fp32| <= sum_i |g[i, n]| * (sum_w 4 scale_w + 508 W unit)`` (8 lookups per word; the second
+  term weighs what ~4.7 of the first term's 280 words do at K = 8960 if their scales are alike, ~0.2 of 48 at
+  K = 1536). On AVX-512 one ``vpermb`` does 64 lookups, ``vpdpbusd`` adds them in int32 and ``vpdpwssd`` adds
+  ``q_w`` times that to the total; on AVX2 a 16-row word is in byte planes, each 128-bit lane one byte position of
+  the 16 rows, 4 ``vpshufb`` do its 512 lookups and ``vpmaddwd`` multiplies by ``q_w`` and widens.
 
 The kernel reads the signs in a **tiled layout** derived once from format v1 by :func:`tiled_layout` (the on-disk
 format is unchanged): rows in tiles of 16 per sibling (zero rows pad each sibling to a multiple of 16), and within a

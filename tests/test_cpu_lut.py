@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from rabit_compiler.kernels import cpu_lut, ops
 from rabit_compiler.kernels.cpu_lut import KERNEL_MAX_ROWS, uses_kernel
@@ -62,18 +62,25 @@ def run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, 
     return out
 
 
+def word_step_limit(words):
+    """The kernel's largest integer step count of a word scale: int16, and no int32 overflow over W words."""
+    return min(32767, (2**31 - 1) // (8 * 127 * words))
+
+
 def int8_table_error_bound(x, row_scale, col_scale, in_features, sizes):
-    """``sum_i |g[i, n]| * sum_w 4 scale_w[m, s(n), i]`` with ``scale_w = max_{q in w} sum_j |h x|[4q + j] / 127``:
-    each int8 entry is within half a step (``scale_w / 2``) of the fp32 entry, and a row looks up 8 per word per
-    path. -> ``[M, N]`` float64."""
+    """``sum_i |g[i, n]| * (sum_w 4 scale_w + W * 508 * unit)`` for each path i of row m, with ``scale_w = max_{q in
+    w} sum_j |h x|[4q + j] / 127`` and ``unit = max_w scale_w / word_step_limit(W)``: each int8 entry is within half
+    a step (``scale_w / 2``) of the fp32 entry and a row looks up 8 per word; each word scale is within ``unit / 2``
+    of an integer number of units, and a word's 8 lookups add to at most 1016 steps. -> ``[M, N]`` float64."""
     rows = x.reshape(-1, in_features).double()
     words = -(-in_features // 32)
     parts = []
     for s, (start, end) in enumerate(zip(segment_starts(sizes)[:-1], segment_starts(sizes)[1:], strict=True)):
         v = (rows[:, None, :] * col_scale[s].double()[None]).abs()                       # [M, k, K]
         v = torch.nn.functional.pad(v, (0, 32 * words - in_features))
-        largest = v.unflatten(-1, (words, 8, 4)).sum(-1).amax(-1)                        # [M, k, W]
-        per_path = 4 * largest.sum(-1) / 127                                             # [M, k]
+        scales = v.unflatten(-1, (words, 8, 4)).sum(-1).amax(-1) / 127                  # [M, k, W]
+        unit = scales.amax(-1) / word_step_limit(words)                                  # [M, k]
+        per_path = 4 * scales.sum(-1) + words * 508 * unit                               # [M, k]
         parts.append(per_path @ row_scale[:, start:end].double().abs())                  # [M, N_s]
     return torch.cat(parts, -1)
 
@@ -136,7 +143,8 @@ def test_fp32_tables_are_exact_on_integers(isa, scale_dtype, byte_planes):
 def test_int8_lookups_read_the_right_entries(isa, byte_planes):
     """One nonzero column per group of 4, at position ``q mod 4`` in group q, with h = g = 1 and the same integer
     value ``a`` in every group of a word (int8 tables have one scale per word): each table is ``+-a``, the word's
-    largest entry, which int8 stores exactly (``+-127``, scale ``a/127``).
+    largest entry, which int8 stores exactly (``+-127``, scale ``a/127``), and with ``a`` in 1..7 every word scale
+    is a whole number of steps (``a * 4681`` of ``7 * 4681 = 32767``, the step limit of 8 words).
     The result is then the reference up to fp32 rounding of the scales (rtol 1e-6), while one misread nibble moves
     a sum by ``2a >= 2``; every bit position of the nibble is exercised."""
     in_features, sizes = 250, [40, 9]
@@ -149,6 +157,26 @@ def test_int8_lookups_read_the_right_entries(isa, byte_planes):
                      byte_planes=byte_planes)
     expected, _ = expected_siblings(x, packed_signs, row_scale, col_scale, None, in_features, sizes)
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="one ISA path on this CPU")
+@settings(max_examples=25)
+@given(
+    paths=st.integers(1, 3), in_features=st.integers(1, 700), sizes=st.lists(st.integers(1, 50), min_size=1,
+                                                                               max_size=3),
+    rows=st.integers(1, 3), bias=st.booleans(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**31),
+)
+def test_int8_tables_give_the_same_bits_on_every_isa(paths, in_features, sizes, rows, bias, threads, seed):
+    """With int8 tables a path's lookups are an exact int32 sum (``sum_w q_w * T8``), converted once, so every ISA
+    path (and either sign order) gives the same bits: one lane or row out of place anywhere differs."""
+    generator = torch.Generator().manual_seed(seed)
+    packed_signs, row_scale, col_scale, bias_values = random_siblings(paths, sizes, in_features, bias,
+                                                                      torch.float32, generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    outputs = [run_kernel(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes, "int8", isa,
+                          threads, byte_planes) for isa in ISAS for byte_planes in (False, True)]
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
 
 
 def test_tiled_layout_places_each_word():
