@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from rabit_compiler.kernels import cpu_lut, ops
 from rabit_compiler.kernels.cpu_lut import KERNEL_MAX_ROWS, uses_kernel
@@ -160,7 +160,6 @@ def test_int8_lookups_read_the_right_entries(isa, byte_planes):
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="one ISA path on this CPU")
-@settings(max_examples=25)
 @given(
     paths=st.integers(1, 3), in_features=st.integers(1, 700), sizes=st.lists(st.integers(1, 50), min_size=1,
                                                                                max_size=3),
