@@ -1,6 +1,6 @@
 """The AOTInductor decode step (:class:`rabit_compiler.AOTDecoder`): its logits equal the eager packed
-model's step by step on the same static cache (GQA, q/k/v bias, batch 1 and 2), greedy text equal to ``generate``,
-and clear errors for a full cache, bad tokens and unsupported caches."""
+model's step by step on the same static cache (GQA, q/k/v bias, batch 1 and 2, an int8 head), greedy text equal
+to ``generate``, and clear errors for a full cache, bad tokens and unsupported caches."""
 
 from __future__ import annotations
 
@@ -73,29 +73,25 @@ def test_greedy_generation_equals_transformers_generate(llama_decoder):
     assert torch.equal(llama_decoder.generate(prompt, 12), expected)
 
 
-def test_qwen2_with_qkv_bias_at_batch_2():
-    decoder = rabit.AOTDecoder(packed(Qwen2ForCausalLM, Qwen2Config(**SHAPES)), max_cache_len=CACHE, batch_size=2,
-                         options={"cpu_tables": "fp32"})
-    check_steps_match_eager(decoder, batch=2, seed=3)
-
-
-def test_a_weight_only_head_is_called_without_python(monkeypatch):
-    """An int8 head in the step is the C++ operator ``rabit::weight_only_gemv`` called through its C shim: the
-    steps match the eager model (which runs the same kernel from Python) while the Python kernel entry raises."""
-    model = packed(LlamaForCausalLM, LlamaConfig(**SHAPES), head="int8")
-    decoder = rabit.AOTDecoder(model, max_cache_len=CACHE, batch_size=2, options={"cpu_tables": "fp32"})
-    generator = torch.Generator().manual_seed(4)
+def test_qwen2_with_qkv_bias_and_an_int8_head_at_batch_2_runs_no_python_kernel(monkeypatch):
+    """q/k/v bias, batch 2 and an int8 head: the head in the step is the C++ operator ``rabit::weight_only_gemv``
+    called through its C shim, so the steps match the eager model (which runs the same kernel from Python) while
+    the Python kernel entry raises."""
+    decoder = rabit.AOTDecoder(packed(Qwen2ForCausalLM, Qwen2Config(**SHAPES), head="int8"), max_cache_len=CACHE,
+                               batch_size=2, options={"cpu_tables": "fp32"})
+    generator = torch.Generator().manual_seed(3)
     prompt = torch.randint(2, VOCAB, (2, 5), generator=generator)
-    tokens = [torch.randint(2, VOCAB, (2, 1), generator=generator) for _ in range(6)]
-    expected = eager_steps(model, prompt, tokens)
-    decoder.prefill(prompt)
+    tokens = [torch.randint(2, VOCAB, (2, 1), generator=generator) for _ in range(CACHE - 5)]
+    expected = eager_steps(decoder.model, prompt, tokens)
 
     def python_kernel(*args, **kwargs):
         raise AssertionError("the compiled step called the head's Python kernel")
 
+    decoder.prefill(prompt)  # eager: the Python kernel
     monkeypatch.setattr(weight_only, "weight_only_linear_kernel", python_kernel)
     for token, reference in zip(tokens, expected, strict=True):
         torch.testing.assert_close(decoder.step(token), reference, rtol=1e-4, atol=1e-4)
+    assert decoder.position == CACHE
 
 
 def test_bad_input_and_a_full_cache_raise(llama_decoder):

@@ -16,8 +16,9 @@ usage (``cuobjdump -res-usage``) and SASS (``cuobjdump -sass``), and asserts
 
 The compiles run in subprocesses (:mod:`rabit_compiler.kernels.aot`, which documents how arguments are
 specialised), with TRITON_INTERPRET unset (the interpreter tests set it in this process), spread over the CPU
-cores. Skips cleanly without cuobjdump or a CUDA-capable triton. The pack kernel and the LUT GEMV's table kernel
-are checked for spills only (they read floats; their int32 traffic is stores or none).
+cores. By default a subset (:func:`_in_default_subset` on sm_90, less on sm_89: :func:`_specs`); the full
+matrix with RABIT_AOT_FULL=1. Skips cleanly without cuobjdump or a CUDA-capable triton. The pack kernel and the
+LUT GEMV's table kernel are checked for spills only (they read floats; their int32 traffic is stores or none).
 
 Run ``python tests/test_kernel_aot.py [--full]`` for the table of registers, spills and load widths per variant.
 """
@@ -54,21 +55,34 @@ def _in_default_subset(dtype: str, constexprs: dict) -> bool:
     return constexprs["NUM_PATHS"] == 2 and constexprs["BLOCK_M"] in (1, 16)
 
 
+def _config_key(cfg: dict) -> tuple:
+    return (cfg["kernel"], str(cfg["dtype"]), tuple(sorted(cfg["constexprs"].items())), cfg["num_warps"],
+            cfg["num_stages"])
+
+
 def _specs(full: bool | None = None) -> list[dict]:
+    """The default subset on sm_90; on sm_89 (the same Triton code, another ptxas target) only what differs from
+    sm_90's launch configurations, the single-linear GEMV tiles at two paths (both inner loops: what a decode step
+    runs) and the fp16 pack kernel. Everything on both architectures with the full matrix."""
     from rabit_compiler.kernels.triton_gemv import launch_configs
 
     full = _full_matrix() if full is None else full
+    sm90 = {_config_key(cfg) for cfg in launch_configs(90)}
     specs = []
     for arch in ARCHS:
         for cfg in launch_configs(arch):
             dtype = str(cfg["dtype"]).removeprefix("torch.")
             if not full and not _in_default_subset(dtype, cfg["constexprs"]):
                 continue
+            c = cfg["constexprs"]
+            if (not full and arch != 90 and _config_key(cfg) in sm90
+                    and not (cfg["kernel"] == "_rbl_gemv_kernel" and c["NUM_PATHS"] == 2 and c["NUM_SEGMENTS"] == 1)):
+                continue
             specs.append(dict(kernel=cfg["kernel"], dtype=dtype, arch=arch,
                               constexprs=cfg["constexprs"], num_warps=cfg["num_warps"],
                               num_stages=cfg["num_stages"]))
     # The differential check: the same GEMV / GEMM variant with sign rows not known to be 16-byte aligned.
-    for arch in ARCHS:
+    for arch in ARCHS if full else (90,):
         for kernel, block_m, block_n, lut_bits in (("_rbl_gemv_kernel", 1, 64, 0), ("_rbl_gemv_kernel", 1, 64, 4),
                                                    ("_rbl_gemm_kernel", 16, 128, 0)):
             base = next(s for s in specs if s["kernel"] == kernel and s["arch"] == arch and s["dtype"] == "float16"
@@ -81,7 +95,7 @@ def _specs(full: bool | None = None) -> list[dict]:
     from rabit_compiler.kernels.triton_pack import PACK_BLOCK_R, PACK_BLOCK_W, PACK_NUM_WARPS
 
     for arch in ARCHS:  # the pack and table kernels: no spills (they read floats, so no sign-plane load check)
-        for dtype in ("float16", "bfloat16", "float32"):
+        for dtype in ("float16", "bfloat16", "float32") if full or arch == 90 else ("float16",):
             specs.append(dict(kernel="_pack_signs_kernel", dtype=dtype, arch=arch, num_warps=PACK_NUM_WARPS,
                               num_stages=2, constexprs=dict(BLOCK_R=PACK_BLOCK_R, BLOCK_W=PACK_BLOCK_W)))
         for table in lut_table_configs():
