@@ -4,7 +4,8 @@ Format (``bits`` 8 or 4, ``group_size`` a multiple of 32, or None for one group 
 
 - ``scale [N, G]`` (``G = ceil(K / group_size)``, 1 when None), symmetric: int8 ``s[n, g] = max |W[n, group g]|
   / 127``; int4 ``s[n, g] = c * max |W[n, group g]| / 7`` with the clip ``c`` in [0.55, 1] of least squared error
-  (:func:`quantize_weight_only`); an all-zero group has ``s = 0`` and ``q = 0``.
+  (:func:`quantize_weight_only`; :func:`gptq_weight_only` applies the same rule to error-compensated columns);
+  an all-zero group has ``s = 0`` and ``q = 0``.
 - bits 8: ``qweight`` int8 ``[N, K]``, ``q = round(W / s)`` in [-127, 127].
 - bits 4: ``qweight`` uint8 ``[N, 16 * ceil(K / 32)]``: for each block of 32 columns, byte ``j`` (0..15) holds
   ``q[32 b + j] + 8`` in its low nibble and ``q[32 b + 16 + j] + 8`` in its high nibble, q in [-7, 7]; columns
@@ -115,13 +116,61 @@ def quantize_weight_only(weight: torch.Tensor, bits: int, group_size: int | None
         raise ValueError(f"expected a finite, non-empty 2-D weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
     grouped = _group_view(weight.detach().float(), group_size)
-    if bits == 4:
-        scale = _clipped_scales(grouped, bits, scale_dtype)
-    else:
-        scale = (grouped.abs().amax(dim=-1) / QMAX[bits]).to(scale_dtype)
+    scale = _group_scales(grouped, bits, scale_dtype)
     q = _round(grouped, scale, bits).reshape(n, -1)[:, :k].to(torch.int8)
+    return _packed(q, scale, bits, group_size)
+
+
+def gptq_weight_only(weight: torch.Tensor, bits: int, group_size: int | None, inverse_factor: torch.Tensor,
+                     scale_dtype: torch.dtype = torch.float16, block_size: int = 128) -> WeightOnlyQuantized:
+    """GPTQ's column loop with this format's quantizer, for ``weight [N, K]`` and ``inverse_factor`` ``U [K, K]``
+    (``H^-1 = U^T U`` for the dampened second moment ``H`` of the layer's inputs): column ``c`` is rounded with its
+    group's scale and its error, divided by ``U[c, c]``, is moved into the later columns along ``U[c, c+1:]``, so
+    they compensate it; this lowers ``tr((W_hat - W) H (W_hat - W)^T)``, the output error on those inputs. A group's
+    scale is :func:`quantize_weight_only`'s rule applied to its compensated columns when the loop reaches them (per
+    row: to the original row). With a diagonal ``H`` nothing moves and the result is :func:`quantize_weight_only`'s.
+    """
+    check_scheme(bits, group_size)
+    n, k = weight.shape
+    if inverse_factor.shape != (k, k):
+        raise ValueError(f"inverse_factor must be [{k}, {k}] for a weight of {k} columns, got "
+                         f"{tuple(inverse_factor.shape)}")
+    work = weight.detach().float().T.contiguous()  # [K, N]: a column of the weight is a contiguous row here
+    factor = inverse_factor.to(work.device, torch.float32)
+    q = torch.empty_like(work)
+    if group_size is None:
+        scale = _group_scales(_group_view(weight.detach().float(), None), bits, scale_dtype)
+    else:
+        scale = torch.empty(n, num_groups(k, group_size), dtype=scale_dtype, device=work.device)
+        block_size = group_size * max(1, block_size // group_size)  # a group never straddles two blocks
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        block, errors = work[start:end], torch.empty(end - start, n, device=work.device)
+        for j in range(end - start):
+            column = start + j
+            group = 0 if group_size is None else column // group_size
+            if group_size is not None and column % group_size == 0:
+                scale[:, group] = _group_scales(block[j:j + group_size].T.unsqueeze(1), bits, scale_dtype)[:, 0]
+            column_scale = scale[:, group].unsqueeze(-1)
+            q[column] = _round(block[j].view(n, 1, 1), column_scale, bits)[:, 0, 0]
+            error = (block[j] - q[column] * column_scale.float()[:, 0]).div_(factor[column, column])
+            block[j + 1:].addr_(factor[column, column + 1:end], error, alpha=-1)
+            errors[j] = error
+        work[end:].addmm_(factor[start:end, end:].T, errors, alpha=-1)
+    return _packed(q.T.to(torch.int8), scale, bits, group_size)
+
+
+def _group_scales(grouped: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Scales ``[N, G]`` of ``grouped [N, G, size]``: int8 ``max |w| / 127``, int4 :func:`_clipped_scales`."""
+    if bits == 4:
+        return _clipped_scales(grouped, bits, scale_dtype)
+    return (grouped.abs().amax(dim=-1) / QMAX[bits]).to(scale_dtype)
+
+
+def _packed(q: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int | None) -> WeightOnlyQuantized:
+    """int8 ``q [N, K]`` and ``scale [N, G]`` in the format of the module docstring."""
     qweight = q if bits == 8 else pack_int4(q)
-    return WeightOnlyQuantized(qweight.contiguous(), scale.contiguous(), bits, group_size, k)
+    return WeightOnlyQuantized(qweight.contiguous(), scale.contiguous(), bits, group_size, q.shape[1])
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ class RaBiTConfig:
     - ``scale_dtype``: dtype of the stored row/column scales (fp16: 2.016 bits/weight at k=2, 4096^2).
     - ``anchor_margin``: where in its feasible interval the re-anchored latent sits, in (0, 1).
     - ``head``: the LM head (never binarized) in weight-only ``"int8"`` (a scale per row), ``"int4"`` (a scale
-      per 32 columns) or ``"fp"`` (as it was); a head tied to the embedding is untied, the embedding stays exact.
+      per 32 columns; with calibration, rounded by GPTQ under its inputs) or ``"fp"`` (as it was); a head tied to
+      the embedding is untied, the embedding stays exact.
     - ``fit``: how the paths are fitted (:mod:`rabit_compiler.fit`): ``"svid"`` (iterative residual SVID of
       the preconditioned weight), ``"als"`` (from that, alternating least-squares scales and nearest signs),
       ``"coupled"`` (from greedy SVID, scales only, signs by the coupled rule: a latent equal to the weight

@@ -141,7 +141,8 @@ def quantize_(
     """Quantize ``model``'s linear layers in place to ``config.paths``-path residual binary.
 
     ``calibration``: token windows ``[num, T]`` (or an iterable of batches) used for the channel-importance
-    preconditioning; without it the fit is data-free. The model is traced (once, with ``example_input``; by
+    preconditioning (and for an int4 head's GPTQ rounding: :func:`~rabit_compiler.head.quantize_head_`); without
+    it the fit is data-free. The model is traced (once, with ``example_input``; by
     default the first calibration batch, else 8 token ids) only when calibration is given, a 2-D parameter
     sits outside ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` modules or the model has MoE experts (see the module
     docstring); tracing
@@ -183,7 +184,7 @@ def quantize_(
     packed_experts, experts_left = quantize_experts_(model, experts, config, expert_stats, progress)
     report.quantized.extend(packed_experts)
     report.skipped.update({**left, **experts_left})
-    report.head = quantize_head_(model, config.head, config.scale_dtype)
+    report.head = quantize_head_(model, config.head, config.scale_dtype, calibration, config.damp, progress)
     report.skipped.pop(report.head, None)
     for name, reason in report.skipped.items():
         logger.info("rabit: left in full precision: %s (%s)", name, reason)
