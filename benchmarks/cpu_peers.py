@@ -274,7 +274,7 @@ def rabit_rows(model_name: str, model: torch.nn.Module, tokenizer, threads: list
                 f"{len(report.quantized)} linears k=2; ")
     for head in heads:
         variant = copy.deepcopy(model)
-        quantize_head_(variant, head)
+        quantize_head_(variant, head, calibration=calibration)  # as quantize_ would (int4: GPTQ)
         ppl = perplexity(variant, windows, progress=False)
         for table in tables:
             name = f"k=2, head {head}, {table} tables"

@@ -33,8 +33,9 @@ class RaBiTConfig:
     - ``scale_dtype``: dtype of the stored row/column scales (fp16: 2.016 bits/weight at k=2, 4096^2).
     - ``anchor_margin``: where in its feasible interval the re-anchored latent sits, in (0, 1).
     - ``head``: the LM head (never binarized) in weight-only ``"int8"`` (a scale per row), ``"int4"`` (a scale
-      per 32 columns; with calibration, rounded by GPTQ under its inputs) or ``"fp"`` (as it was); a head tied to
-      the embedding is untied, the embedding stays exact.
+      per 32 columns; with calibration, rounded by GPTQ under its inputs), ``"auto"`` (the default: int4 with
+      calibration, int8 without, where int4's rounding to nearest costs perplexity) or ``"fp"`` (as it was); a
+      head tied to the embedding is untied, the embedding stays exact.
     - ``fit``: how the paths are fitted (:mod:`rabit_compiler.fit`): ``"svid"`` (iterative residual SVID of
       the preconditioned weight), ``"als"`` (from that, alternating least-squares scales and nearest signs),
       ``"coupled"`` (from greedy SVID, scales only, signs by the coupled rule: a latent equal to the weight
@@ -61,7 +62,7 @@ class RaBiTConfig:
     statistic: str = "mean_abs"
     scale_dtype: torch.dtype = torch.float16
     anchor_margin: float = 0.5
-    head: str = "int8"
+    head: str = "auto"
     fit: str = "gptq"
     objective: str = "hessian"
     fit_rounds: int = 1
@@ -88,8 +89,8 @@ class RaBiTConfig:
             raise ValueError(f"RaBiTConfig.statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"RaBiTConfig.scale_dtype must be fp16, bf16 or fp32, got {self.scale_dtype}")
-        if self.head not in HEAD_SCHEMES:
-            raise ValueError(f"RaBiTConfig.head must be one of {sorted(HEAD_SCHEMES)}, got {self.head!r}")
+        if self.head not in (*HEAD_SCHEMES, "auto"):
+            raise ValueError(f"RaBiTConfig.head must be one of {sorted((*HEAD_SCHEMES, 'auto'))}, got {self.head!r}")
         if not 0.0 < self.anchor_margin < 1.0:
             raise ValueError(f"RaBiTConfig.anchor_margin must lie in (0, 1), got {self.anchor_margin}")
         if self.fit not in FITS:

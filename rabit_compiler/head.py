@@ -90,15 +90,18 @@ def head_name(model: torch.nn.Module) -> str | None:
 def quantize_head_(model: torch.nn.Module, scheme: str, scale_dtype: torch.dtype = torch.float16,
                    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None, damp: float = 0.01,
                    progress: bool = False) -> str | None:
-    """Replace the LM head by a :class:`WeightOnlyLinear` of ``scheme`` (a key of :data:`HEAD_SCHEMES`), untying
-    it from the input embedding if tied. Returns the head's name, or None when nothing was replaced (scheme
-    ``"fp"``, no head found, or a head that is not an ``nn.Linear``: logged).
+    """Replace the LM head by a :class:`WeightOnlyLinear` of ``scheme`` (a key of :data:`HEAD_SCHEMES`, or
+    ``"auto"``: int4 with ``calibration``, int8 without), untying it from the input embedding if tied. Returns the
+    head's name, or None when nothing was replaced (scheme ``"fp"``, no head found, or a head that is not an
+    ``nn.Linear``: logged).
 
     With ``calibration`` (token windows ``[num, T]`` or batches), an int4 head is rounded by GPTQ under the second
     moment ``H`` of its inputs on those tokens as ``model`` computes them now (:func:`gptq_weight_only`, ``H``
     dampened by ``damp``); without, and for int8 (whose rounding costs no measurable perplexity), to nearest."""
+    if scheme == "auto":
+        scheme = "int8" if calibration is None else "int4"
     if scheme not in HEAD_SCHEMES:
-        raise ValueError(f"head scheme must be one of {sorted(HEAD_SCHEMES)}, got {scheme!r}")
+        raise ValueError(f"head scheme must be one of {sorted((*HEAD_SCHEMES, 'auto'))}, got {scheme!r}")
     if HEAD_SCHEMES[scheme] is None:
         return None
     name = head_name(model)

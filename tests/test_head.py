@@ -252,18 +252,19 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(scheme):
         gptq_weight_only(weight, bits, group_size, factor[1:, 1:])
 
 
-def test_calibrated_int4_head_is_fit_under_its_inputs():
-    """quantize_ with calibration: the int4 head is GPTQ's under the packed model's final hidden states (the
-    head's inputs as the quantized body computes them), lower output error there than rounding to nearest; the
-    int8 head is rounded to nearest."""
+def test_the_default_head_is_gptq_int4_with_calibration_and_int8_without():
+    """quantize_'s default head ("auto") with calibration: int4 by GPTQ under the packed model's final hidden
+    states (the head's inputs as the quantized body computes them), lower output error there than rounding to
+    nearest; int8 (asked for, or the default without calibration) is rounded to nearest."""
     calibration = torch.randint(0, 211, (6, 16), generator=torch.Generator().manual_seed(1))
     models = {}
-    for scheme in ("int4", "int8"):
+    for scheme, data in (("auto", calibration), ("int8", calibration), ("auto", None)):
         model = tiny_llama()
         weight = model.lm_head.weight.detach().clone()
-        rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, head=scheme), calibration=calibration, progress=False)
-        models[scheme] = (model, weight)
-    model, weight = models["int4"]
+        rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, head=scheme), calibration=data, progress=False)
+        models[scheme, data is not None] = (model, weight)
+    model, weight = models["auto", True]
+    assert (model.lm_head.bits, model.lm_head.group_size) == (4, 32)
     with torch.no_grad():
         inputs = model.model(calibration).last_hidden_state.reshape(-1, weight.shape[1])
     gram = head_input_gram(model, model.lm_head, calibration)
@@ -271,8 +272,10 @@ def test_calibrated_int4_head_is_fit_under_its_inputs():
     head = model.lm_head
     gptq = type(quantize_weight_only(weight, 4, 32))(head.qweight, head.scale, 4, 32, head.in_features)
     assert output_error(weight, gptq, inputs) < 0.9 * output_error(weight, quantize_weight_only(weight, 4, 32), inputs)
-    model, weight = models["int8"]
-    assert torch.equal(model.lm_head.qweight, quantize_weight_only(weight, 8, None).qweight)
+    for key in (("int8", True), ("auto", False)):
+        model, weight = models[key]
+        assert model.lm_head.bits == 8
+        assert torch.equal(model.lm_head.qweight, quantize_weight_only(weight, 8, None).qweight)
 
 
 def test_bad_schemes_are_refused():
