@@ -3,6 +3,8 @@
 In a small model the head dominates the bytes read per decoded token (SmolLM2: a 49,152 x 576 fp32 head is 113 MB,
 every packed linear together 27 MB). :func:`quantize_head_` replaces it with a :class:`WeightOnlyLinear`; a head tied
 to the input embedding is untied first, so the embedding keeps its full-precision rows (one row read per token).
+With calibration an int4 head is rounded by GPTQ under its own inputs (:func:`head_input_gram`): rounded to nearest
+it costs perplexity that int8 does not, by GPTQ little more than int8 (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
