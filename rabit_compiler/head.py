@@ -113,7 +113,8 @@ def quantize_head_(model: torch.nn.Module, scheme: str, scale_dtype: torch.dtype
                     f"{name} is a {type(head).__name__}, not an nn.Linear")
         return None
     bits, group_size = HEAD_SCHEMES[scheme]
-    if calibration is not None and bits == 4:
+    by_gptq = calibration is not None and bits == 4
+    if by_gptq:
         factor = inverse_hessian_factor(dampened(head_input_gram(model, head, calibration, progress), damp))
         quantized = gptq_weight_only(head.weight, bits, group_size, factor, scale_dtype)
         replacement = WeightOnlyLinear(quantized, head.bias)
@@ -125,7 +126,7 @@ def quantize_head_(model: torch.nn.Module, scheme: str, scale_dtype: torch.dtype
     if config is not None and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # the embedding keeps its fp rows; the head is its own tensor now
     logger.info("rabit: LM head %s -> weight-only %s%s", name, scheme,
-                " (GPTQ under its calibration inputs)" if calibration is not None and bits == 4 else "")
+                " (GPTQ under its calibration inputs)" if by_gptq else "")
     return name
 
 

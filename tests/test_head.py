@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from rabit_compiler.kernels.weight_only import (
     ISAS,
     QMAX,
+    WeightOnlyQuantized,
     dequantize_activations,
     dequantize_weight_only,
     gptq_weight_only,
@@ -270,7 +271,7 @@ def test_the_default_head_is_gptq_int4_with_calibration_and_int8_without():
     gram = head_input_gram(model, model.lm_head, calibration)
     torch.testing.assert_close(gram, inputs.T @ inputs / inputs.shape[0], rtol=1e-5, atol=1e-6)
     head = model.lm_head
-    gptq = type(quantize_weight_only(weight, 4, 32))(head.qweight, head.scale, 4, 32, head.in_features)
+    gptq = WeightOnlyQuantized(head.qweight, head.scale, 4, 32, head.in_features)
     assert output_error(weight, gptq, inputs) < 0.9 * output_error(weight, quantize_weight_only(weight, 4, 32), inputs)
     for key in (("int8", True), ("auto", False)):
         model, weight = models[key]
