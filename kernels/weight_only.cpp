@@ -23,7 +23,7 @@
 namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 4;
-// The AVX2 paths prefetch the weights this far ahead (a few rows of a small head): the hardware
+// The SIMD paths prefetch the weights this far ahead (a few rows of a small head): the hardware
 // prefetcher alone left one core at ~60% of its DRAM bandwidth (benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 4096;
 
@@ -235,70 +235,134 @@ void prepare_steps(int64_t rows, int64_t in_features, Activations& a) {
 #endif
 
 #if RABIT_ISA == 2
-// 16 scales from p (fewer where count < 16) as floats
-RABIT_VNNI inline __m512 load_scales(const float* p, int64_t count) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1), p);
+// 16 scales from p as floats, lanes past count zeroed. Masked loads stall the stream on Zen 5 (the head ran at ~5
+// GB/s with one per step), so a full load is ANDed with the mask wherever 16 scales are readable (readable: how many
+// the tensor holds from p on; a k-masked move would be folded back into a masked load); only the tensor's last few
+// scales take a masked load.
+RABIT_VNNI inline __m512 load_scales(const float* p, int64_t count, int64_t readable) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1);
+    if (readable < 16) return _mm512_maskz_loadu_ps(keep, p);
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(p)), _mm512_movm_epi32(keep)));
 }
-RABIT_VNNI inline __m512 load_scales(const at::Half* p, int64_t count) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1), p));
+RABIT_VNNI inline __m256i load_scale_bits(const void* p, int64_t count, int64_t readable) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1);
+    if (readable < 16) return _mm256_maskz_loadu_epi16(keep, p);
+    return _mm256_and_si256(_mm256_loadu_si256(static_cast<const __m256i*>(p)), _mm256_movm_epi16(keep));
 }
-RABIT_VNNI inline __m512 load_scales(const at::BFloat16* p, int64_t count) {
-    const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << std::min<int64_t>(count, 16)) - 1), p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+RABIT_VNNI inline __m512 load_scales(const at::Half* p, int64_t count, int64_t readable) {
+    return _mm512_cvtph_ps(load_scale_bits(p, count, readable));
+}
+RABIT_VNNI inline __m512 load_scales(const at::BFloat16* p, int64_t count, int64_t readable) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load_scale_bits(p, count, readable)), 16));
 }
 
-// kPerRow: one scale per row, applied once at the end; else each lane takes its block's scale: from a vector of 16
-// block scales (group_size 32, loaded every 16 blocks) or from the step's block scalars (other group sizes).
-template <typename scale_t, bool kPerRow>
-RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, const scale_t* scale,
-                                float* total_out, int64_t rows, int64_t n, int64_t in_features, int64_t group_size,
-                                int64_t groups) {
-    const uint8_t* row = qweight + n * row_bytes(in_features);
-    const scale_t* row_scale = scale + n * groups;
+// kCols consecutive weight rows (n, n + 1) against kRows rows of x; total_out[c * kMaxRows + m]. kPerRow: one scale
+// per row, applied once at the end; else each lane takes its block's scale: from a vector of 16 block scales
+// (group_size 32, loaded every 16 blocks) or from the step's block scalars (other group sizes). Two weight rows at a
+// time share the x operands' loads and interleave their reductions.
+template <typename scale_t, bool kPerRow, int kRows, int kCols>
+RABIT_VNNI void gemv_int8x_vnni_rows(const Activations& a, const uint8_t* qweight, const scale_t* scale,
+                                     float* total_out, int64_t n, int64_t out_features, int64_t in_features,
+                                     int64_t group_size, int64_t groups) {
     const int64_t steps = a.steps, bytes_per_row = row_bytes(in_features), last_group = groups - 1;
+    const uint8_t* row = qweight + n * bytes_per_row;
+    const scale_t* row_scale = scale + n * groups;
+    // from row n on, the weight bytes and scales the tensors hold (a full-width load past a row stays inside them)
+    const int64_t readable_bytes = (out_features - n) * bytes_per_row, readable_scales = (out_features - n) * groups;
     const __m512i lane_block = kStepBlocks == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
                                                 : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc[kMaxRows];
-    for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
-    __m512 block_scales = _mm512_setzero_ps();
+    __m512 acc[kCols][kRows];
+    __m512 block_scales[kCols];
+    for (int c = 0; c < kCols; ++c) {
+        block_scales[c] = _mm512_setzero_ps();
+        for (int m = 0; m < kRows; ++m) acc[c][m] = _mm512_setzero_ps();
+    }
     for (int64_t t = 0; t < steps; ++t) {
-        __m512 s = _mm512_set1_ps(1.0f);
-        if (!kPerRow && group_size == kBlock) {
-            const int64_t reload = 16 / kStepBlocks;
-            if (t % reload == 0) block_scales = load_scales(row_scale + kStepBlocks * t, groups - kStepBlocks * t);
-            s = _mm512_permutexvar_ps(_mm512_add_epi32(lane_block, _mm512_set1_epi32(kStepBlocks * (t % reload))),
-                                      block_scales);
-        } else if (!kPerRow) {
-            alignas(16) float step_scales[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (int64_t b = 0; b < kStepBlocks; ++b)
-                step_scales[b] = static_cast<float>(row_scale[std::min((kStepBlocks * t + b) * kBlock / group_size,
-                                                                       last_group)]);
-            s = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_load_ps(step_scales)));
-        }
+        __m512 s[kCols];
+        __m512i w[kCols];
         const int64_t remaining = bytes_per_row - 64 * t;
-        const __mmask64 valid = remaining >= 64 ? ~__mmask64{0} : (__mmask64{1} << remaining) - 1;
-        const __m512i w = _mm512_maskz_loadu_epi8(valid, row + 64 * t);
-#if RABIT_BITS == 4
-        const __m512i nibble = _mm512_set1_epi8(15);
-        const __m512i low = _mm512_and_si512(w, nibble), high = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
-#endif
-        for (int64_t m = 0; m < rows; ++m) {
+        const __mmask64 keep = remaining >= 64 ? ~__mmask64{0} : (__mmask64{1} << remaining) - 1;
+        for (int c = 0; c < kCols; ++c) {
+            const scale_t* column_scale = row_scale + c * groups;
+            s[c] = _mm512_set1_ps(1.0f);
+            if (!kPerRow && group_size == kBlock) {
+                const int64_t reload = 16 / kStepBlocks;
+                if (t % reload == 0)
+                    block_scales[c] = load_scales(column_scale + kStepBlocks * t, groups - kStepBlocks * t,
+                                                  readable_scales - c * groups - kStepBlocks * t);
+                s[c] = _mm512_permutexvar_ps(
+                    _mm512_add_epi32(lane_block, _mm512_set1_epi32(kStepBlocks * (t % reload))), block_scales[c]);
+            } else if (!kPerRow) {
+                alignas(16) float step_scales[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int64_t b = 0; b < kStepBlocks; ++b)
+                    step_scales[b] = static_cast<float>(
+                        column_scale[std::min((kStepBlocks * t + b) * kBlock / group_size, last_group)]);
+                s[c] = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_load_ps(step_scales)));
+            }
+            // the row's tail masked by an AND where the tensor holds 64 bytes from here (load_scales: why)
+            const uint8_t* at = row + c * bytes_per_row + 64 * t;
+            _mm_prefetch(reinterpret_cast<const char*>(at + kPrefetchBytes), _MM_HINT_T0);
+            w[c] = readable_bytes - c * bytes_per_row - 64 * t >= 64
+                ? _mm512_and_si512(_mm512_loadu_si512(at), _mm512_movm_epi8(keep))
+                : _mm512_maskz_loadu_epi8(keep, at);
+        }
+        for (int m = 0; m < kRows; ++m) {
             const int64_t at = m * steps + t;
-#if RABIT_BITS == 8
-            const __m512i signed_w = _mm512_mask_sub_epi8(w, a.negative[at], _mm512_setzero_si512(), w);
-            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                                    _mm512_loadu_si512(a.operand.data() + at * 64), signed_w);
-#else
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(a.offset.data() + at * 16), low,
-                                              _mm512_loadu_si512(a.operand.data() + at * 64));
-            dot = _mm512_dpbusd_epi32(dot, high, _mm512_loadu_si512(a.high.data() + at * 64));
-#endif
             const __m512 step = _mm512_loadu_ps(a.step.data() + at * 16);
-            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kPerRow ? step : _mm512_mul_ps(step, s), acc[m]);
+            const __m512i operand = _mm512_loadu_si512(a.operand.data() + at * 64);
+#if RABIT_BITS == 8
+            const __mmask64 negative = a.negative[at];
+#else
+            const __m512i offset = _mm512_loadu_si512(a.offset.data() + at * 16);
+            const __m512i high_operand = _mm512_loadu_si512(a.high.data() + at * 64);
+#endif
+            for (int c = 0; c < kCols; ++c) {
+#if RABIT_BITS == 8
+                const __m512i signed_w = _mm512_mask_sub_epi8(w[c], negative, _mm512_setzero_si512(), w[c]);
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), operand, signed_w);
+#else
+                const __m512i nibble = _mm512_set1_epi8(15);
+                const __m512i low = _mm512_and_si512(w[c], nibble);
+                const __m512i high = _mm512_and_si512(_mm512_srli_epi16(w[c], 4), nibble);
+                const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(offset, low, operand), high, high_operand);
+#endif
+                acc[c][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), kPerRow ? step : _mm512_mul_ps(step, s[c]),
+                                            acc[c][m]);
+            }
         }
     }
-    const float row_factor = kPerRow ? static_cast<float>(row_scale[0]) : 1.0f;
-    for (int64_t m = 0; m < rows; ++m) total_out[m] = _mm512_reduce_add_ps(acc[m]) * row_factor;
+    for (int c = 0; c < kCols; ++c) {
+        const float row_factor = kPerRow ? static_cast<float>(row_scale[c * groups]) : 1.0f;
+        for (int m = 0; m < kRows; ++m) total_out[c * kMaxRows + m] = _mm512_reduce_add_ps(acc[c][m]) * row_factor;
+    }
+}
+
+// Output rows n .. n + columns - 1 (columns 1 or 2) against the rows of x.
+template <typename scale_t>
+RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, const scale_t* scale,
+                                float* total_out, int64_t rows, int64_t n, int64_t columns, int64_t out_features,
+                                int64_t in_features, int64_t group_size, int64_t groups) {
+    const auto run = [&](auto rows_constant, auto columns_constant) {
+        constexpr int kRows = decltype(rows_constant)::value, kCols = decltype(columns_constant)::value;
+        if (groups == 1)
+            gemv_int8x_vnni_rows<scale_t, true, kRows, kCols>(a, qweight, scale, total_out, n, out_features,
+                                                              in_features, group_size, groups);
+        else
+            gemv_int8x_vnni_rows<scale_t, false, kRows, kCols>(a, qweight, scale, total_out, n, out_features,
+                                                               in_features, group_size, groups);
+    };
+    const auto with_rows = [&](auto columns_constant) {
+        switch (rows) {
+            case 1: return run(std::integral_constant<int, 1>{}, columns_constant);
+            case 2: return run(std::integral_constant<int, 2>{}, columns_constant);
+            case 3: return run(std::integral_constant<int, 3>{}, columns_constant);
+            default: return run(std::integral_constant<int, 4>{}, columns_constant);
+        }
+    };
+    if (columns == 2)
+        with_rows(std::integral_constant<int, 2>{});
+    else
+        with_rows(std::integral_constant<int, 1>{});
 }
 #endif
 
@@ -536,10 +600,11 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
         prepare_steps(rows, in_features, activations);
 #endif
     }
-    // The AVX2 int4 path takes short rows (fewer than 512 packed bytes) two at a time: their reductions and scale
-    // tails interleave, where one at a time they dominate a short row (benchmarks/RESULTS.md); every other path, one.
-    const int64_t tile = RABIT_ISA >= 1 && RABIT_BITS == 4 && int8_activations && !vnni && row_bytes(in_features) < 512
-        ? 2 : 1;
+    // The VNNI paths and the AVX2 int4 path's short rows (fewer than 512 packed bytes) take two weight rows at a
+    // time: their reductions and scale tails interleave, where one at a time they dominate a short row
+    // (benchmarks/RESULTS.md); every other path, one.
+    const int64_t tile =
+        int8_activations && (vnni || (RABIT_ISA >= 1 && RABIT_BITS == 4 && row_bytes(in_features) < 512)) ? 2 : 1;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < (out_features + tile - 1) / tile; ++t) {
         const int64_t n = tile * t, columns = std::min(tile, out_features - n);
@@ -548,12 +613,9 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
             gemv_fp32<SCALE_T>(x, qweight, scale, total, rows, n, in_features, group_size, groups);
         } else {
 #if RABIT_ISA == 2
-            if (vnni && groups == 1)
-                gemv_int8x_vnni<SCALE_T, true>(activations, qweight, scale, total, rows, n, in_features, group_size,
-                                              groups);
-            else if (vnni)
-                gemv_int8x_vnni<SCALE_T, false>(activations, qweight, scale, total, rows, n, in_features, group_size,
-                                               groups);
+            if (vnni)
+                gemv_int8x_vnni<SCALE_T>(activations, qweight, scale, total, rows, n, columns, out_features,
+                                         in_features, group_size, groups);
             else
                 gemv_int8x_avx2<SCALE_T>(activations, qweight, scale, total, rows, n, columns, in_features, group_size,
                                          groups);
