@@ -165,9 +165,11 @@ RABIT_AVX512 void build_tables_avx512(const Problem& p, int64_t job, const float
     alignas(64) float v[kWordColumns];
     for (int64_t half = 0; half < 2; ++half) {
       const int64_t column = w * kWordColumns + 16 * half, remaining = p.in_features - column;
-      const __mmask16 valid = remaining >= 16 ? 0xFFFF : remaining > 0 ? (1u << remaining) - 1 : 0;
-      _mm512_store_ps(v + 16 * half, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, h + column),
-                                                   _mm512_loadu_ps(x + column)));
+      // a masked load only past K (h has no padding): masked loads are slow on Zen 5 (weight_only.cpp)
+      const __m512 scale = remaining >= 16 ? _mm512_loadu_ps(h + column)
+                                           : _mm512_maskz_loadu_ps(remaining > 0 ? (1u << remaining) - 1 : 0,
+                                                                   h + column);
+      _mm512_store_ps(v + 16 * half, _mm512_mul_ps(scale, _mm512_loadu_ps(x + column)));
     }
     __m512 entries[kGroupsPerWord];
     __m512 largest = _mm512_setzero_ps();
