@@ -2,6 +2,7 @@
 
     python benchmarks/lut_bandwidth.py --threads 2                       # Qwen2.5-Coder-1.5B shapes, int8 tables
     python benchmarks/lut_bandwidth.py --threads 1 --source /tmp/other.cpp    # the same with another kernel source
+    python benchmarks/lut_bandwidth.py --threads 1 --isa avx2            # another ISA path than the CPU's best
 
 One decode row, k paths, random signs and scales (speed does not depend on them), the sibling groups the backend
 fuses (q/k/v, gate/up). Per shape: the 28 blocks' layers called back to back (their signs exceed the caches, as in a
@@ -45,9 +46,16 @@ def main() -> None:
     parser.add_argument("--tables", choices=cpu_lut.TABLE_PRECISIONS, default="int8")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--source", type=Path, default=None, help="build the kernel from this cpu_lut.cpp")
+    parser.add_argument("--isa", choices=cpu_lut.ISA_PATHS, default=None, help="default: the best this CPU runs")
     args = parser.parse_args()
     if args.source is not None:
         cpu_lut._SOURCE = args.source
+    with cpu_lut.use_isa(args.isa or cpu_lut.active_isa()):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Time the layers of QWEN_BLOCKS blocks on the active ISA path, its own sign layout."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     inputs = {k: torch.randn(1, k) for _, k in QWEN_SHAPES.values()}
@@ -57,13 +65,13 @@ def main() -> None:
             rows = sum(sizes)
             layout = cpu_lut.tiled_layout(pack_signs(torch.randn(args.paths, rows, in_features)),
                                           torch.rand(args.paths, rows), torch.rand(len(sizes), args.paths, in_features),
-                                          None, sizes)
+                                          None, sizes, cpu_lut.byte_planes_for(args.tables))
             out = torch.empty(1, rows)
 
             def call(layout=layout, sizes=sizes, k=in_features, out=out) -> None:
                 cpu_lut.lut_gemv(inputs[k], layout, sizes, k, args.tables, out=out)
 
-            layers[name].append((call, layout.signs.numel() * 4))
+            layers[name].append((call, layout.signs.numel() * layout.signs.element_size()))
     print(f"kernel source {cpu_lut._SOURCE}, ISA {cpu_lut.active_isa()}, {args.threads} threads, k = {args.paths}, "
           f"{args.tables} tables, 1 row; Qwen2.5-Coder-1.5B shapes x {QWEN_BLOCKS} blocks")
     for name, entries in layers.items():
