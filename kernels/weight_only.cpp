@@ -235,8 +235,8 @@ void prepare_steps(int64_t rows, int64_t in_features, Activations& a) {
 #endif
 
 #if RABIT_ISA == 2
-// 16 scales from p as floats, lanes past count zeroed. Masked loads stall the stream on Zen 5 (the head ran at ~5
-// GB/s with one per step), so a full load is ANDed with the mask wherever 16 scales are readable (readable: how many
+// 16 scales from p as floats, lanes past count zeroed. Masked loads stall the stream on Zen 5
+// (benchmarks/RESULTS.md), so a full load is ANDed with the mask wherever 16 scales are readable (readable: how many
 // the tensor holds from p on; a k-masked move would be folded back into a masked load); only the tensor's last few
 // scales take a masked load.
 RABIT_VNNI inline __m512 load_scales(const float* p, int64_t count, int64_t readable) {
