@@ -23,6 +23,19 @@
 namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxRows = 4;
+
+// run(std::integral_constant<int, rows>{}): the count of x's rows (1 .. kMaxRows) as a template constant, so that
+// the row loops unroll and their accumulators stay in registers
+template <typename F>
+void with_row_count(int64_t rows, F&& run) {
+    static_assert(kMaxRows == 4, "one case per row count");
+    switch (rows) {
+        case 1: return run(std::integral_constant<int, 1>{});
+        case 2: return run(std::integral_constant<int, 2>{});
+        case 3: return run(std::integral_constant<int, 3>{});
+        default: return run(std::integral_constant<int, 4>{});
+    }
+}
 // The SIMD paths prefetch the weights this far ahead (a few rows of a small head): the hardware
 // prefetcher alone left one core at ~60% of its DRAM bandwidth (benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 4096;
@@ -351,18 +364,10 @@ RABIT_VNNI void gemv_int8x_vnni(const Activations& a, const uint8_t* qweight, co
             gemv_int8x_vnni_rows<scale_t, false, kRows, kCols>(a, qweight, scale, total_out, n, out_features,
                                                                in_features, group_size, groups);
     };
-    const auto with_rows = [&](auto columns_constant) {
-        switch (rows) {
-            case 1: return run(std::integral_constant<int, 1>{}, columns_constant);
-            case 2: return run(std::integral_constant<int, 2>{}, columns_constant);
-            case 3: return run(std::integral_constant<int, 3>{}, columns_constant);
-            default: return run(std::integral_constant<int, 4>{}, columns_constant);
-        }
-    };
     if (columns == 2)
-        with_rows(std::integral_constant<int, 2>{});
+        with_row_count(rows, [&](auto rows_constant) { run(rows_constant, std::integral_constant<int, 2>{}); });
     else
-        with_rows(std::integral_constant<int, 1>{});
+        with_row_count(rows, [&](auto rows_constant) { run(rows_constant, std::integral_constant<int, 1>{}); });
 }
 #endif
 
@@ -424,17 +429,10 @@ void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_
 template <typename scale_t, bool kPerRow>
 void gemv_int8x_avx2_rows(const Activations& a, const uint8_t* row, const scale_t* row_scale, float* total_out,
                           int64_t rows, int64_t in_features, int64_t group_size) {
-    static_assert(kMaxRows == 4, "one instance per row count");
-    const auto run = [&](auto rows_constant) {
+    with_row_count(rows, [&](auto rows_constant) {
         gemv_int8x_avx2_rows<scale_t, decltype(rows_constant)::value, kPerRow>(a, row, row_scale, total_out,
                                                                                in_features, group_size);
-    };
-    switch (rows) {
-        case 1: return run(std::integral_constant<int, 1>{});
-        case 2: return run(std::integral_constant<int, 2>{});
-        case 3: return run(std::integral_constant<int, 3>{});
-        default: return run(std::integral_constant<int, 4>{});
-    }
+    });
 }
 #endif
 
@@ -540,20 +538,14 @@ void gemv_int8x_avx2(const Activations& a, const uint8_t* qweight, const scale_t
     else
         gemv_int8x_avx2_rows<scale_t, false>(a, row, row_scale, total_out, rows, in_features, group_size);
 #else
-    const auto run = [&](auto rows_constant) {
+    with_row_count(rows, [&](auto rows_constant) {
         if (columns == 2)
             gemv_int4x_avx2_rows<scale_t, decltype(rows_constant)::value, 2>(a, row, row_scale, total_out,
                                                                              in_features, group_size, groups);
         else
             gemv_int4x_avx2_rows<scale_t, decltype(rows_constant)::value, 1>(a, row, row_scale, total_out,
                                                                              in_features, group_size, groups);
-    };
-    switch (rows) {
-        case 1: return run(std::integral_constant<int, 1>{});
-        case 2: return run(std::integral_constant<int, 2>{});
-        case 3: return run(std::integral_constant<int, 3>{});
-        default: return run(std::integral_constant<int, 4>{});
-    }
+    });
 #endif
 }
 #endif
