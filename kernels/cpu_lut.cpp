@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -53,6 +54,12 @@ constexpr int64_t kPlaneOf[4] = {0, 2, 1, 3};
 // Fewest tile-words (16 rows x 32 columns of one path, ~10 vector ops) worth a thread of their own: a parallel
 // region costs a few microseconds, about what 256 tile-words take on one core.
 constexpr int64_t kMinWorkPerThread = 256;
+// Tiles of one segment whose lookups share each table load (AVX-512, int8 tables) when a call's tables (k paths x
+// K / 32 words x 128 bytes) exceed kL1TableBytes: they then do not stay in L1 from one tile to the next, and a unit
+// reads them once for its 8 tiles. Shorter rows keep one tile per unit, which streams their signs faster
+// (benchmarks/RESULTS.md).
+constexpr int64_t kUnitTiles = 8;
+constexpr int64_t kL1TableBytes = 24 * 1024;
 // The AVX2 lookups prefetch the signs this far ahead (32 tile-words; past a tile's last word, the next tile of the
 // same path): on a Zen 3 core the hardware prefetcher alone streamed Qwen2.5-Coder-1.5B's signs from DRAM 1.2-1.3x
 // slower (benchmarks/RESULTS.md).
@@ -96,6 +103,12 @@ struct Tile {
   int64_t rows;
 };
 
+// Consecutive tiles of one segment computed together (at most kUnitTiles).
+struct Unit {
+  int64_t first_tile;
+  int64_t tiles;
+};
+
 // One call's operands, all contiguous. Tables are per job = (m, s, i).
 struct Problem {
   int64_t rows, in_features, words, segments, paths, tiles, out_features;
@@ -123,6 +136,7 @@ struct Scratch {
   std::vector<int8_t> int8_tables;
   std::vector<int32_t> word_steps;
   std::vector<Tile> tiles;
+  std::vector<Unit> units;
 };
 thread_local Scratch t_scratch;
 
@@ -384,35 +398,50 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512i row_words_avx512(cons
 // 16 bits are the sum, the high ones meet a zero) to the row's total. fp32: vpermps looks up 16 rows of one group at
 // a time.
 RABIT_AVX512 inline __attribute__((always_inline)) __m512i word_int8_avx512(const int32_t* words, bool byte_planes,
-                                                                           const int8_t* tables, int32_t step,
-                                                                           __m512i totals) {
+                                                                           __m512i even_tables, __m512i odd_tables,
+                                                                           __m512i step, __m512i totals) {
   const __m512i nibble = _mm512_set1_epi8(0x0F), position = _mm512_set1_epi32(0x30201000);
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i word = row_words_avx512(words, byte_planes);
   const __m512i low = _mm512_ternarylogic_epi32(word, nibble, position, 0xEA);  // (word & nibble) | position
   const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi32(word, 4), nibble, position, 0xEA);
-  __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
-                                    _mm512_permutexvar_epi8(low, _mm512_loadu_si512(tables)));
-  sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, _mm512_loadu_si512(tables + 64)));
-  return _mm512_dpwssd_epi32(totals, sum, _mm512_set1_epi32(step));
+  __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_permutexvar_epi8(low, even_tables));
+  sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, odd_tables));
+  return _mm512_dpwssd_epi32(totals, sum, step);
 }
 
-RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_avx512(const Problem& p, const int32_t* words,
-                                                                    int64_t job) {
-  if (p.int8_tables) {
-    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
-    const int32_t* steps = p.word_steps + job * p.words;
-    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains: words alternate
-    int64_t w = 0;
-    for (; w + 2 <= p.words; w += 2) {
-      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], even);
-      odd = word_int8_avx512(words + (w + 1) * kTileRows, p.byte_planes, tables + (w + 1) * kInt8WordBytes,
-                             steps[w + 1], odd);
-    }
-    if (w < p.words)
-      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], even);
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), _mm512_set1_ps(p.step_units[job]));
+// int8 tables: the dots of kCount tiles t, t + 1, .. of one segment (their signs `stride` int32 apart) with one job's
+// tables, each word's tables loaded once for all of them (kUnitTiles). Two chains per tile: words alternate.
+template <int kCount>
+RABIT_AVX512 inline __attribute__((always_inline)) void dots_int8_avx512(const Problem& p, const int32_t* words,
+                                                                        int64_t stride, int64_t job,
+                                                                        __m512* dots) {
+  const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+  const int32_t* steps = p.word_steps + job * p.words;
+  __m512i even[kCount], odd[kCount];
+  for (int u = 0; u < kCount; ++u) even[u] = odd[u] = _mm512_setzero_si512();
+  const auto word = [&](int64_t w, __m512i* totals) {
+    const int8_t* word_tables = tables + w * kInt8WordBytes;
+    const __m512i even_tables = _mm512_loadu_si512(word_tables), odd_tables = _mm512_loadu_si512(word_tables + 64);
+    const __m512i step = _mm512_set1_epi32(steps[w]);
+    for (int u = 0; u < kCount; ++u)
+      totals[u] = word_int8_avx512(words + u * stride + w * kTileRows, p.byte_planes, even_tables, odd_tables, step,
+                                   totals[u]);
+  };
+  int64_t w = 0;
+  for (; w + 2 <= p.words; w += 2) {
+    word(w, even);
+    word(w + 1, odd);
   }
+  if (w < p.words) word(w, even);
+  const __m512 unit = _mm512_set1_ps(p.step_units[job]);
+  for (int u = 0; u < kCount; ++u)
+    dots[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[u], odd[u])), unit);
+}
+
+// fp32 tables: vpermps looks up 16 rows of one group at a time.
+RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_exact_avx512(const Problem& p, const int32_t* words,
+                                                                          int64_t job) {
   const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
   __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains: groups alternate
   for (int64_t w = 0; w < p.words; ++w) {
@@ -427,15 +456,36 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_avx512(const Probl
   return _mm512_add_ps(even, odd);
 }
 
-// y[16] = b + sum_i g_i * dot_i for tile t and row m of x.
-RABIT_AVX512 void tile_avx512(const Problem& p, int64_t t, int64_t m, float* y) {
-  __m512 sum = p.bias ? _mm512_loadu_ps(p.bias + t * kTileRows) : _mm512_setzero_ps();
+// y[16 u + r] = b + sum_i g_i * dot_i for tiles t + u (u < kCount, one segment) and row m of x.
+template <int kCount>
+RABIT_AVX512 void tiles_avx512(const Problem& p, int64_t t, int64_t m, float* y) {
+  const int64_t stride = p.words * kTileRows;
+  __m512 sums[kCount], dots[kCount];
+  for (int u = 0; u < kCount; ++u)
+    sums[u] = p.bias ? _mm512_loadu_ps(p.bias + (t + u) * kTileRows) : _mm512_setzero_ps();
   for (int64_t i = 0; i < p.paths; ++i) {
-    const __m512 dot = dot_avx512(p, p.signs + (i * p.tiles + t) * p.words * kTileRows,
-                                  p.job(m, p.tile_map[t].segment, i));
-    sum = _mm512_fmadd_ps(_mm512_loadu_ps(p.row_scale + (i * p.tiles + t) * kTileRows), dot, sum);
+    const int32_t* words = p.signs + (i * p.tiles + t) * stride;
+    const int64_t job = p.job(m, p.tile_map[t].segment, i);
+    if (p.int8_tables) {
+      dots_int8_avx512<kCount>(p, words, stride, job, dots);
+    } else {
+      for (int u = 0; u < kCount; ++u) dots[u] = dot_exact_avx512(p, words + u * stride, job);
+    }
+    for (int u = 0; u < kCount; ++u)
+      sums[u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.row_scale + (i * p.tiles + t + u) * kTileRows), dots[u], sums[u]);
   }
-  _mm512_storeu_ps(y, sum);
+  for (int u = 0; u < kCount; ++u) _mm512_storeu_ps(y + u * kTileRows, sums[u]);
+}
+
+template <std::size_t... kCounts>
+constexpr auto tiles_avx512_by_count(std::index_sequence<kCounts...>) {
+  return std::array<void (*)(const Problem&, int64_t, int64_t, float*), sizeof...(kCounts)>{
+      tiles_avx512<static_cast<int>(kCounts) + 1>...};
+}
+
+void tiles_avx512(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
+  static constexpr auto kByCount = tiles_avx512_by_count(std::make_index_sequence<kUnitTiles>());
+  kByCount[count - 1](p, t, m, y);
 }
 
 // The byte planes A = [position 0 | position 2], B = [position 1 | position 3] of a tile-word: loaded as stored, or
@@ -580,7 +630,8 @@ RABIT_AVX2 void tile_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
 }
 #endif
 
-using TileFn = void (*)(const Problem&, int64_t, int64_t, float*);
+// y[16 u + r] for tiles t + u, u < count (one segment), and row m of x.
+using TilesFn = void (*)(const Problem&, int64_t t, int64_t count, int64_t m, float* y);
 
 // y[16] = b + sum_i g_i * dot_i for tile t and row m of x, fused multiply-adds as on the SIMD paths.
 void tile_portable(const Problem& p, int64_t t, int64_t m, float* y) {
@@ -593,12 +644,24 @@ void tile_portable(const Problem& p, int64_t t, int64_t m, float* y) {
   }
 }
 
-TileFn tile_for(int isa) {
+// A one-tile function over count tiles.
+template <void (*tile_fn)(const Problem&, int64_t, int64_t, float*)>
+void tile_by_tile(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
+  for (int64_t u = 0; u < count; ++u) tile_fn(p, t + u, m, y + u * kTileRows);
+}
+
+TilesFn tiles_for(int isa) {
 #if RABIT_X86
-  if (isa == kAvx512) return tile_avx512;
-  if (isa == kAvx2) return tile_avx2;
+  if (isa == kAvx512) return tiles_avx512;
+  if (isa == kAvx2) return tile_by_tile<tile_avx2>;
 #endif
-  return tile_portable;
+  return tile_by_tile<tile_portable>;
+}
+
+// Tiles per unit of work (kUnitTiles).
+int64_t unit_tiles_for(const Problem& p) {
+  const bool long_rows = p.paths * p.words * kInt8WordBytes > kL1TableBytes;
+  return p.isa == kAvx512 && p.int8_tables && long_rows ? kUnitTiles : 1;
 }
 
 template <typename out_t>
@@ -606,17 +669,20 @@ void write_rows(const float* values, int64_t count, out_t* out) {
   for (int64_t r = 0; r < count; ++r) out[r] = static_cast<out_t>(values[r]);
 }
 
-// Output rows of tile t for every row m of x, into out (scalar type out_type, [rows, out_features]).
-void compute_tile(const Problem& p, int64_t t, TileFn tile_fn, at::ScalarType out_type, void* out) {
-  const Tile& tile = p.tile_map[t];
-  alignas(64) float y[kTileRows];
+// Output rows of unit's tiles for every row m of x, into out (scalar type out_type, [rows, out_features]).
+void compute_unit(const Problem& p, const Unit& unit, TilesFn tiles_fn, at::ScalarType out_type, void* out) {
+  alignas(64) float y[kUnitTiles * kTileRows];
   for (int64_t m = 0; m < p.rows; ++m) {
-    tile_fn(p, t, m, y);
-    const int64_t offset = m * p.out_features + tile.first_row;
-    switch (out_type) {
-      case at::kFloat: write_rows(y, tile.rows, static_cast<float*>(out) + offset); break;
-      case at::kHalf: write_rows(y, tile.rows, static_cast<at::Half*>(out) + offset); break;
-      default: write_rows(y, tile.rows, static_cast<at::BFloat16*>(out) + offset); break;
+    tiles_fn(p, unit.first_tile, unit.tiles, m, y);
+    for (int64_t u = 0; u < unit.tiles; ++u) {
+      const Tile& tile = p.tile_map[unit.first_tile + u];
+      const int64_t offset = m * p.out_features + tile.first_row;
+      const float* values = y + u * kTileRows;
+      switch (out_type) {
+        case at::kFloat: write_rows(values, tile.rows, static_cast<float*>(out) + offset); break;
+        case at::kHalf: write_rows(values, tile.rows, static_cast<at::Half*>(out) + offset); break;
+        default: write_rows(values, tile.rows, static_cast<at::BFloat16*>(out) + offset); break;
+      }
     }
   }
 }
@@ -704,13 +770,6 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
     }
     x_rows = scratch.x.data();
   }
-  int64_t t = 0, first_row = 0;
-  for (int64_t s = 0; s < segments; ++s) {
-    for (int64_t start = 0; start < out_features[s]; start += kTileRows)
-      scratch.tiles[t++] = Tile{s, first_row + start, std::min(kTileRows, out_features[s] - start)};
-    first_row += out_features[s];
-  }
-
   const int isa = active_isa();
   const bool byte_planes = tiled_signs.scalar_type() == at::kByte;
   const Problem problem{rows, in_features, words, segments, paths, tiles, total, int8_tables, byte_planes, isa,
@@ -721,7 +780,19 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
                         scratch.exact_tables.data(),
                         scratch.int8_tables.data(), scratch.word_scales.data(), scratch.word_steps.data(),
                         scratch.step_units.data()};
-  const TileFn tile_fn = tile_for(isa);
+  const int64_t unit_tiles = unit_tiles_for(problem);
+  grow(scratch.units, tiles);
+  int64_t t = 0, first_row = 0, units = 0;
+  for (int64_t s = 0; s < segments; ++s) {
+    for (int64_t start = 0; start < out_features[s]; start += kTileRows) {
+      if (start % (unit_tiles * kTileRows) == 0) scratch.units[units++] = Unit{t, 0};
+      scratch.units[units - 1].tiles += 1;
+      scratch.tiles[t++] = Tile{s, first_row + start, std::min(kTileRows, out_features[s] - start)};
+    }
+    first_row += out_features[s];
+  }
+  const TilesFn tiles_fn = tiles_for(isa);
+  const Unit* unit_map = scratch.units.data();
   const at::ScalarType out_type = out.scalar_type();
   void* out_data = out.data_ptr();
   const int64_t work = rows * paths * tiles * words;  // tile-words to look up
@@ -732,7 +803,7 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job);
 #pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < tiles; ++tile) compute_tile(problem, tile, tile_fn, out_type, out_data);
+    for (int64_t unit = 0; unit < units; ++unit) compute_unit(problem, unit_map[unit], tiles_fn, out_type, out_data);
   }
   return out;
 }

@@ -178,6 +178,30 @@ def test_int8_tables_give_the_same_bits_on_every_isa(paths, in_features, sizes, 
         assert torch.equal(out, outputs[0])
 
 
+@given(
+    paths=st.integers(2, 4), words=st.integers(97, 130), short_last_word=st.booleans(),
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=3), rows=st.integers(1, 3), bias=st.booleans(),
+    threads=st.sampled_from([1, 2]), byte_planes=st.booleans(), seed=st.integers(0, 2**31),
+)
+def test_long_rows_in_units_of_tiles(paths, words, short_last_word, sizes, rows, bias, threads, byte_planes, seed):
+    """Long rows (k x W x 128 bytes of int8 tables > 24 KB: AVX-512 looks tiles up in units of up to 8 sharing each
+    table load, full and partial units, several siblings): the same bits as the portable path (one tile at a time),
+    and within the table-rounding bound of the float64 reference."""
+    in_features = 32 * words - (5 if short_last_word else 0)
+    generator = torch.Generator().manual_seed(seed)
+    packed_signs, row_scale, col_scale, bias_values = random_siblings(paths, sizes, in_features, bias,
+                                                                      torch.float32, generator)
+    x = torch.randn(rows, in_features, generator=generator)
+    outputs = [run_kernel(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes, "int8", isa,
+                          threads, byte_planes) for isa in ISAS]
+    for out in outputs[1:]:
+        assert torch.equal(out, outputs[0])
+    expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes)
+    bound = int8_table_error_bound(x, row_scale, col_scale, in_features, sizes)
+    error = (outputs[-1].double() - expected).abs()
+    assert (error <= bound * (1 + 1e-5) + RELATIVE_TOLERANCE[torch.float32] * scale).all()
+
+
 def test_tiled_layout_places_each_word():
     """``tiled_signs[i, t, w, r]`` is word w of sibling row ``16 t' + r`` (t' counted within the sibling), zero in
     the rows that pad each sibling to a multiple of 16; row scales and bias follow the same tiles."""
