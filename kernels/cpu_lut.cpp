@@ -54,11 +54,12 @@ constexpr int64_t kPlaneOf[4] = {0, 2, 1, 3};
 // Fewest tile-words (16 rows x 32 columns of one path, ~10 vector ops) worth a thread of their own: a parallel
 // region costs a few microseconds, about what 256 tile-words take on one core.
 constexpr int64_t kMinWorkPerThread = 256;
-// Tiles of one segment whose lookups share each table load (AVX-512, int8 tables) when a call's tables (k paths x
-// K / 32 words x 128 bytes) exceed kL1TableBytes: they then do not stay in L1 from one tile to the next, and a unit
-// reads them once for its 8 tiles. Shorter rows keep one tile per unit, which streams their signs faster
-// (benchmarks/RESULTS.md).
+// Tiles of one segment whose lookups share each table load (int8 tables) when a call's tables (k paths x K / 32
+// words x 128 bytes) exceed kL1TableBytes: they then do not stay in L1 from one tile to the next, and a unit reads
+// them once for all its tiles (8 on AVX-512; 4 on AVX2, whose 16 registers hold fewer tiles' totals). Shorter rows
+// keep one tile per unit, which streams their signs faster (benchmarks/RESULTS.md).
 constexpr int64_t kUnitTiles = 8;
+constexpr int64_t kUnitTilesAvx2 = 4;
 constexpr int64_t kL1TableBytes = 24 * 1024;
 // The AVX2 lookups prefetch the signs this far ahead (32 tile-words; past a tile's last word, the next tile of the
 // same path): on a Zen 3 core the hardware prefetcher alone streamed Qwen2.5-Coder-1.5B's signs from DRAM 1.2-1.3x
@@ -92,7 +93,7 @@ int active_isa() {
 // Offset of group j (0..7) of a word inside its 128-byte int8 table block, as each path's lookups want it.
 // AVX-512 and portable: the even groups' tables fill the first 64 bytes and the odd groups' the last 64, so that one
 // 64-byte vector holds the four tables that the low (or high) nibbles of a word's 4 bytes index. AVX2: groups j and
-// j + 4 side by side (32 bytes at 32 (j & 3)), the two 128-bit lanes of one vpshufb table (dot_avx2).
+// j + 4 side by side (32 bytes at 32 (j & 3)), the two 128-bit lanes of one vpshufb table (word_int8_avx2).
 inline int64_t int8_table_offset(int64_t j, int isa) {
   return isa == kAvx2 ? (j & 3) * 32 + (j >> 2) * kEntries : (j & 1) * 64 + (j >> 1) * kEntries;
 }
@@ -517,14 +518,13 @@ RABIT_AVX2 inline __attribute__((always_inline)) void byte_planes_avx2(const int
 // even rows' and the odd rows' sums to int32 totals [rows 0, 2, 4, 6 | the same rows], [1, 3, 5, 7 | ..], [8, 10,
 // 12, 14 | ..], [9, 11, 13, 15 | ..] (the lanes are added once per tile, in totals_avx2).
 RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32_t* words, bool byte_planes,
-                                                                     const int8_t* tables, int32_t step,
+                                                                     const __m256i* tables, int32_t step,
                                                                      __m256i* totals) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
   __m256i a, b;
   byte_planes_avx2(words, byte_planes, a, b);
   const auto lookup = [&](int64_t pair, __m256i index) {
-    return _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tables + 32 * pair)),
-                               _mm256_and_si256(index, nibble));
+    return _mm256_shuffle_epi8(tables[pair], _mm256_and_si256(index, nibble));
   };
   const __m256i g04 = lookup(0, a), g15 = lookup(1, _mm256_srli_epi16(a, 4));
   const __m256i g26 = lookup(2, b), g37 = lookup(3, _mm256_srli_epi16(b, 4));
@@ -572,25 +572,38 @@ RABIT_AVX2 inline __attribute__((always_inline)) void row_words_avx2(const int32
   row_words[1] = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(_mm256_unpackhi_epi8(a, b), 0xD8), gather);
 }
 
-// AVX2 fp32 (8 rows per vector): two vpermps (entries 0-7 and 8-15) and a blend on the nibble's bit 3.
-RABIT_AVX2 inline __attribute__((always_inline)) void dot_avx2(const Problem& p, const int32_t* words, int64_t job,
-                                                               __m256& rows_0_7, __m256& rows_8_15) {
-  if (p.int8_tables) {
-    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
-    const int32_t* steps = p.word_steps + job * p.words;
-    __m256i totals[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                         _mm256_setzero_si256()};
-    for (int64_t w = 0; w < p.words; ++w) {
-      _mm_prefetch(reinterpret_cast<const char*>(words + w * kTileRows) + kPrefetchBytes, _MM_HINT_T0);
-      word_int8_avx2(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], totals);
+// int8 tables: the dots of kCount tiles t, t + 1, .. of one segment (their signs `stride` int32 apart), rows 0-7 in
+// dots[2 u] and 8-15 in dots[2 u + 1], each word's 4 table vectors loaded once for all tiles (kUnitTiles).
+template <int kCount>
+RABIT_AVX2 inline __attribute__((always_inline)) void dots_int8_avx2(const Problem& p, const int32_t* words,
+                                                                     int64_t stride, int64_t job, __m256* dots) {
+  const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+  const int32_t* steps = p.word_steps + job * p.words;
+  __m256i totals[kCount][4];
+  for (int u = 0; u < kCount; ++u)
+    for (int j = 0; j < 4; ++j) totals[u][j] = _mm256_setzero_si256();
+  for (int64_t w = 0; w < p.words; ++w) {
+    __m256i word_tables[4];
+    for (int pair = 0; pair < 4; ++pair)
+      word_tables[pair] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tables + w * kInt8WordBytes + 32 * pair));
+    for (int u = 0; u < kCount; ++u) {
+      const int32_t* tile_word = words + u * stride + w * kTileRows;
+      _mm_prefetch(reinterpret_cast<const char*>(tile_word) + kPrefetchBytes, _MM_HINT_T0);
+      word_int8_avx2(tile_word, p.byte_planes, word_tables, steps[w], totals[u]);
     }
-    __m256i rows_low, rows_high;
-    totals_avx2(totals, rows_low, rows_high);
-    const __m256 unit = _mm256_set1_ps(p.step_units[job]);
-    rows_0_7 = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_low), unit);
-    rows_8_15 = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_high), unit);
-    return;
   }
+  const __m256 unit = _mm256_set1_ps(p.step_units[job]);
+  for (int u = 0; u < kCount; ++u) {
+    __m256i rows_low, rows_high;
+    totals_avx2(totals[u], rows_low, rows_high);
+    dots[2 * u] = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_low), unit);
+    dots[2 * u + 1] = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_high), unit);
+  }
+}
+
+// AVX2 fp32 (8 rows per vector): two vpermps (entries 0-7 and 8-15) and a blend on the nibble's bit 3.
+RABIT_AVX2 inline __attribute__((always_inline)) void dot_exact_avx2(const Problem& p, const int32_t* words,
+                                                                     int64_t job, __m256* dots) {
   const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
   __m256 accumulators[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t w = 0; w < p.words; ++w) {
@@ -609,24 +622,41 @@ RABIT_AVX2 inline __attribute__((always_inline)) void dot_avx2(const Problem& p,
       }
     }
   }
-  rows_0_7 = accumulators[0];
-  rows_8_15 = accumulators[1];
+  dots[0] = accumulators[0];
+  dots[1] = accumulators[1];
 }
 
-// y[16] = b + sum_i g_i * dot_i for tile t and row m of x.
-RABIT_AVX2 void tile_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
-  __m256 low = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows) : _mm256_setzero_ps();
-  __m256 high = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows + 8) : _mm256_setzero_ps();
+// y[16 u + r] = b + sum_i g_i * dot_i for tiles t + u (u < kCount, one segment) and row m of x.
+template <int kCount>
+RABIT_AVX2 void tiles_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
+  const int64_t stride = p.words * kTileRows;
+  __m256 sums[2 * kCount], dots[2 * kCount];
+  for (int half = 0; half < 2 * kCount; ++half)
+    sums[half] = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows + 8 * half) : _mm256_setzero_ps();
   for (int64_t i = 0; i < p.paths; ++i) {
-    __m256 dot_low, dot_high;
-    dot_avx2(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), dot_low,
-             dot_high);
+    const int32_t* words = p.signs + (i * p.tiles + t) * stride;
+    const int64_t job = p.job(m, p.tile_map[t].segment, i);
+    if (p.int8_tables) {
+      dots_int8_avx2<kCount>(p, words, stride, job, dots);
+    } else {
+      for (int u = 0; u < kCount; ++u) dot_exact_avx2(p, words + u * stride, job, dots + 2 * u);
+    }
     const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
-    low = _mm256_fmadd_ps(_mm256_loadu_ps(g), dot_low, low);
-    high = _mm256_fmadd_ps(_mm256_loadu_ps(g + 8), dot_high, high);
+    for (int half = 0; half < 2 * kCount; ++half)
+      sums[half] = _mm256_fmadd_ps(_mm256_loadu_ps(g + 8 * half), dots[half], sums[half]);
   }
-  _mm256_storeu_ps(y, low);
-  _mm256_storeu_ps(y + 8, high);
+  for (int half = 0; half < 2 * kCount; ++half) _mm256_storeu_ps(y + 8 * half, sums[half]);
+}
+
+template <std::size_t... kCounts>
+constexpr auto tiles_avx2_by_count(std::index_sequence<kCounts...>) {
+  return std::array<void (*)(const Problem&, int64_t, int64_t, float*), sizeof...(kCounts)>{
+      tiles_avx2<static_cast<int>(kCounts) + 1>...};
+}
+
+void tiles_avx2(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
+  static constexpr auto kByCount = tiles_avx2_by_count(std::make_index_sequence<kUnitTilesAvx2>());
+  kByCount[count - 1](p, t, m, y);
 }
 #endif
 
@@ -653,7 +683,7 @@ void tile_by_tile(const Problem& p, int64_t t, int64_t count, int64_t m, float* 
 TilesFn tiles_for(int isa) {
 #if RABIT_X86
   if (isa == kAvx512) return tiles_avx512;
-  if (isa == kAvx2) return tile_by_tile<tile_avx2>;
+  if (isa == kAvx2) return tiles_avx2;
 #endif
   return tile_by_tile<tile_portable>;
 }
@@ -661,7 +691,8 @@ TilesFn tiles_for(int isa) {
 // Tiles per unit of work (kUnitTiles).
 int64_t unit_tiles_for(const Problem& p) {
   const bool long_rows = p.paths * p.words * kInt8WordBytes > kL1TableBytes;
-  return p.isa == kAvx512 && p.int8_tables && long_rows ? kUnitTiles : 1;
+  if (!p.int8_tables || !long_rows) return 1;
+  return p.isa == kAvx512 ? kUnitTiles : p.isa == kAvx2 ? kUnitTilesAvx2 : 1;
 }
 
 template <typename out_t>

@@ -25,11 +25,11 @@ of x, sibling and path: ``16 K / 4`` entries), then shared by every output row. 
   output ``|y_int8 - y_fp32| <= sum_i |g[i, n]| * (sum_w 4 scale_w + 508 W unit)`` (8 lookups per word; the second
   term weighs what ~4.7 of the first term's 280 words do at K = 8960 if their scales are alike, ~0.2 of 48 at
   K = 1536). On AVX-512 one ``vpermb`` does 64 lookups, ``vpdpbusd`` adds them in int32 and ``vpdpwssd`` adds
-  ``q_w`` times that to the total; when a call's int8 tables outgrow L1 (``k * W * 128`` bytes over 24 KB, e.g.
-  ``down_proj``'s K = 8960), AVX-512 looks up 8 tiles of a sibling at a time, each word's tables loaded once for
-  all 8 (the sums, hence the bits, are the same). On AVX2 a 16-row word is in byte planes, each 128-bit lane one
-  byte position of the 16 rows, 4 ``vpshufb`` do its 512 lookups and ``vpmaddwd`` multiplies by ``q_w`` and
-  widens.
+  ``q_w`` times that to the total; on AVX2 a 16-row word is in byte planes, each 128-bit lane one byte position of
+  the 16 rows, 4 ``vpshufb`` do its 512 lookups and ``vpmaddwd`` multiplies by ``q_w`` and widens. When a call's
+  int8 tables outgrow L1 (``k * W * 128`` bytes over 24 KB, e.g. ``down_proj``'s K = 8960), both look up several
+  tiles of a sibling at a time (8 on AVX-512, 4 on AVX2), each word's tables loaded once for all of them (the
+  sums, hence the bits, are the same).
 
 The kernel reads the signs in a **tiled layout** derived once from format v1 by :func:`tiled_layout` (the on-disk
 format is unchanged): rows in tiles of 16 per sibling (zero rows pad each sibling to a multiple of 16), and within a

@@ -184,9 +184,9 @@ def test_int8_tables_give_the_same_bits_on_every_isa(paths, in_features, sizes, 
     threads=st.sampled_from([1, 2]), byte_planes=st.booleans(), seed=st.integers(0, 2**31),
 )
 def test_long_rows_in_units_of_tiles(paths, words, short_last_word, sizes, rows, bias, threads, byte_planes, seed):
-    """Long rows (k x W x 128 bytes of int8 tables > 24 KB: AVX-512 looks tiles up in units of up to 8 sharing each
-    table load, full and partial units, several siblings): the same bits as the portable path (one tile at a time),
-    and within the table-rounding bound of the float64 reference."""
+    """Long rows (k x W x 128 bytes of int8 tables > 24 KB: AVX-512 and AVX2 look tiles up in units of 8 and 4
+    sharing each table load; full and partial units, several siblings): the same bits as the portable path (one
+    tile at a time), and within the table-rounding bound of the float64 reference."""
     in_features = 32 * words - (5 if short_last_word else 0)
     generator = torch.Generator().manual_seed(seed)
     packed_signs, row_scale, col_scale, bias_values = random_siblings(paths, sizes, in_features, bias,
