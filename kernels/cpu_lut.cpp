@@ -171,6 +171,16 @@ void group_entries(const float* v, float* entries) {
   }
 }
 
+using FixedCountFn = void (*)(const Problem& p, int64_t t, int64_t m, float* y);
+
+// kernels[c - 1] = pick<c>(), the kernel for c tiles at a time (c = 1 .. kMax), to choose by count at run time.
+template <int kMax, typename Pick>
+constexpr std::array<FixedCountFn, kMax> by_tile_count(Pick pick) {
+  return [&]<std::size_t... kCounts>(std::index_sequence<kCounts...>) {
+    return std::array<FixedCountFn, kMax>{pick.template operator()<static_cast<int>(kCounts) + 1>()...};
+  }(std::make_index_sequence<kMax>());
+}
+
 #if RABIT_X86
 // AVX-512: the 32 products h * x of a word in two vectors, its 8 groups' entries in 8 vectors (the same sums as
 // group_entries), their largest |entry| by one reduction, int8 by vcvtps2dq + vpmovdb.
@@ -478,14 +488,8 @@ RABIT_AVX512 void tiles_avx512(const Problem& p, int64_t t, int64_t m, float* y)
   for (int u = 0; u < kCount; ++u) _mm512_storeu_ps(y + u * kTileRows, sums[u]);
 }
 
-template <std::size_t... kCounts>
-constexpr auto tiles_avx512_by_count(std::index_sequence<kCounts...>) {
-  return std::array<void (*)(const Problem&, int64_t, int64_t, float*), sizeof...(kCounts)>{
-      tiles_avx512<static_cast<int>(kCounts) + 1>...};
-}
-
 void tiles_avx512(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
-  static constexpr auto kByCount = tiles_avx512_by_count(std::make_index_sequence<kUnitTiles>());
+  static constexpr auto kByCount = by_tile_count<kUnitTiles>([]<int kCount>() { return &tiles_avx512<kCount>; });
   kByCount[count - 1](p, t, m, y);
 }
 
@@ -648,14 +652,8 @@ RABIT_AVX2 void tiles_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
   for (int half = 0; half < 2 * kCount; ++half) _mm256_storeu_ps(y + 8 * half, sums[half]);
 }
 
-template <std::size_t... kCounts>
-constexpr auto tiles_avx2_by_count(std::index_sequence<kCounts...>) {
-  return std::array<void (*)(const Problem&, int64_t, int64_t, float*), sizeof...(kCounts)>{
-      tiles_avx2<static_cast<int>(kCounts) + 1>...};
-}
-
 void tiles_avx2(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
-  static constexpr auto kByCount = tiles_avx2_by_count(std::make_index_sequence<kUnitTilesAvx2>());
+  static constexpr auto kByCount = by_tile_count<kUnitTilesAvx2>([]<int kCount>() { return &tiles_avx2<kCount>; });
   kByCount[count - 1](p, t, m, y);
 }
 #endif
@@ -663,21 +661,18 @@ void tiles_avx2(const Problem& p, int64_t t, int64_t count, int64_t m, float* y)
 // y[16 u + r] for tiles t + u, u < count (one segment), and row m of x.
 using TilesFn = void (*)(const Problem&, int64_t t, int64_t count, int64_t m, float* y);
 
-// y[16] = b + sum_i g_i * dot_i for tile t and row m of x, fused multiply-adds as on the SIMD paths.
-void tile_portable(const Problem& p, int64_t t, int64_t m, float* y) {
+// y[16 u + r] = b + sum_i g_i * dot_i for tiles t + u (u < count) and row m of x, fused multiply-adds as on the SIMD
+// paths, one tile at a time.
+void tiles_portable(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
   float dot[kTileRows];
-  for (int64_t r = 0; r < kTileRows; ++r) y[r] = p.bias ? p.bias[t * kTileRows + r] : 0.0f;
-  for (int64_t i = 0; i < p.paths; ++i) {
-    dot_portable(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), dot);
-    const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
-    for (int64_t r = 0; r < kTileRows; ++r) y[r] = std::fma(g[r], dot[r], y[r]);
+  for (int64_t u = 0; u < count; ++u, ++t, y += kTileRows) {
+    for (int64_t r = 0; r < kTileRows; ++r) y[r] = p.bias ? p.bias[t * kTileRows + r] : 0.0f;
+    for (int64_t i = 0; i < p.paths; ++i) {
+      dot_portable(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), dot);
+      const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
+      for (int64_t r = 0; r < kTileRows; ++r) y[r] = std::fma(g[r], dot[r], y[r]);
+    }
   }
-}
-
-// A one-tile function over count tiles.
-template <void (*tile_fn)(const Problem&, int64_t, int64_t, float*)>
-void tile_by_tile(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
-  for (int64_t u = 0; u < count; ++u) tile_fn(p, t + u, m, y + u * kTileRows);
 }
 
 TilesFn tiles_for(int isa) {
@@ -685,7 +680,7 @@ TilesFn tiles_for(int isa) {
   if (isa == kAvx512) return tiles_avx512;
   if (isa == kAvx2) return tiles_avx2;
 #endif
-  return tile_by_tile<tile_portable>;
+  return tiles_portable;
 }
 
 // Tiles per unit of work (kUnitTiles).
