@@ -409,50 +409,35 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512i row_words_avx512(cons
 // 16 bits are the sum, the high ones meet a zero) to the row's total. fp32: vpermps looks up 16 rows of one group at
 // a time.
 RABIT_AVX512 inline __attribute__((always_inline)) __m512i word_int8_avx512(const int32_t* words, bool byte_planes,
-                                                                           __m512i even_tables, __m512i odd_tables,
-                                                                           __m512i step, __m512i totals) {
+                                                                           const int8_t* tables, int32_t step,
+                                                                           __m512i totals) {
   const __m512i nibble = _mm512_set1_epi8(0x0F), position = _mm512_set1_epi32(0x30201000);
   const __m512i ones = _mm512_set1_epi8(1);
   const __m512i word = row_words_avx512(words, byte_planes);
   const __m512i low = _mm512_ternarylogic_epi32(word, nibble, position, 0xEA);  // (word & nibble) | position
   const __m512i high = _mm512_ternarylogic_epi32(_mm512_srli_epi32(word, 4), nibble, position, 0xEA);
-  __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_permutexvar_epi8(low, even_tables));
-  sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, odd_tables));
-  return _mm512_dpwssd_epi32(totals, sum, step);
+  __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones,
+                                    _mm512_permutexvar_epi8(low, _mm512_loadu_si512(tables)));
+  sum = _mm512_dpbusd_epi32(sum, ones, _mm512_permutexvar_epi8(high, _mm512_loadu_si512(tables + 64)));
+  return _mm512_dpwssd_epi32(totals, sum, _mm512_set1_epi32(step));
 }
 
-// int8 tables: the dots of kCount tiles t, t + 1, .. of one segment (their signs `stride` int32 apart) with one job's
-// tables, each word's tables loaded once for all of them (kUnitTiles). Two chains per tile: words alternate.
-template <int kCount>
-RABIT_AVX512 inline __attribute__((always_inline)) void dots_int8_avx512(const Problem& p, const int32_t* words,
-                                                                        int64_t stride, int64_t job,
-                                                                        __m512* dots) {
-  const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
-  const int32_t* steps = p.word_steps + job * p.words;
-  __m512i even[kCount], odd[kCount];
-  for (int u = 0; u < kCount; ++u) even[u] = odd[u] = _mm512_setzero_si512();
-  const auto word = [&](int64_t w, __m512i* totals) {
-    const int8_t* word_tables = tables + w * kInt8WordBytes;
-    const __m512i even_tables = _mm512_loadu_si512(word_tables), odd_tables = _mm512_loadu_si512(word_tables + 64);
-    const __m512i step = _mm512_set1_epi32(steps[w]);
-    for (int u = 0; u < kCount; ++u)
-      totals[u] = word_int8_avx512(words + u * stride + w * kTileRows, p.byte_planes, even_tables, odd_tables, step,
-                                   totals[u]);
-  };
-  int64_t w = 0;
-  for (; w + 2 <= p.words; w += 2) {
-    word(w, even);
-    word(w + 1, odd);
+RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_avx512(const Problem& p, const int32_t* words,
+                                                                    int64_t job) {
+  if (p.int8_tables) {
+    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+    const int32_t* steps = p.word_steps + job * p.words;
+    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains: words alternate
+    int64_t w = 0;
+    for (; w + 2 <= p.words; w += 2) {
+      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], even);
+      odd = word_int8_avx512(words + (w + 1) * kTileRows, p.byte_planes, tables + (w + 1) * kInt8WordBytes,
+                             steps[w + 1], odd);
+    }
+    if (w < p.words)
+      even = word_int8_avx512(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], even);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), _mm512_set1_ps(p.step_units[job]));
   }
-  if (w < p.words) word(w, even);
-  const __m512 unit = _mm512_set1_ps(p.step_units[job]);
-  for (int u = 0; u < kCount; ++u)
-    dots[u] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[u], odd[u])), unit);
-}
-
-// fp32 tables: vpermps looks up 16 rows of one group at a time.
-RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_exact_avx512(const Problem& p, const int32_t* words,
-                                                                          int64_t job) {
   const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
   __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();  // two chains: groups alternate
   for (int64_t w = 0; w < p.words; ++w) {
@@ -467,29 +452,59 @@ RABIT_AVX512 inline __attribute__((always_inline)) __m512 dot_exact_avx512(const
   return _mm512_add_ps(even, odd);
 }
 
-// y[16 u + r] = b + sum_i g_i * dot_i for tiles t + u (u < kCount, one segment) and row m of x.
+// y[16] = b + sum_i g_i * dot_i for tile t and row m of x.
+RABIT_AVX512 void tile_avx512(const Problem& p, int64_t t, int64_t m, float* y) {
+  __m512 sum = p.bias ? _mm512_loadu_ps(p.bias + t * kTileRows) : _mm512_setzero_ps();
+  for (int64_t i = 0; i < p.paths; ++i) {
+    const __m512 dot = dot_avx512(p, p.signs + (i * p.tiles + t) * p.words * kTileRows,
+                                  p.job(m, p.tile_map[t].segment, i));
+    sum = _mm512_fmadd_ps(_mm512_loadu_ps(p.row_scale + (i * p.tiles + t) * kTileRows), dot, sum);
+  }
+  _mm512_storeu_ps(y, sum);
+}
+
+// int8 tables, a unit of kCount >= 2 tiles t, t + 1, .. of one segment (kUnitTiles): tile_avx512's sums, the
+// tiles' lookups of one word after one another so that its tables are read from memory once for all of them.
 template <int kCount>
-RABIT_AVX512 void tiles_avx512(const Problem& p, int64_t t, int64_t m, float* y) {
-  const int64_t stride = p.words * kTileRows;
-  __m512 sums[kCount], dots[kCount];
+RABIT_AVX512 void units_int8_avx512(const Problem& p, int64_t t, int64_t m, float* y) {
+  const int64_t stride = p.words * kTileRows;  // int32 from one tile's signs to the next tile's
+  __m512 sums[kCount];
   for (int u = 0; u < kCount; ++u)
     sums[u] = p.bias ? _mm512_loadu_ps(p.bias + (t + u) * kTileRows) : _mm512_setzero_ps();
   for (int64_t i = 0; i < p.paths; ++i) {
     const int32_t* words = p.signs + (i * p.tiles + t) * stride;
     const int64_t job = p.job(m, p.tile_map[t].segment, i);
-    if (p.int8_tables) {
-      dots_int8_avx512<kCount>(p, words, stride, job, dots);
-    } else {
-      for (int u = 0; u < kCount; ++u) dots[u] = dot_exact_avx512(p, words + u * stride, job);
+    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+    const int32_t* steps = p.word_steps + job * p.words;
+    __m512i even[kCount], odd[kCount];  // two chains per tile: words alternate
+    for (int u = 0; u < kCount; ++u) even[u] = odd[u] = _mm512_setzero_si512();
+    int64_t w = 0;
+    for (; w + 2 <= p.words; w += 2)
+      for (int u = 0; u < kCount; ++u) {
+        even[u] = word_int8_avx512(words + u * stride + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes,
+                                   steps[w], even[u]);
+        odd[u] = word_int8_avx512(words + u * stride + (w + 1) * kTileRows, p.byte_planes,
+                                  tables + (w + 1) * kInt8WordBytes, steps[w + 1], odd[u]);
+      }
+    if (w < p.words)
+      for (int u = 0; u < kCount; ++u)
+        even[u] = word_int8_avx512(words + u * stride + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes,
+                                   steps[w], even[u]);
+    const __m512 unit = _mm512_set1_ps(p.step_units[job]);
+    for (int u = 0; u < kCount; ++u) {
+      const __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even[u], odd[u])), unit);
+      sums[u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.row_scale + (i * p.tiles + t + u) * kTileRows), dot, sums[u]);
     }
-    for (int u = 0; u < kCount; ++u)
-      sums[u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.row_scale + (i * p.tiles + t + u) * kTileRows), dots[u], sums[u]);
   }
   for (int u = 0; u < kCount; ++u) _mm512_storeu_ps(y + u * kTileRows, sums[u]);
 }
 
+// tile_avx512 for one tile, units_int8_avx512 for more.
 void tiles_avx512(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
-  static constexpr auto kByCount = by_tile_count<kUnitTiles>([]<int kCount>() { return &tiles_avx512<kCount>; });
+  static constexpr auto kByCount = by_tile_count<kUnitTiles>([]<int kCount>() {
+    if constexpr (kCount == 1) return &tile_avx512;
+    else return &units_int8_avx512<kCount>;
+  });
   kByCount[count - 1](p, t, m, y);
 }
 
@@ -522,13 +537,14 @@ RABIT_AVX2 inline __attribute__((always_inline)) void byte_planes_avx2(const int
 // even rows' and the odd rows' sums to int32 totals [rows 0, 2, 4, 6 | the same rows], [1, 3, 5, 7 | ..], [8, 10,
 // 12, 14 | ..], [9, 11, 13, 15 | ..] (the lanes are added once per tile, in totals_avx2).
 RABIT_AVX2 inline __attribute__((always_inline)) void word_int8_avx2(const int32_t* words, bool byte_planes,
-                                                                     const __m256i* tables, int32_t step,
+                                                                     const int8_t* tables, int32_t step,
                                                                      __m256i* totals) {
   const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi8(1);
   __m256i a, b;
   byte_planes_avx2(words, byte_planes, a, b);
   const auto lookup = [&](int64_t pair, __m256i index) {
-    return _mm256_shuffle_epi8(tables[pair], _mm256_and_si256(index, nibble));
+    return _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tables + 32 * pair)),
+                               _mm256_and_si256(index, nibble));
   };
   const __m256i g04 = lookup(0, a), g15 = lookup(1, _mm256_srli_epi16(a, 4));
   const __m256i g26 = lookup(2, b), g37 = lookup(3, _mm256_srli_epi16(b, 4));
@@ -576,38 +592,25 @@ RABIT_AVX2 inline __attribute__((always_inline)) void row_words_avx2(const int32
   row_words[1] = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(_mm256_unpackhi_epi8(a, b), 0xD8), gather);
 }
 
-// int8 tables: the dots of kCount tiles t, t + 1, .. of one segment (their signs `stride` int32 apart), rows 0-7 in
-// dots[2 u] and 8-15 in dots[2 u + 1], each word's 4 table vectors loaded once for all tiles (kUnitTiles).
-template <int kCount>
-RABIT_AVX2 inline __attribute__((always_inline)) void dots_int8_avx2(const Problem& p, const int32_t* words,
-                                                                     int64_t stride, int64_t job, __m256* dots) {
-  const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
-  const int32_t* steps = p.word_steps + job * p.words;
-  __m256i totals[kCount][4];
-  for (int u = 0; u < kCount; ++u)
-    for (int j = 0; j < 4; ++j) totals[u][j] = _mm256_setzero_si256();
-  for (int64_t w = 0; w < p.words; ++w) {
-    __m256i word_tables[4];
-    for (int pair = 0; pair < 4; ++pair)
-      word_tables[pair] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tables + w * kInt8WordBytes + 32 * pair));
-    for (int u = 0; u < kCount; ++u) {
-      const int32_t* tile_word = words + u * stride + w * kTileRows;
-      _mm_prefetch(reinterpret_cast<const char*>(tile_word) + kPrefetchBytes, _MM_HINT_T0);
-      word_int8_avx2(tile_word, p.byte_planes, word_tables, steps[w], totals[u]);
-    }
-  }
-  const __m256 unit = _mm256_set1_ps(p.step_units[job]);
-  for (int u = 0; u < kCount; ++u) {
-    __m256i rows_low, rows_high;
-    totals_avx2(totals[u], rows_low, rows_high);
-    dots[2 * u] = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_low), unit);
-    dots[2 * u + 1] = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_high), unit);
-  }
-}
-
 // AVX2 fp32 (8 rows per vector): two vpermps (entries 0-7 and 8-15) and a blend on the nibble's bit 3.
-RABIT_AVX2 inline __attribute__((always_inline)) void dot_exact_avx2(const Problem& p, const int32_t* words,
-                                                                     int64_t job, __m256* dots) {
+RABIT_AVX2 inline __attribute__((always_inline)) void dot_avx2(const Problem& p, const int32_t* words, int64_t job,
+                                                               __m256& rows_0_7, __m256& rows_8_15) {
+  if (p.int8_tables) {
+    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+    const int32_t* steps = p.word_steps + job * p.words;
+    __m256i totals[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                         _mm256_setzero_si256()};
+    for (int64_t w = 0; w < p.words; ++w) {
+      _mm_prefetch(reinterpret_cast<const char*>(words + w * kTileRows) + kPrefetchBytes, _MM_HINT_T0);
+      word_int8_avx2(words + w * kTileRows, p.byte_planes, tables + w * kInt8WordBytes, steps[w], totals);
+    }
+    __m256i rows_low, rows_high;
+    totals_avx2(totals, rows_low, rows_high);
+    const __m256 unit = _mm256_set1_ps(p.step_units[job]);
+    rows_0_7 = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_low), unit);
+    rows_8_15 = _mm256_mul_ps(_mm256_cvtepi32_ps(rows_high), unit);
+    return;
+  }
   const float* tables = p.exact_tables + job * p.words * kGroupsPerWord * kEntries;
   __m256 accumulators[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t w = 0; w < p.words; ++w) {
@@ -626,34 +629,68 @@ RABIT_AVX2 inline __attribute__((always_inline)) void dot_exact_avx2(const Probl
       }
     }
   }
-  dots[0] = accumulators[0];
-  dots[1] = accumulators[1];
+  rows_0_7 = accumulators[0];
+  rows_8_15 = accumulators[1];
 }
 
-// y[16 u + r] = b + sum_i g_i * dot_i for tiles t + u (u < kCount, one segment) and row m of x.
+// y[16] = b + sum_i g_i * dot_i for tile t and row m of x.
+RABIT_AVX2 void tile_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
+  __m256 low = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows) : _mm256_setzero_ps();
+  __m256 high = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows + 8) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < p.paths; ++i) {
+    __m256 dot_low, dot_high;
+    dot_avx2(p, p.signs + (i * p.tiles + t) * p.words * kTileRows, p.job(m, p.tile_map[t].segment, i), dot_low,
+             dot_high);
+    const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
+    low = _mm256_fmadd_ps(_mm256_loadu_ps(g), dot_low, low);
+    high = _mm256_fmadd_ps(_mm256_loadu_ps(g + 8), dot_high, high);
+  }
+  _mm256_storeu_ps(y, low);
+  _mm256_storeu_ps(y + 8, high);
+}
+
+// int8 tables, a unit of kCount >= 2 tiles t, t + 1, .. of one segment (kUnitTiles): tile_avx2's sums, the tiles'
+// lookups of one word after one another so that its tables are read from memory once for all of them.
 template <int kCount>
-RABIT_AVX2 void tiles_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
-  const int64_t stride = p.words * kTileRows;
-  __m256 sums[2 * kCount], dots[2 * kCount];
+RABIT_AVX2 void units_int8_avx2(const Problem& p, int64_t t, int64_t m, float* y) {
+  const int64_t stride = p.words * kTileRows;  // int32 from one tile's signs to the next tile's
+  __m256 sums[2 * kCount];  // rows 0-7 and 8-15 of each tile
   for (int half = 0; half < 2 * kCount; ++half)
     sums[half] = p.bias ? _mm256_loadu_ps(p.bias + t * kTileRows + 8 * half) : _mm256_setzero_ps();
   for (int64_t i = 0; i < p.paths; ++i) {
     const int32_t* words = p.signs + (i * p.tiles + t) * stride;
     const int64_t job = p.job(m, p.tile_map[t].segment, i);
-    if (p.int8_tables) {
-      dots_int8_avx2<kCount>(p, words, stride, job, dots);
-    } else {
-      for (int u = 0; u < kCount; ++u) dot_exact_avx2(p, words + u * stride, job, dots + 2 * u);
-    }
+    const int8_t* tables = p.int8_tables_data + job * p.words * kInt8WordBytes;
+    const int32_t* steps = p.word_steps + job * p.words;
+    __m256i totals[kCount][4];
+    for (int u = 0; u < kCount; ++u)
+      for (int j = 0; j < 4; ++j) totals[u][j] = _mm256_setzero_si256();
+    for (int64_t w = 0; w < p.words; ++w)
+      for (int u = 0; u < kCount; ++u) {
+        const int32_t* tile_word = words + u * stride + w * kTileRows;
+        _mm_prefetch(reinterpret_cast<const char*>(tile_word) + kPrefetchBytes, _MM_HINT_T0);
+        word_int8_avx2(tile_word, p.byte_planes, tables + w * kInt8WordBytes, steps[w], totals[u]);
+      }
+    const __m256 unit = _mm256_set1_ps(p.step_units[job]);
     const float* g = p.row_scale + (i * p.tiles + t) * kTileRows;
-    for (int half = 0; half < 2 * kCount; ++half)
-      sums[half] = _mm256_fmadd_ps(_mm256_loadu_ps(g + 8 * half), dots[half], sums[half]);
+    for (int u = 0; u < kCount; ++u) {
+      __m256i rows_low, rows_high;
+      totals_avx2(totals[u], rows_low, rows_high);
+      sums[2 * u] = _mm256_fmadd_ps(_mm256_loadu_ps(g + 16 * u),
+                                    _mm256_mul_ps(_mm256_cvtepi32_ps(rows_low), unit), sums[2 * u]);
+      sums[2 * u + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(g + 16 * u + 8),
+                                        _mm256_mul_ps(_mm256_cvtepi32_ps(rows_high), unit), sums[2 * u + 1]);
+    }
   }
   for (int half = 0; half < 2 * kCount; ++half) _mm256_storeu_ps(y + 8 * half, sums[half]);
 }
 
+// tile_avx2 for one tile, units_int8_avx2 for more.
 void tiles_avx2(const Problem& p, int64_t t, int64_t count, int64_t m, float* y) {
-  static constexpr auto kByCount = by_tile_count<kUnitTilesAvx2>([]<int kCount>() { return &tiles_avx2<kCount>; });
+  static constexpr auto kByCount = by_tile_count<kUnitTilesAvx2>([]<int kCount>() {
+    if constexpr (kCount == 1) return &tile_avx2;
+    else return &units_int8_avx2<kCount>;
+  });
   kByCount[count - 1](p, t, m, y);
 }
 #endif
