@@ -8,7 +8,8 @@ One decode row, k paths, random signs and scales (speed does not depend on them)
 fuses (q/k/v, gate/up). Per shape: the 28 blocks' layers called back to back (their signs exceed the caches, as in a
 decode step), µs per call and GB/s of signs; then the whole model's linears in block order, ms per step: the LUT
 share of a decode step without the framework around it. Median of ``--repeats``. ``--source`` builds the kernel from
-another ``cpu_lut.cpp`` (one process per source: an A/B of a kernel change; alternate the runs, the machine drifts).
+another ``cpu_lut.cpp``, one process per source; to compare two sources, ``lut_ab.py`` alternates them in one
+process (a shared VM's speed drifts between processes).
 """
 
 from __future__ import annotations
