@@ -85,6 +85,16 @@ def int8_table_error_bound(x, row_scale, col_scale, in_features, sizes):
     return torch.cat(parts, -1)
 
 
+def assert_within_int8_bound(out, expected, scale, x, row_scale, col_scale, in_features, sizes):
+    """An int8-table result: finite, and within the table-rounding bound (:func:`int8_table_error_bound`) plus the
+    rounding of ``out``'s dtype of the float64 reference."""
+    bound = int8_table_error_bound(x, row_scale, col_scale, in_features, sizes)
+    error = (out.double() - expected).abs()
+    assert torch.isfinite(out).all()
+    assert (error <= bound * (1 + 1e-5) + RELATIVE_TOLERANCE[out.dtype] * scale).all(), \
+        f"int8 tables: error {error.max().item():.3g} exceeds the table-rounding bound"
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("precision", cpu_lut.TABLE_PRECISIONS)
 @given(
@@ -111,11 +121,7 @@ def test_lut_kernel_matches_float64(paths, in_features, sizes, rows, dtype, scal
     if precision == "fp32":
         assert_close_scaled(out, expected, scale, dtype)
         return
-    bound = int8_table_error_bound(x, row_scale, col_scale, in_features, sizes)
-    error = (out.double() - expected).abs()
-    assert torch.isfinite(out).all()
-    assert (error <= bound * (1 + 1e-5) + RELATIVE_TOLERANCE[dtype] * scale).all(), \
-        f"int8 tables: error {error.max().item():.3g} exceeds the table-rounding bound"
+    assert_within_int8_bound(out, expected, scale, x, row_scale, col_scale, in_features, sizes)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -197,9 +203,7 @@ def test_long_rows_in_units_of_tiles(paths, words, short_last_word, sizes, rows,
     for out in outputs[1:]:
         assert torch.equal(out, outputs[0])
     expected, scale = expected_siblings(x, packed_signs, row_scale, col_scale, bias_values, in_features, sizes)
-    bound = int8_table_error_bound(x, row_scale, col_scale, in_features, sizes)
-    error = (outputs[-1].double() - expected).abs()
-    assert (error <= bound * (1 + 1e-5) + RELATIVE_TOLERANCE[torch.float32] * scale).all()
+    assert_within_int8_bound(outputs[-1], expected, scale, x, row_scale, col_scale, in_features, sizes)
 
 
 def test_tiled_layout_places_each_word():
