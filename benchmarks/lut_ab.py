@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from lut_bandwidth import QWEN_BLOCKS, QWEN_SHAPES, random_layout
 from rabit_compiler.kernels import cpp_build, cpu_lut
-from rabit_compiler.kernels.packing import pack_signs
 
 # name: (sibling out_features, in_features), blocks
 MODELS = {
-    "qwen-coder": ({"qkv": ([1536, 256, 256], 1536), "o": ([1536], 1536), "gate+up": ([8960, 8960], 1536),
-                    "down": ([1536], 8960)}, 28),
+    "qwen-coder": (QWEN_SHAPES, QWEN_BLOCKS),
     "smollm2": ({"qkv": ([576, 192, 192], 576), "o": ([576], 576), "gate+up": ([1536, 1536], 576),
                  "down": ([576], 1536)}, 30),
 }
@@ -71,11 +70,9 @@ def main() -> None:
     for name, (sizes, in_features) in shapes.items():
         if args.shapes and name not in args.shapes:
             continue
-        x, rows = torch.randn(1, in_features), sum(sizes)
-        layers[name] = [(x, cpu_lut.tiled_layout(pack_signs(torch.randn(2, rows, in_features)), torch.rand(2, rows),
-                                                 torch.rand(len(sizes), 2, in_features), None, sizes,
-                                                 cpu_lut.byte_planes_for("int8", isa)),
-                         sizes, in_features, torch.empty(1, rows)) for _ in range(blocks)]
+        x = torch.randn(1, in_features)
+        layers[name] = [(x, random_layout(sizes, in_features, 2, cpu_lut.byte_planes_for("int8", isa)), sizes,
+                         in_features, torch.empty(1, sum(sizes))) for _ in range(blocks)]
 
     def one_pass(op, calls) -> float:
         started = time.perf_counter()

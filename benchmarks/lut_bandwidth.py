@@ -29,6 +29,13 @@ QWEN_SHAPES = {"qkv": ([1536, 256, 256], 1536), "o": ([1536], 1536), "gate+up": 
 QWEN_BLOCKS = 28
 
 
+def random_layout(sizes: list[int], in_features: int, paths: int, byte_planes: bool) -> cpu_lut.TiledLayout:
+    """Siblings of ``sizes`` rows, random signs and scales (speed does not depend on them), in the kernel's layout."""
+    rows = sum(sizes)
+    return cpu_lut.tiled_layout(pack_signs(torch.randn(paths, rows, in_features)), torch.rand(paths, rows),
+                                torch.rand(len(sizes), paths, in_features), None, sizes, byte_planes)
+
+
 def timed(calls, repeats: int) -> float:
     """Median seconds of one pass over ``calls`` (after 3 warm-up passes)."""
     times = []
@@ -63,11 +70,8 @@ def run(args: argparse.Namespace) -> None:
     layers: dict[str, list] = {name: [] for name in QWEN_SHAPES}
     for _ in range(QWEN_BLOCKS):
         for name, (sizes, in_features) in QWEN_SHAPES.items():
-            rows = sum(sizes)
-            layout = cpu_lut.tiled_layout(pack_signs(torch.randn(args.paths, rows, in_features)),
-                                          torch.rand(args.paths, rows), torch.rand(len(sizes), args.paths, in_features),
-                                          None, sizes, cpu_lut.byte_planes_for(args.tables))
-            out = torch.empty(1, rows)
+            layout = random_layout(sizes, in_features, args.paths, cpu_lut.byte_planes_for(args.tables))
+            out = torch.empty(1, sum(sizes))
 
             def call(layout=layout, sizes=sizes, k=in_features, out=out) -> None:
                 cpu_lut.lut_gemv(inputs[k], layout, sizes, k, args.tables, out=out)
