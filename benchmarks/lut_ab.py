@@ -34,17 +34,23 @@ MODELS = {
 }
 
 
-def build_as(source: Path, namespace: str, isa: str, directory: Path):
-    """``source`` built with its operators in ``namespace`` (and its C symbols suffixed), on path ``isa``; the
-    ``lut_gemv.out`` overload."""
+def build_in_namespace(source: Path, namespace: str, directory: Path, what: str) -> ctypes.CDLL:
+    """A kernel source built and loaded with its operators in ``namespace`` instead of ``rabit`` and its C symbols
+    suffixed ``_<namespace>``, so that two versions of one kernel live in one process."""
     text = source.read_text()
     text = text.replace("TORCH_LIBRARY_FRAGMENT(rabit,", f"TORCH_LIBRARY_FRAGMENT({namespace},")
     text = text.replace("TORCH_LIBRARY_IMPL(rabit,", f"TORCH_LIBRARY_IMPL({namespace},")
     text = re.sub(r'(extern "C" (?:AOTI_TORCH_EXPORT )?\w+ )(\w+)\(', rf"\1\2_{namespace}(", text)
-    renamed = directory / namespace / "cpu_lut.cpp"
+    renamed = directory / namespace / source.name
     renamed.parent.mkdir()
     renamed.write_text(text)
-    library = ctypes.CDLL(str(cpp_build.build_library(renamed, f"LUT kernel {source}")))
+    return ctypes.CDLL(str(cpp_build.build_library(renamed, f"{what} {source}")))
+
+
+def build_as(source: Path, namespace: str, isa: str, directory: Path):
+    """``source`` built in ``namespace`` (:func:`build_in_namespace`), on path ``isa``; the ``lut_gemv.out``
+    overload."""
+    library = build_in_namespace(source, namespace, directory, "LUT kernel")
     getattr(library, f"rabit_lut_set_isa_{namespace}")(cpu_lut.ISA_PATHS.index(isa))
     return getattr(torch.ops, namespace).lut_gemv.out
 

@@ -60,6 +60,19 @@ void axpy(float weight, const float* row, float* acc, int64_t n) {
   for (; c < n; ++c) acc[c] += weight * row[c];
 }
 
+// How many positions ahead the K and V rows are prefetched. Past the newest token the cache is cold in a decode
+// step (the weights streamed since evicted it) and each row is a few cache lines, so without this the loops wait on
+// memory latency, not bandwidth (benchmarks/RESULTS.md).
+constexpr int64_t kPrefetchAhead = 16;
+
+// Prefetch the n elements at row into the cache level of `Locality` (__builtin_prefetch: 3 = L1, 2 = L2).
+template <int Locality, typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64)
+    __builtin_prefetch(bytes + offset, 0, Locality);
+}
+
 struct Shapes {
   int64_t batch, heads, rows, length, dim, value_dim;
 };
@@ -83,8 +96,14 @@ void attend_head(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   const T* k_base = key.const_data_ptr<T>() + b * key.stride(0) + h * key.stride(1);
   const T* v_base = value.const_data_ptr<T>() + b * value.stride(0) + h * value.stride(1);
 
+  const auto key_row = [&](int64_t j) { return k_base + positions[j] * key.stride(2); };
+  const auto value_row = [&](int64_t j) { return v_base + positions[j] * value.stride(2); };
+  // the K pass fetches K rows into L1 ahead of use and this head's V rows into L2 for the V pass
+  for (int64_t j = 0; j < std::min(count, kPrefetchAhead); ++j) prefetch_row<3>(key_row(j), s.dim);
   for (int64_t j = 0; j < count; ++j) {
-    const float* k = as_float(k_base + positions[j] * key.stride(2), s.dim, row_buffer);
+    if (j + kPrefetchAhead < count) prefetch_row<3>(key_row(j + kPrefetchAhead), s.dim);
+    prefetch_row<2>(value_row(j), s.value_dim);
+    const float* k = as_float(key_row(j), s.dim, row_buffer);
     for (int64_t m = 0; m < s.rows; ++m) scores[m * count + j] = dot(q + m * s.dim, k, s.dim);
   }
   for (int64_t m = 0; m < s.rows; ++m) {
@@ -98,7 +117,8 @@ void attend_head(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   }
   std::fill(acc, acc + s.rows * s.value_dim, 0.0f);
   for (int64_t j = 0; j < count; ++j) {
-    const float* v = as_float(v_base + positions[j] * value.stride(2), s.value_dim, value_buffer);
+    if (j + kPrefetchAhead < count) prefetch_row<3>(value_row(j + kPrefetchAhead), s.value_dim);
+    const float* v = as_float(value_row(j), s.value_dim, value_buffer);
     for (int64_t m = 0; m < s.rows; ++m) axpy(scores[m * count + j], v, acc + m * s.value_dim, s.value_dim);
   }
   for (int64_t m = 0; m < s.rows; ++m) {
