@@ -14,13 +14,12 @@ the weights stream between two layers' attention). Times include the Python call
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from lut_ab import build_in_namespace
+from lut_ab import alternate, build_in_namespace
 
 # name: (KV heads, query rows per head, head dim, layers)
 MODELS = {"smollm2": (3, 3, 64, 30), "qwen-coder": (2, 6, 128, 28)}
@@ -55,19 +54,16 @@ def main() -> None:
             if not all(torch.equal(x, y) for x, y in zip(a, b, strict=True)):
                 raise SystemExit(f"{model} n={count}: A and B differ")
             for cold in (False, True):
-                times = {"a": [], "b": []}
-                for round_index in range(args.rounds):
-                    for tag in ("ab" if round_index % 2 == 0 else "ba"):
-                        if cold:
-                            flush.add_(1)
-                        started = time.perf_counter()
-                        for q, k, v, out in calls:
-                            ops[tag](q, k, v, mask, dim ** -0.5, out=out)
-                        times[tag].append((time.perf_counter() - started) / layers)
-                wins = sum(tb < ta for ta, tb in zip(times["a"], times["b"], strict=True))
-                median_a, median_b = statistics.median(times["a"]) * 1e6, statistics.median(times["b"]) * 1e6
-                print(f"  {model:10s} n={count:<4d} {'cold' if cold else 'warm'}  A {median_a:6.2f} us  "
-                      f"B {median_b:6.2f} us  B/A {median_b / median_a:5.2f}  B faster in {wins}/{args.rounds}")
+                def one_pass(tag: str, cold: bool = cold, mask: torch.Tensor = mask, calls: list = calls,
+                             scale: float = dim ** -0.5) -> float:
+                    if cold:
+                        flush.add_(1)
+                    started = time.perf_counter()
+                    for q, k, v, out in calls:
+                        ops[tag](q, k, v, mask, scale, out=out)
+                    return (time.perf_counter() - started) / len(calls)
+
+                print(f"  {model:10s} n={count:<4d} {'cold' if cold else 'warm'}  " + alternate(args.rounds, one_pass))
 
 
 if __name__ == "__main__":

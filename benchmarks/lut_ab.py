@@ -20,6 +20,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,18 @@ def build_in_namespace(source: Path, namespace: str, directory: Path, what: str)
     renamed.parent.mkdir()
     renamed.write_text(text)
     return ctypes.CDLL(str(cpp_build.build_library(renamed, f"{what} {source}")))
+
+
+def alternate(rounds: int, time_pass: Callable[[str], float]) -> str:
+    """``time_pass("a")`` and ``time_pass("b")`` (seconds) once each per round, the order alternating; the medians
+    in µs, B / A and in how many rounds B was faster, as one line."""
+    times = {"a": [], "b": []}
+    for round_index in range(rounds):
+        for tag in ("ab" if round_index % 2 == 0 else "ba"):
+            times[tag].append(time_pass(tag))
+    wins = sum(tb < ta for ta, tb in zip(times["a"], times["b"], strict=True))
+    median_a, median_b = statistics.median(times["a"]) * 1e6, statistics.median(times["b"]) * 1e6
+    return f"A {median_a:7.2f} us  B {median_b:7.2f} us  B/A {median_b / median_a:5.2f}  B faster in {wins}/{rounds}"
 
 
 def build_as(source: Path, namespace: str, isa: str, directory: Path):
@@ -94,15 +107,11 @@ def main() -> None:
                          out=torch.full((1, sum(sizes)), float("nan"))) for tag in "ab")
         if not torch.equal(a, b):
             raise SystemExit(f"{name}: A and B differ (largest difference {(a - b).abs().max().item():.3g})")
-        times = {"a": [], "b": []}
-        for round_index in range(args.rounds):
-            for tag in ("ab" if round_index % 2 == 0 else "ba"):
-                one_pass(ops[tag], calls)
-                times[tag].append(one_pass(ops[tag], calls))
-        wins = sum(tb < ta for ta, tb in zip(times["a"], times["b"], strict=True))
-        median_a, median_b = statistics.median(times["a"]) * 1e6, statistics.median(times["b"]) * 1e6
-        print(f"  {name:8s} A {median_a:7.1f} us  B {median_b:7.1f} us  B/A {median_b / median_a:5.2f}  "
-              f"B faster in {wins}/{args.rounds}")
+        def warm_pass(tag: str, calls: list = calls) -> float:
+            one_pass(ops[tag], calls)
+            return one_pass(ops[tag], calls)
+
+        print(f"  {name:8s} " + alternate(args.rounds, warm_pass))
 
 
 if __name__ == "__main__":
