@@ -49,7 +49,7 @@ import torch
 from transformers import StaticCache
 
 import rabit_compiler as rabit
-from rabit_compiler.aot_decode import AOTDecoder
+from rabit_compiler.aot_decode import AOTDecoder, cache_keyword
 from rabit_compiler.cache import cache_dir
 from rabit_compiler.data import lee_corpus, token_windows
 from rabit_compiler.evaluate import perplexity
@@ -175,14 +175,14 @@ def torch_decode_steps(model: torch.nn.Module, prompt: torch.Tensor, new_tokens:
                                                                   dynamic=False, options=options)
     steps, tokens = [], []
     with torch.no_grad():
-        logits = model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]),
-                       use_cache=True).logits
+        logits = model(prompt, cache_position=torch.arange(prompt.shape[1]), use_cache=True,
+                       **{cache_keyword(model): cache}).logits
         for position in range(prompt.shape[1], prompt.shape[1] + new_tokens + 2):
             token = logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(token))
             started = time.perf_counter()
-            logits = forward(input_ids=token, past_key_values=cache, cache_position=torch.tensor([position]),
-                             use_cache=True).logits
+            logits = forward(input_ids=token, cache_position=torch.tensor([position]), use_cache=True,
+                             **{cache_keyword(model): cache}).logits
             steps.append(time.perf_counter() - started)
     return steps[2:], tokens
 

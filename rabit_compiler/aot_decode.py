@@ -91,6 +91,12 @@ class _DecodeStep(torch.nn.Module):
         return self.gm(*args)
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by: ``cache`` in newer transformers (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class AOTDecoder:
     """Batch-``batch_size`` greedy decoding of ``model`` on a static KV cache of ``max_cache_len`` positions, the
     decode step compiled by AOTInductor after the ``backend="rabit"`` passes (``options``: the backend's, e.g.
@@ -125,7 +131,7 @@ class AOTDecoder:
         if unsupported:
             raise NotImplementedError(f"AOTDecoder: the static cache of {type(model).__name__} has {unsupported} "
                                       "layers (sliding-window or other); only plain StaticLayer caches are supported")
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._cache_kwarg = cache_keyword(model)
         self.position = 0
         started = time.perf_counter()
         step, logits_index = self._capture(dict(options or {}))

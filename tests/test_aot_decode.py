@@ -18,6 +18,7 @@ from transformers import (
 )
 
 import rabit_compiler as rabit
+from rabit_compiler.aot_decode import cache_keyword
 
 VOCAB = 97
 CACHE = 24
@@ -43,8 +44,8 @@ def eager_steps(model, prompt: torch.Tensor, tokens: list[torch.Tensor]) -> list
     decoder's."""
     cache = StaticCache(config=model.config, max_cache_len=CACHE)
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        return [model(input_ids=t, past_key_values=cache, use_cache=True).logits for t in tokens]
+        model(input_ids=prompt, use_cache=True, **{cache_keyword(model): cache})
+        return [model(input_ids=t, use_cache=True, **{cache_keyword(model): cache}).logits for t in tokens]
 
 
 def check_steps_match_eager(decoder: rabit.AOTDecoder, batch: int, seed: int) -> None:

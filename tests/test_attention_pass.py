@@ -13,6 +13,7 @@ from rabit_compiler.passes.attention import fold_grouped_query_attention
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import rabit_compiler as rabit
+from rabit_compiler.aot_decode import cache_keyword
 
 
 def repeat_kv(cache: torch.Tensor, groups: int) -> torch.Tensor:
@@ -105,11 +106,12 @@ def test_grouped_query_llama_decodes_like_eager_with_the_fold(inductor):
     for name, forward in (("eager", model.forward), ("compiled", step)):
         cache = StaticCache(config=copy.deepcopy(config), max_cache_len=12)
         with torch.no_grad():
-            out = model(prompt, past_key_values=cache, cache_position=torch.arange(5)).logits
+            out = model(prompt, cache_position=torch.arange(5), **{cache_keyword(model): cache}).logits
             steps = []
             for position in range(5, 9):
                 token = out[:, -1:].argmax(-1)
-                out = forward(input_ids=token, past_key_values=cache, cache_position=torch.tensor([position]))
+                out = forward(input_ids=token, cache_position=torch.tensor([position]),
+                              **{cache_keyword(model): cache})
                 out = out.logits
                 steps.append(out)
         logits[name] = torch.cat(steps)
