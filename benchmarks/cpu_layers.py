@@ -28,8 +28,9 @@ Variants, measured in the same run with ``torch.set_num_threads(--threads)``:
 * ``bitwise`` / ``dense``: ``lower_for_cpu`` forced to that form, then Inductor
   (:mod:`rabit_compiler.kernels.cpu_lowering`; ``bitwise`` is Inductor's own matmul-free loop nest);
 * ``aot-int8``: ``lower_for_cpu`` (default form, int8 tables), then AOTInductor as :class:`rabit_compiler.AOTDecoder`
-  builds a decode step: the weights as the library's constants (read in place), ``x`` its one input, no Dynamo
-  guards or Python wrapper per call (the kernel calls through the C shims).
+  builds a decode step: the weights as the library's constants (read in place), ``x`` its one input, called as
+  ``AOTDecoder.step`` calls it (the loader's ``boxed_run`` on a flat list): no Dynamo guards, pytree specs or
+  Python wrapper per call (the kernel calls through the C shims).
 
 Weight bytes per layer: fp32 ``4 N K``; packed ``4 k N ceil(K/32) + 2 k (N + S K)`` (fp16 scales, S sibling
 members). GB/s is those bytes over the time (packed: of the ``backend`` column). The two "fused" shapes
@@ -141,7 +142,8 @@ def aot_compiled(packed_model: PackedLayers, x: torch.Tensor) -> Callable:
     inputs = captured["inputs"]
     step = _DecodeStep(captured["gm"], inputs, {next(i for i, t in enumerate(inputs) if t is x): 0})
     runner, _ = compile_step(step, (x,))
-    return lambda x, runner=runner, step=step: runner(x)
+    run = runner.loader.boxed_run  # the call AOTDecoder.step makes: flat tensor lists, no pytree specs
+    return lambda x, run=run, step=step: run([x])[0]
 
 
 def build_variant(label: str, dense_model: FloatLayers, packed_model: PackedLayers, x: torch.Tensor) -> Callable:

@@ -20,12 +20,14 @@
 #include <c10/util/Half.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -140,6 +142,52 @@ struct Scratch {
   std::vector<Unit> units;
 };
 thread_local Scratch t_scratch;
+
+// Units shared out by stealing at the tail: thread t owns the contiguous range [front, back) of a static split and
+// takes units from its front; once its range is empty it takes the last unit of another thread's range. Each
+// thread streams its own signs in order as under a static schedule, and a thread that falls behind (memory
+// bandwidth is not shared evenly, or the vCPU is preempted) is helped instead of waited for at the barrier. A
+// tile's sums do not depend on which thread computes them, so the output does not either.
+class UnitQueue {
+ public:
+  void reset(int64_t units, int threads) {
+    if (threads > capacity_) {
+      ranges_ = std::make_unique<Range[]>(threads);
+      capacity_ = threads;
+    }
+    threads_ = threads;
+    for (int t = 0; t < threads; ++t)
+      ranges_[t].bounds.store(pack(units * t / threads, units * (t + 1) / threads), std::memory_order_relaxed);
+  }
+  // The next unit for thread `me`, or -1 when every range is empty.
+  int64_t next(int me) {
+    if (const int64_t unit = take(ranges_[me], /*from_front=*/true); unit >= 0) return unit;
+    for (int step = 1; step < threads_; ++step)
+      if (const int64_t unit = take(ranges_[(me + step) % threads_], /*from_front=*/false); unit >= 0) return unit;
+    return -1;
+  }
+
+ private:
+  struct alignas(64) Range {
+    std::atomic<uint64_t> bounds;  // front in the high 32 bits, back in the low
+  };
+  static uint64_t pack(int64_t front, int64_t back) {
+    return (static_cast<uint64_t>(front) << 32) | static_cast<uint64_t>(back);
+  }
+  static int64_t take(Range& range, bool from_front) {
+    uint64_t bounds = range.bounds.load(std::memory_order_relaxed);
+    while (true) {
+      const int64_t front = static_cast<int64_t>(bounds >> 32), back = static_cast<int64_t>(bounds & 0xffffffffu);
+      if (front >= back) return -1;
+      const uint64_t taken = from_front ? pack(front + 1, back) : pack(front, back - 1);
+      if (range.bounds.compare_exchange_weak(bounds, taken, std::memory_order_relaxed))
+        return from_front ? front : back - 1;
+    }
+  }
+  std::unique_ptr<Range[]> ranges_;
+  int capacity_ = 0, threads_ = 0;
+};
+thread_local UnitQueue t_unit_queue;
 
 template <typename T>
 void grow(std::vector<T>& buffer, int64_t size) {
@@ -861,12 +909,20 @@ at::Tensor& lut_gemv_out(const at::Tensor& x, const at::Tensor& tiled_signs, con
   const int64_t work = rows * paths * tiles * words;  // tile-words to look up
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
                                                                               work / kMinWorkPerThread)));
-#pragma omp parallel num_threads(threads) if (threads > 1)
+  if (threads == 1) {
+    for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job);
+    for (int64_t unit = 0; unit < units; ++unit) compute_unit(problem, unit_map[unit], tiles_fn, out_type, out_data);
+    return out;
+  }
+  UnitQueue& queue = t_unit_queue;
+  queue.reset(units, threads);
+#pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) build_tables(problem, job);
-#pragma omp for schedule(static)
-    for (int64_t unit = 0; unit < units; ++unit) compute_unit(problem, unit_map[unit], tiles_fn, out_type, out_data);
+    const int me = omp_get_thread_num();
+    for (int64_t unit = queue.next(me); unit >= 0; unit = queue.next(me))
+      compute_unit(problem, unit_map[unit], tiles_fn, out_type, out_data);
   }
   return out;
 }

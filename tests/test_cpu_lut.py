@@ -206,6 +206,26 @@ def test_long_rows_in_units_of_tiles(paths, words, short_last_word, sizes, rows,
     assert_within_int8_bound(outputs[-1], expected, scale, x, row_scale, col_scale, in_features, sizes)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+@pytest.mark.parametrize("in_features", [1000, 7990])
+def test_two_threads_give_the_bits_of_one(isa, precision, in_features):
+    """At 2 threads the units of tiles are shared out by stealing at the tail (``UnitQueue``), so which thread
+    computes a tile changes from call to call with the threads' timing; the result must not: 25 calls on a layer
+    large enough for both threads (short rows, one tile per unit, and long rows in units) equal one thread's bits."""
+    generator = torch.Generator().manual_seed(in_features)
+    sizes = [700, 130]
+    packed_signs, row_scale, col_scale, bias = random_siblings(2, sizes, in_features, True, torch.float32,
+                                                               generator)
+    x = torch.randn(2, in_features, generator=generator)
+    one_thread = run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, precision, isa)
+    assert one_thread.isfinite().all()
+    for _ in range(25):
+        two_threads = run_kernel(x, packed_signs, row_scale, col_scale, bias, in_features, sizes, precision, isa,
+                                 threads=2)
+        assert torch.equal(two_threads, one_thread)
+
+
 def test_tiled_layout_places_each_word():
     """``tiled_signs[i, t, w, r]`` is word w of sibling row ``16 t' + r`` (t' counted within the sibling), zero in
     the rows that pad each sibling to a multiple of 16; row scales and bias follow the same tiles."""
