@@ -20,7 +20,11 @@
 #include <c10/util/Half.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else
+inline int omp_get_thread_num() { return 0; }  // no OpenMP: one thread runs its range, then steals the others'
+#endif
 
 #include <algorithm>
 #include <array>
