@@ -38,7 +38,7 @@ MODELS = {
 def build_in_namespace(source: Path, namespace: str, directory: Path, what: str) -> ctypes.CDLL:
     """A kernel source built and loaded with its operators in ``namespace`` instead of ``rabit`` and its C symbols
     suffixed ``_<namespace>``, so that two versions of one kernel live in one process."""
-    text = source.read_text()
+    text = cpp_build.source_text(source)
     text = text.replace("TORCH_LIBRARY_FRAGMENT(rabit,", f"TORCH_LIBRARY_FRAGMENT({namespace},")
     text = text.replace("TORCH_LIBRARY_IMPL(rabit,", f"TORCH_LIBRARY_IMPL({namespace},")
     text = re.sub(r'(extern "C" (?:AOTI_TORCH_EXPORT )?\w+ )(\w+)\(', rf"\1\2_{namespace}(", text)

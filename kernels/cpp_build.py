@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,15 @@ logger = logging.getLogger("rabit_compiler")
 _LOADED: dict[str, ctypes.CDLL] = {}
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+)"$', re.MULTILINE)
+
+
+def source_text(source: Path) -> str:
+    """``source`` with each ``#include "name.h"`` replaced by that header of ``kernels/``: the sources are compiled
+    from copies in the build cache, where a relative include would not be found."""
+    return _LOCAL_INCLUDE.sub(lambda match: (Path(__file__).parent / match.group(1)).read_text(), source.read_text())
+
+
 def build_library(source: Path, what: str) -> Path:
     """Build (or find in the cache) the shared library of ``source``; its path. ``what`` names it in messages."""
     from torch._inductor.cpp_builder import CppBuilder, CppTorchOptions, get_cpp_compiler
@@ -33,7 +43,7 @@ def build_library(source: Path, what: str) -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
     from torch.utils._filelock import FileLock
 
-    text = source.read_text()
+    text = source_text(source)
     options = CppTorchOptions(vec_isa=pick_vec_isa(), include_pytorch=True, shared=True)
     flags = [torch.__version__, get_cpp_compiler(), *options.get_cflags(), *options.get_definitions(),
              *options.get_ldflags(), *options.get_libraries()]

@@ -18,6 +18,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "work_sharing.h"
+
 #define RABIT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 
 namespace {
@@ -39,6 +41,9 @@ void with_row_count(int64_t rows, F&& run) {
 // The SIMD paths prefetch the weights this far ahead (a few rows of a small head): the hardware
 // prefetcher alone left one core at ~60% of its DRAM bandwidth (benchmarks/RESULTS.md).
 constexpr int64_t kPrefetchBytes = 4096;
+// Tiles (of 1 or 2 weight rows) a unit of work hands to a thread: 32-64 rows, a few tens of KB of a head's weights.
+constexpr int64_t kUnitTiles = 32;
+thread_local UnitQueue t_unit_queue;
 
 // ---------------------------------------------------------------------------------------------------------------
 // fp32 activations
@@ -597,8 +602,14 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
     // (benchmarks/RESULTS.md); every other path, one.
     const int64_t tile =
         int8_activations && (vnni || (RABIT_ISA >= 1 && RABIT_BITS == 4 && row_bytes(in_features) < 512)) ? 2 : 1;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < (out_features + tile - 1) / tile; ++t) {
+    const int64_t tiles = (out_features + tile - 1) / tile;
+    // tiles go to the threads in units of kUnitTiles, shared out by stealing at the tail (work_sharing.h)
+    const int64_t units = (tiles + kUnitTiles - 1) / kUnitTiles;
+    UnitQueue& queue = t_unit_queue;
+    queue.reset(units, static_cast<int>(threads));
+    #pragma omp parallel num_threads(threads)
+    for (int64_t unit = queue.next(omp_get_thread_num()); unit >= 0; unit = queue.next(omp_get_thread_num()))
+      for (int64_t t = unit * kUnitTiles; t < std::min(tiles, (unit + 1) * kUnitTiles); ++t) {
         const int64_t n = tile * t, columns = std::min(tile, out_features - n);
         float total[2 * kMaxRows];
         if (!int8_activations) {

@@ -226,7 +226,7 @@ def weight_only_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: 
     return out.to(x.dtype)
 
 
-_SOURCE = (Path(__file__).parent / "weight_only.cpp").read_text()
+_SOURCE = cpp_build.source_text(Path(__file__).parent / "weight_only.cpp")
 
 _ARGUMENT_TYPES = ["const float*", "const uint8_t*", "const SCALE_T*", "const float*", "float*"] + ["int64_t"] * 8
 _CPP_SCALE_TYPES = {torch.float32: "float", torch.float16: "at::Half", torch.bfloat16: "at::BFloat16"}

@@ -132,6 +132,31 @@ def test_int8_activation_kernel_matches_float64_reference_on_every_isa(scheme, n
     assert torch.equal(via_op, outputs[native_isa()])
 
 
+@pytest.mark.parametrize("isa", RUNNABLE_ISAS)
+@pytest.mark.parametrize("int8_activations", [False, True])
+@pytest.mark.parametrize("scheme", [(8, None), (4, 32)])
+def test_two_threads_give_the_bits_of_one(isa, int8_activations, scheme):
+    """The kernel hands its rows to the threads in units shared out by stealing at the tail (work_sharing.h): which
+    thread computes a row changes from call to call, the result must not. 25 two-thread calls on 3,001 rows (about
+    50 units per thread, a partial last one) equal one thread's bits."""
+    bits, group_size = scheme
+    generator = torch.Generator().manual_seed(bits)
+    n, k = 3001, 200
+    quantized = quantize_weight_only(torch.randn(n, k, generator=generator), bits, group_size, torch.float16)
+    x = torch.randn(2, k, generator=generator)
+
+    def run(threads: int) -> torch.Tensor:
+        out = torch.full((2, n), float("nan"))
+        weight_only_linear_kernel(x, quantized.qweight, quantized.scale, None, bits, group_size, k, isa=isa,
+                                  threads=threads, out=out, int8_activations=int8_activations)
+        return out
+
+    one_thread = run(1)
+    assert one_thread.isfinite().all()
+    for _ in range(25):
+        assert torch.equal(run(2), one_thread)
+
+
 @given(scheme=SCHEMES, n=st.integers(1, 70), k=st.integers(1, 200), shape=st.sampled_from([(1,), (4,), (1, 1), (2, 2)]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), bias=st.booleans(),
        scale_dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), int8_activations=st.booleans(),
