@@ -605,11 +605,7 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
     const int64_t tiles = (out_features + tile - 1) / tile;
     // tiles go to the threads in units of kUnitTiles, shared out by stealing at the tail (work_sharing.h)
     const int64_t units = (tiles + kUnitTiles - 1) / kUnitTiles;
-    UnitQueue& queue = t_unit_queue;
-    queue.reset(units, static_cast<int>(threads));
-    #pragma omp parallel num_threads(threads)
-    for (int64_t unit = queue.next(omp_get_thread_num()); unit >= 0; unit = queue.next(omp_get_thread_num()))
-      for (int64_t t = unit * kUnitTiles; t < std::min(tiles, (unit + 1) * kUnitTiles); ++t) {
+    const auto compute_tile = [&](int64_t t) {
         const int64_t n = tile * t, columns = std::min(tile, out_features - n);
         float total[2 * kMaxRows];
         if (!int8_activations) {
@@ -633,5 +629,13 @@ extern "C" void kernel(const float* x, const uint8_t* qweight, const SCALE_T* sc
         for (int64_t c = 0; c < columns; ++c)
             for (int64_t m = 0; m < rows; ++m)
                 out[m * out_features + n + c] = total[c * kMaxRows + m] + (has_bias ? bias[n + c] : 0.0f);
+    };
+    UnitQueue& queue = t_unit_queue;
+    queue.reset(units, static_cast<int>(threads));
+    #pragma omp parallel num_threads(threads)
+    {
+        const int me = omp_get_thread_num();
+        for (int64_t unit = queue.next(me); unit >= 0; unit = queue.next(me))
+            for (int64_t t = unit * kUnitTiles; t < std::min(tiles, (unit + 1) * kUnitTiles); ++t) compute_tile(t);
     }
 }
