@@ -62,6 +62,30 @@ def test_decode_attention_equals_a_float64_reference(batch, heads, rows, length,
     assert allocated.dtype == dtype and torch.equal(allocated, out)
 
 
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), rows=st.integers(1, 4), length=st.integers(1, 300),
+       mask_kind=st.sampled_from(["none", "per-batch"]), seed=st.integers(0, 2**16))
+def test_long_caches_give_the_same_bits_at_any_thread_count(batch, heads, rows, length, mask_kind, seed):
+    """A decode step's logits must not depend on the thread count: 1 and 2 threads give the same bits over caches
+    long enough to be split among threads (batch rows with different masks), and match the float64 reference."""
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value, mask = random_inputs(batch, heads, rows, length, 64, 64, torch.float32, mask_kind, 0,
+                                            generator)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.full((batch, heads, rows, 64), float("nan"))
+            results.append(cpu_attention.decode_attention(query, key, value, mask, 0.125, out=out))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0], results[1])
+    expected = reference(query, key, value, mask, 0.125)
+    tolerance = TOLERANCE[torch.float32]
+    torch.testing.assert_close(results[0].double(), expected, rtol=tolerance,
+                               atol=tolerance * value.abs().max().item())
+
+
 def test_it_matches_scaled_dot_product_attention_on_a_static_cache():
     """Decode over a static cache whose last slots are empty (masked): the kernel and ATen's sdpa agree."""
     generator = torch.Generator().manual_seed(0)
