@@ -5,7 +5,8 @@
 //     s[m, l]      = scale * sum_c query[b, h, m, c] * key[b, h, l, c]          (l in P)
 //     out[b, h, m] = sum_{l in P} exp(s[m, l] - max_P s[m, .]) * value[b, h, l] / sum_{l in P} exp(s[m, l] - max)
 // in fp32 whatever the tensors' dtype. Vectorised with ATen's at::vec (the ISA Inductor's C++ toolchain builds
-// for: AVX-512, AVX2 or scalar), parallel over (b, h) pairs when there is enough work.
+// for: AVX-512, AVX2 or scalar), parallel over the (b, h, m) query rows when there is enough work: each row's sums
+// are its own, so the bits do not depend on how the rows are shared out.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -24,12 +25,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "outputs.h"
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 // Fewest multiply-adds (rows x positions x head dim, both products) worth a thread of their own: a parallel region
-// costs a few microseconds.
-constexpr int64_t kMinWorkPerThread = 1 << 16;
+// costs a microsecond or two (benchmarks/RESULTS.md).
+constexpr int64_t kMinWorkPerThread = 1 << 14;
 
 // One head's row of n numbers as fp32: the row itself (fp32) or a copy converted into `buffer`.
 template <typename T>
@@ -77,20 +80,23 @@ struct Shapes {
   int64_t batch, heads, rows, length, dim, value_dim;
 };
 
+// Query rows [first_row, first_row + rows) of batch b, head h (one K and V pass for all of them).
 template <typename T>
-void attend_head(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const int64_t* positions,
-                 int64_t count, double scale, const Shapes& s, int64_t b, int64_t h, T* out) {
+void attend_rows(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const int64_t* positions,
+                 int64_t count, double scale, const Shapes& s, int64_t b, int64_t h, int64_t first_row, int64_t rows,
+                 T* out) {
   thread_local std::vector<float> scratch;
-  const int64_t need = s.rows * s.dim + s.rows * count + s.rows * s.value_dim + s.dim + s.value_dim;
+  const int64_t need = rows * s.dim + rows * count + rows * s.value_dim + s.dim + s.value_dim;
   if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
   float* q = scratch.data();                  // [rows, dim], scaled
-  float* scores = q + s.rows * s.dim;         // [rows, count]
-  float* acc = scores + s.rows * count;       // [rows, value_dim]
-  float* row_buffer = acc + s.rows * s.value_dim;
+  float* scores = q + rows * s.dim;           // [rows, count]
+  float* acc = scores + rows * count;         // [rows, value_dim]
+  float* row_buffer = acc + rows * s.value_dim;
   float* value_buffer = row_buffer + s.dim;
 
-  const T* q_base = query.const_data_ptr<T>() + b * query.stride(0) + h * query.stride(1);
-  for (int64_t m = 0; m < s.rows; ++m)
+  const T* q_base =
+      query.const_data_ptr<T>() + b * query.stride(0) + h * query.stride(1) + first_row * query.stride(2);
+  for (int64_t m = 0; m < rows; ++m)
     for (int64_t c = 0; c < s.dim; ++c)
       q[m * s.dim + c] = static_cast<float>(q_base[m * query.stride(2) + c]) * static_cast<float>(scale);
   const T* k_base = key.const_data_ptr<T>() + b * key.stride(0) + h * key.stride(1);
@@ -104,9 +110,9 @@ void attend_head(const at::Tensor& query, const at::Tensor& key, const at::Tenso
     if (j + kPrefetchAhead < count) prefetch_row<3>(key_row(j + kPrefetchAhead), s.dim);
     prefetch_row<2>(value_row(j), s.value_dim);
     const float* k = as_float(key_row(j), s.dim, row_buffer);
-    for (int64_t m = 0; m < s.rows; ++m) scores[m * count + j] = dot(q + m * s.dim, k, s.dim);
+    for (int64_t m = 0; m < rows; ++m) scores[m * count + j] = dot(q + m * s.dim, k, s.dim);
   }
-  for (int64_t m = 0; m < s.rows; ++m) {
+  for (int64_t m = 0; m < rows; ++m) {
     float* row = scores + m * count;
     float top = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < count; ++j) top = std::max(top, row[j]);
@@ -115,18 +121,18 @@ void attend_head(const at::Tensor& query, const at::Tensor& key, const at::Tenso
     for (; j + Vec::size() <= count; j += Vec::size()) (Vec::loadu(row + j) - shift).exp().store(row + j);
     for (; j < count; ++j) row[j] = std::exp(row[j] - top);
   }
-  std::fill(acc, acc + s.rows * s.value_dim, 0.0f);
+  std::fill(acc, acc + rows * s.value_dim, 0.0f);
   for (int64_t j = 0; j < count; ++j) {
     if (j + kPrefetchAhead < count) prefetch_row<3>(value_row(j + kPrefetchAhead), s.value_dim);
     const float* v = as_float(value_row(j), s.value_dim, value_buffer);
-    for (int64_t m = 0; m < s.rows; ++m) axpy(scores[m * count + j], v, acc + m * s.value_dim, s.value_dim);
+    for (int64_t m = 0; m < rows; ++m) axpy(scores[m * count + j], v, acc + m * s.value_dim, s.value_dim);
   }
-  for (int64_t m = 0; m < s.rows; ++m) {
+  for (int64_t m = 0; m < rows; ++m) {
     float total = 0.0f;
     for (int64_t j = 0; j < count; ++j) total += scores[m * count + j];
     // no position let through: zeros, as scaled_dot_product_attention gives
     const float inverse = count == 0 ? 0.0f : 1.0f / total;
-    T* out_row = out + ((b * s.heads + h) * s.rows + m) * s.value_dim;
+    T* out_row = out + ((b * s.heads + h) * s.rows + first_row + m) * s.value_dim;
     for (int64_t c = 0; c < s.value_dim; ++c) out_row[c] = static_cast<T>(acc[m * s.value_dim + c] * inverse);
   }
 }
@@ -177,13 +183,19 @@ at::Tensor& decode_attention_out(const at::Tensor& query, const at::Tensor& key,
   int64_t most = 0;
   for (const int64_t c : counts) most = std::max(most, c);
   const int64_t work = s.batch * s.heads * s.rows * most * (s.dim + s.value_dim);
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work / (s.batch * s.heads)));
+  const int64_t jobs = s.batch * s.heads * s.rows;  // one query row each
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work / jobs));
   const auto run = [&](auto* out_data) {
     using T = std::remove_pointer_t<decltype(out_data)>;
-    at::parallel_for(0, s.batch * s.heads, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t job = begin; job < end; ++job)
-        attend_head<T>(q, k, v, positions.data() + (job / s.heads) * s.length, counts[job / s.heads], scale, s,
-                       job / s.heads, job % s.heads, out_data);
+    at::parallel_for(0, jobs, grain, [&](int64_t begin, int64_t end) {
+      // the range's rows of each (b, h) pair together: one pass over that head's positions
+      for (int64_t job = begin; job < end;) {
+        const int64_t pair = job / s.rows, first_row = job % s.rows;
+        const int64_t rows = std::min(s.rows - first_row, end - job), b = pair / s.heads;
+        attend_rows<T>(q, k, v, positions.data() + b * s.length, counts[b], scale, s, b, pair % s.heads, first_row,
+                       rows, out_data);
+        job += rows;
+      }
     });
   };
   if (query.scalar_type() == at::kFloat) run(out.data_ptr<float>());
@@ -196,7 +208,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
                             const std::optional<at::Tensor>& attn_mask, double scale) {
   TORCH_CHECK(query.dim() == 4 && value.dim() == 4,
               "rabit::decode_attention: query, key and value must be 4-D [batch, heads, positions, dim]");
-  at::Tensor out = at::empty({query.size(0), query.size(1), query.size(2), value.size(3)}, query.options());
+  thread_local OutputCache outputs;
+  at::Tensor out = outputs.get({query.size(0), query.size(1), query.size(2), value.size(3)}, query.scalar_type());
   return decode_attention_out(query, key, value, attn_mask, scale, out);
 }
 

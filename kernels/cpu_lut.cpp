@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "outputs.h"
 #include "work_sharing.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -888,7 +889,8 @@ at::Tensor lut_gemv(const at::Tensor& x, const at::Tensor& tiled_signs, const at
                     at::IntArrayRef out_features, int64_t in_features, bool int8_tables) {
   int64_t total = 0;
   for (const int64_t size : out_features) total += size;
-  at::Tensor out = at::empty(out_sizes(x, total), x.options());
+  thread_local OutputCache outputs;
+  at::Tensor out = outputs.get(out_sizes(x, total), x.scalar_type());
   return lut_gemv_out(x, tiled_signs, tiled_row_scale, col_scale, tiled_bias, out_features, in_features,
                       int8_tables, out);
 }

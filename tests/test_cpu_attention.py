@@ -86,6 +86,20 @@ def test_long_caches_give_the_same_bits_at_any_thread_count(batch, heads, rows, 
                                atol=tolerance * value.abs().max().item())
 
 
+def test_results_the_caller_holds_are_never_overwritten():
+    """Outputs are reused from call to call only when nothing else holds them (kernels/outputs.h)."""
+    generator = torch.Generator().manual_seed(5)
+    calls = [random_inputs(1, 3, 3, 40, 64, 64, torch.float32, "shared", 0, generator) for _ in range(4)]
+    expected = [cpu_attention.decode_attention(q, k, v, m, 0.125).clone() for q, k, v, m in calls]
+    held = cpu_attention.decode_attention(*calls[0], 0.125)
+    with torch.inference_mode():  # a view that references only the storage
+        view = cpu_attention.decode_attention(*calls[1], 0.125)[:, 1:]
+    for _ in range(3):
+        for (q, k, v, m), want in zip(calls[2:], expected[2:], strict=True):
+            assert torch.equal(cpu_attention.decode_attention(q, k, v, m, 0.125), want)
+    assert torch.equal(held, expected[0]) and torch.equal(view, expected[1][:, 1:])
+
+
 def test_it_matches_scaled_dot_product_attention_on_a_static_cache():
     """Decode over a static cache whose last slots are empty (masked): the kernel and ATen's sdpa agree."""
     generator = torch.Generator().manual_seed(0)

@@ -226,6 +226,24 @@ def test_two_threads_give_the_bits_of_one(isa, precision, in_features):
         assert torch.equal(two_threads, one_thread)
 
 
+def test_results_the_caller_holds_are_never_overwritten():
+    """The functional op hands out an earlier output again only once nothing else holds it or a view of it: results
+    (and views) kept across later calls of the same shape keep their values."""
+    generator = torch.Generator().manual_seed(3)
+    sizes, in_features = [40, 24], 96
+    packed_signs, row_scale, col_scale, bias = random_siblings(2, sizes, in_features, True, torch.float32, generator)
+    layout = cpu_lut.tiled_layout(packed_signs, row_scale, col_scale, bias, sizes)
+    xs = [torch.randn(1, in_features, generator=generator) for _ in range(4)]
+    expected = [cpu_lut.lut_gemv(x, layout, sizes, in_features).clone() for x in xs]
+    held = cpu_lut.lut_gemv(xs[0], layout, sizes, in_features)
+    with torch.inference_mode():  # a view that does not reference its base tensor, only the storage
+        view = cpu_lut.lut_gemv(xs[1], layout, sizes, in_features)[:, 5:]
+    for _ in range(3):
+        for x, want in zip(xs[2:], expected[2:], strict=True):
+            assert torch.equal(cpu_lut.lut_gemv(x, layout, sizes, in_features), want)
+    assert torch.equal(held, expected[0]) and torch.equal(view, expected[1][:, 5:])
+
+
 def test_tiled_layout_places_each_word():
     """``tiled_signs[i, t, w, r]`` is word w of sibling row ``16 t' + r`` (t' counted within the sibling), zero in
     the rows that pad each sibling to a multiple of 16; row scales and bias follow the same tiles."""
