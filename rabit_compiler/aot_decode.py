@@ -53,6 +53,9 @@ def _c_shims() -> dict[torch._ops.OpOverload, list[str]]:
     return shims
 
 
+_REALIZE_OPCOUNT_THRESHOLD = 4
+
+
 def compile_step(step: torch.nn.Module, example_args: tuple[torch.Tensor, ...], package_path: str | None = None
                  ) -> tuple[Any, str]:
     """``step`` (its constants as buffers, ``example_args`` its inputs) exported and compiled by AOTInductor with the
@@ -61,7 +64,10 @@ def compile_step(step: torch.nn.Module, example_args: tuple[torch.Tensor, ...], 
     with torch.no_grad():
         program = torch.export.export(step, example_args, strict=False)
     path = torch._inductor.aoti_compile_and_package(program, package_path=package_path, inductor_configs={
-        "aot_inductor.package_constants_in_so": False, "aot_inductor.custom_ops_to_c_shims": _c_shims()})
+        "aot_inductor.package_constants_in_so": False, "aot_inductor.custom_ops_to_c_shims": _c_shims(),
+        # a pointwise result of more than 4 ops with several users is computed once and stored, not recomputed in
+        # every consumer (the residual stream's sums, the rotary frequencies; benchmarks/RESULTS.md)
+        "realize_opcount_threshold": _REALIZE_OPCOUNT_THRESHOLD})
     runner = torch._inductor.aoti_load_package(path)
     buffers = dict(step.named_buffers())
     runner.load_constants({name: buffers[name] for name in runner.get_constant_fqns()}, check_full_update=True,
