@@ -31,7 +31,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 // Fewest multiply-adds (rows x positions x head dim, both products) worth a thread of their own: a parallel region
-// costs a microsecond or two (benchmarks/RESULTS.md).
+// costs a microsecond or two while the workers spin (2^14 against 2^16: benchmarks/RESULTS.md).
 constexpr int64_t kMinWorkPerThread = 1 << 14;
 
 // One head's row of n numbers as fp32: the row itself (fp32) or a copy converted into `buffer`.
