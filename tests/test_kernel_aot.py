@@ -40,34 +40,30 @@ def _full_matrix() -> bool:
 
 
 def _in_default_subset(dtype: str, constexprs: dict) -> bool:
-    """One linear (NUM_SEGMENTS=1): every tile configuration in fp16 except three paths (the tiles of four, with
-    one plane masked); bf16 and fp32 for two paths and the decode tiles only (the same loads and tile shapes; only
-    x's element type changes). Siblings: three segments (q/k/v), fp16, two paths, every tile configuration (the
-    segment count only changes the scalar prologue). The full matrix (1..4 segments for every variant; about
-    4x the single-linear matrix, some minutes) with RABIT_AOT_FULL=1 or the "thorough" hypothesis profile.
-    The LUT GEMV (LUT_BITS=4) in fp16 only: its K loop never reads x, so bf16 / fp32 change only the epilogue."""
+    """One linear (NUM_SEGMENTS=1): every tile configuration in fp16 for two and four paths (one path's tiles are
+    twice as wide as two paths', the same sign words per thread; three paths use the tiles of four, one plane
+    masked); bf16 and fp32 for the two-path decode GEMV only (the same loads and tile shapes; only x's element type
+    changes). Siblings: three segments (q/k/v), fp16, two paths, the decode GEMV and the small-batch GEMM tiles (the
+    segment count only changes the scalar prologue). The full matrix (1..4 segments for every variant; about 4x the
+    single-linear matrix, some minutes) with RABIT_AOT_FULL=1 or the "thorough" hypothesis profile. The LUT GEMV
+    (LUT_BITS=4) in fp16 only: its K loop never reads x, so bf16 / fp32 change only the epilogue."""
     if constexprs.get("LUT_BITS") and dtype != "float16":
         return False
     if constexprs["NUM_SEGMENTS"] != 1:
-        return dtype == "float16" and constexprs["NUM_PATHS"] == 2 and constexprs["NUM_SEGMENTS"] == 3
+        return (dtype == "float16" and constexprs["NUM_PATHS"] == 2 and constexprs["NUM_SEGMENTS"] == 3
+                and constexprs["BLOCK_M"] in (1, 16))
     if dtype == "float16":
-        return constexprs["NUM_PATHS"] != 3
-    return constexprs["NUM_PATHS"] == 2 and constexprs["BLOCK_M"] in (1, 16)
-
-
-def _config_key(cfg: dict) -> tuple:
-    return (cfg["kernel"], str(cfg["dtype"]), tuple(sorted(cfg["constexprs"].items())), cfg["num_warps"],
-            cfg["num_stages"])
+        return constexprs["NUM_PATHS"] in (2, 4)
+    return constexprs["NUM_PATHS"] == 2 and constexprs["BLOCK_M"] == 1 and "LUT_BITS" in constexprs
 
 
 def _specs(full: bool | None = None) -> list[dict]:
-    """The default subset on sm_90; on sm_89 (the same Triton code, another ptxas target) only what differs from
-    sm_90's launch configurations, the single-linear GEMV tiles at two paths (both inner loops: what a decode step
-    runs) and the fp16 pack kernel. Everything on both architectures with the full matrix."""
+    """The default subset on sm_90; on sm_89 (the same Triton code, another ptxas target) only the single-linear
+    fp16 GEMV tiles at two paths (both inner loops: what a decode step runs). Everything on both architectures with
+    the full matrix."""
     from rabit_compiler.kernels.triton_gemv import launch_configs
 
     full = _full_matrix() if full is None else full
-    sm90 = {_config_key(cfg) for cfg in launch_configs(90)}
     specs = []
     for arch in ARCHS:
         for cfg in launch_configs(arch):
@@ -75,8 +71,8 @@ def _specs(full: bool | None = None) -> list[dict]:
             if not full and not _in_default_subset(dtype, cfg["constexprs"]):
                 continue
             c = cfg["constexprs"]
-            if (not full and arch != 90 and _config_key(cfg) in sm90
-                    and not (cfg["kernel"] == "_rbl_gemv_kernel" and c["NUM_PATHS"] == 2 and c["NUM_SEGMENTS"] == 1)):
+            if not full and arch != 90 and not (cfg["kernel"] == "_rbl_gemv_kernel" and dtype == "float16"
+                                                and c["NUM_PATHS"] == 2 and c["NUM_SEGMENTS"] == 1):
                 continue
             specs.append(dict(kernel=cfg["kernel"], dtype=dtype, arch=arch,
                               constexprs=cfg["constexprs"], num_warps=cfg["num_warps"],
@@ -94,8 +90,8 @@ def _specs(full: bool | None = None) -> list[dict]:
     from rabit_compiler.kernels.triton_gemv import lut_table_configs
     from rabit_compiler.kernels.triton_pack import PACK_BLOCK_R, PACK_BLOCK_W, PACK_NUM_WARPS
 
-    for arch in ARCHS:  # the pack and table kernels: no spills (they read floats, so no sign-plane load check)
-        for dtype in ("float16", "bfloat16", "float32") if full or arch == 90 else ("float16",):
+    for arch in ARCHS if full else (90,):  # the pack and table kernels: no spills (they read floats: no sign loads)
+        for dtype in ("float16", "bfloat16", "float32") if full else ("float16",):
             specs.append(dict(kernel="_pack_signs_kernel", dtype=dtype, arch=arch, num_warps=PACK_NUM_WARPS,
                               num_stages=2, constexprs=dict(BLOCK_R=PACK_BLOCK_R, BLOCK_W=PACK_BLOCK_W)))
         for table in lut_table_configs():
