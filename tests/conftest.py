@@ -27,3 +27,16 @@ def _fresh_dynamo():
     """Each test starts with empty Dynamo caches, so recompile counts and backends do not leak."""
     torch.compiler.reset()
     yield
+
+
+# The slowest files first (on a cold 2-core CPU, benchmarks/RESULTS.md): `--dist loadfile` hands whole files to
+# pytest-xdist's two workers in collection order (pyproject's --no-loadscope-reorder: not by test count), and a slow
+# file handed out last can leave one worker running it alone for minutes; started first, the short files fill in.
+SLOWEST_FILES = ("test_head.py", "test_architectures.py", "test_moe.py", "test_distributed.py", "test_kernel_aot.py",
+                 "test_triton_kernels.py", "test_generate.py", "test_fit_models.py", "test_cpu_lowering.py",
+                 "test_cpu_lut.py", "test_gpu_check.py", "test_aot_decode.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
