@@ -20,12 +20,12 @@ VOCAB = 101
 NEW_TOKENS = 20
 
 
-def quantized_llama(seed: int) -> LlamaForCausalLM:
+def quantized_llama(seed: int, head: str = "auto") -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1)
     model = LlamaForCausalLM(config).eval()
-    rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, layer_paths={"*.down_proj": 3}), progress=False)
+    rabit.quantize_(model, rabit.RaBiTConfig(rounds=1, layer_paths={"*.down_proj": 3}, head=head), progress=False)
     return model
 
 
@@ -104,10 +104,10 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="</s>")
 
 
-def saved_model_continuation(directory: Path, seed: int, prompt: str, new_tokens: int) -> str:
-    """Saves a quantized tiny Llama with the word tokenizer to ``directory``; its eager greedy continuation of
-    ``prompt`` (``prompt`` is 4 words)."""
-    model = quantized_llama(seed)
+def saved_model_continuation(directory: Path, seed: int, prompt: str, new_tokens: int, head: str = "auto") -> str:
+    """Saves a quantized tiny Llama (``head``: RaBiTConfig's) with the word tokenizer to ``directory``; its eager
+    greedy continuation of ``prompt`` (``prompt`` is 4 words)."""
+    model = quantized_llama(seed, head)
     tokenizer = word_tokenizer()
     rabit.save(model, directory, tokenizer=tokenizer)
     with torch.no_grad():
@@ -144,8 +144,9 @@ def test_decode_benchmark_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch):
 
 
 def test_cli_generate_aot_streams_the_same_greedy_text(tmp_path, capsys):
+    """A Llama at batch 1 with the head in full precision (test_aot_decode.py's decoder has the int8 head)."""
     prompt = "w7 w11 w40 w3"
-    expected = saved_model_continuation(tmp_path, 5, prompt, 6)
+    expected = saved_model_continuation(tmp_path, 5, prompt, 6, head="fp")
     main(["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "6", "--device", "cpu",
           "--aot", "--cpu-tables", "fp32"])
     out = capsys.readouterr().out
