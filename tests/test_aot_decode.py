@@ -85,7 +85,7 @@ def test_bad_input_and_a_full_cache_raise(decoder):
         decoder.step(torch.zeros(BATCH + 1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="int64"):
         decoder.step(torch.zeros(BATCH, 1))
-    with pytest.raises(ValueError, match=r"input_ids must be \[2, T\]"):
+    with pytest.raises(ValueError, match=rf"input_ids must be \[{BATCH}, T\]"):
         decoder.prefill(torch.zeros(1, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="does not fit"):
         decoder.prefill(torch.zeros(BATCH, CACHE, dtype=torch.long))

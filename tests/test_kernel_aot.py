@@ -39,7 +39,7 @@ def _full_matrix() -> bool:
     return os.environ.get("RABIT_AOT_FULL") == "1" or os.environ.get("RABIT_HYPOTHESIS_PROFILE") == "thorough"
 
 
-def _in_default_subset(dtype: str, constexprs: dict) -> bool:
+def _in_default_subset(kernel: str, dtype: str, constexprs: dict) -> bool:
     """One linear (NUM_SEGMENTS=1): every tile configuration in fp16 for two and four paths (one path's tiles are
     twice as wide as two paths', the same sign words per thread; three paths use the tiles of four, one plane
     masked); bf16 and fp32 for the two-path decode GEMV only (the same loads and tile shapes; only x's element type
@@ -54,7 +54,7 @@ def _in_default_subset(dtype: str, constexprs: dict) -> bool:
                 and constexprs["BLOCK_M"] in (1, 16))
     if dtype == "float16":
         return constexprs["NUM_PATHS"] in (2, 4)
-    return constexprs["NUM_PATHS"] == 2 and constexprs["BLOCK_M"] == 1 and "LUT_BITS" in constexprs
+    return kernel == "_rbl_gemv_kernel" and constexprs["NUM_PATHS"] == 2 and constexprs["BLOCK_M"] == 1
 
 
 def _specs(full: bool | None = None) -> list[dict]:
@@ -68,7 +68,7 @@ def _specs(full: bool | None = None) -> list[dict]:
     for arch in ARCHS:
         for cfg in launch_configs(arch):
             dtype = str(cfg["dtype"]).removeprefix("torch.")
-            if not full and not _in_default_subset(dtype, cfg["constexprs"]):
+            if not full and not _in_default_subset(cfg["kernel"], dtype, cfg["constexprs"]):
                 continue
             c = cfg["constexprs"]
             if not full and arch != 90 and not (cfg["kernel"] == "_rbl_gemv_kernel" and dtype == "float16"
