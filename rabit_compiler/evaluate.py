@@ -27,6 +27,10 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     :func:`rabit_compiler.data.token_windows`. Each window is scored on its own with no BOS prepended:
     ``model(window).logits[:, :-1]`` predicts ``window[:, 1:]``, so there are ``num_windows * (seq_len - 1)``
     predictions. The loss is computed in fp32 whatever the model's dtype. Call ``model.eval()`` first.
+
+    The windows go in ``ceil(num_windows / batch_size)`` batches of one size, at most ``batch_size`` (9 windows at
+    4: three of 3); where they do not divide evenly, the last batch is filled up with copies of its last window,
+    which are not scored. A compiled model so sees one input shape and compiles once.
     """
     if windows.dim() != 2 or windows.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"windows must be an integer tensor [num_windows, seq_len], got {windows.dtype} "
@@ -38,17 +42,19 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     if model.training:
         logger.warning("perplexity: the model is in training mode (dropout is active); call model.eval() first")
     device = _device(model)
+    num_windows = windows.shape[0]
+    size = math.ceil(num_windows / math.ceil(num_windows / batch_size))
     total_nll = 0.0
-    count = 0
     with torch.no_grad():
-        for batch in tqdm(windows.split(batch_size), desc="rabit: perplexity", disable=not progress):
-            ids = batch.to(device=device, dtype=torch.long)
-            logits = model(ids).logits[:, :-1]  # [B, L-1, V]
-            targets = ids[:, 1:]  # [B, L-1]
+        for batch in tqdm(windows.split(size), desc="rabit: perplexity", disable=not progress):
+            scored = batch.shape[0]
+            filler = batch[-1:].expand(size - scored, -1)
+            ids = torch.cat([batch, filler]).to(device=device, dtype=torch.long)
+            logits = model(ids).logits[:scored, :-1]  # [scored, L-1, V]
+            targets = ids[:scored, 1:]  # [scored, L-1]
             nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             total_nll += nll.item()
-            count += targets.numel()
-    return math.exp(total_nll / count)
+    return math.exp(total_nll / (num_windows * (windows.shape[1] - 1)))
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
